@@ -1,0 +1,90 @@
+//! Node-local debug endpoint (default 127.0.0.1:15000): readiness, metrics,
+//! config and live connections. Bound to loopback because it reveals workload
+//! identities and traffic.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::agent::Agent;
+
+/// Serves the endpoint until the process exits.
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| route(req, agent.clone()));
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+/// Binds the admin address, with a clear error if it is taken.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the admin endpoint on {addr}: {e}"))
+}
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => respond(StatusCode::OK, "application/json", body),
+        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+    }
+}
+
+async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET {
+        return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n"));
+    }
+    let response = match req.uri().path() {
+        "/healthz/ready" if agent.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
+        "/healthz/ready" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "config not applied yet\n"),
+        "/metrics" => {
+            agent.metrics.refresh_from_kernel(&agent.capture);
+            respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                agent.metrics.encode(),
+            )
+        }
+        "/config_dump" => json(&agent.config_dump().await),
+        "/connections" => json(&agent.connections.snapshot()),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "endpoints: /healthz/ready /metrics /config_dump /connections\n",
+        ),
+    };
+    Ok(response)
+}

@@ -1,0 +1,483 @@
+//! The reconciler: one owner of enrollment state, turning each accepted config
+//! into kernel map entries and in-pod listeners, live and without touching
+//! connections that are already flowing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, anyhow};
+use ipnet::IpNet;
+use mesh_common::{FAMILY_V4, FAMILY_V6, WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{Capture, Exclusions, MapOccupancy, ProgramSummary};
+use crate::cgroup::{Cgroup2, cgroup_id};
+use crate::config::{self, ConfigError, MeshConfig, Workload};
+use crate::connections::ConnectionTable;
+use crate::metrics::Metrics;
+use crate::netns::NetnsHandle;
+use crate::outbound::{self, OutboundContext};
+use crate::workload::{Directory, WorkloadMeta};
+
+/// Agent settings that come from flags, not from the config file.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The YAML file with Workload documents.
+    pub config_path: PathBuf,
+    /// Port of the outbound listener on loopback inside each pod.
+    pub outbound_port: u16,
+    /// Upper bound on an upstream connect.
+    pub connect_timeout: Duration,
+    /// How long an unenrolled workload's listener keeps accepting already-captured connections.
+    pub drain: Duration,
+    /// Cgroup the programs are attached to.
+    pub attach_cgroup: PathBuf,
+}
+
+/// Outcome of the last config loads, for `/config_dump`.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigStatus {
+    /// The config file.
+    pub path: PathBuf,
+    /// Number of configs applied so far.
+    pub generation: u64,
+    /// When the last good config was applied (Unix seconds).
+    pub last_applied_unix: f64,
+    /// Why the most recent load was rejected, if it was.
+    pub last_error: Option<String>,
+}
+
+struct Enrollment {
+    workload: Workload,
+    workload_id: u32,
+    cgroup_id: u64,
+    exclusions: Exclusions,
+    ctx: Arc<OutboundContext>,
+    listeners: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    enrolled: BTreeMap<String, Enrollment>,
+    failed: BTreeMap<String, (Workload, String)>,
+    /// Listener tasks of unenrolled workloads, still draining, by netns inode.
+    draining: HashMap<u64, Vec<JoinHandle<()>>>,
+    next_workload_id: u32,
+    status: ConfigStatus,
+    last_text: Option<String>,
+}
+
+/// The running agent.
+pub struct Agent {
+    /// Kernel side.
+    pub capture: Arc<Capture>,
+    /// Exported metrics.
+    pub metrics: Arc<Metrics>,
+    /// Live connections.
+    pub connections: Arc<ConnectionTable>,
+    directory: Arc<Directory>,
+    cgroup2: Cgroup2,
+    own_cgroup: Option<PathBuf>,
+    settings: Settings,
+    state: tokio::sync::Mutex<State>,
+    ready: AtomicBool,
+}
+
+impl Agent {
+    /// Wraps loaded capture programs; call [`Agent::reload`] to apply the config.
+    pub fn new(capture: Capture, cgroup2: Cgroup2, settings: Settings) -> Self {
+        let own_cgroup = cgroup2.own_cgroup().ok();
+        let state = State {
+            next_workload_id: 1,
+            status: ConfigStatus {
+                path: settings.config_path.clone(),
+                ..ConfigStatus::default()
+            },
+            ..State::default()
+        };
+        Agent {
+            capture: Arc::new(capture),
+            metrics: Arc::new(Metrics::new()),
+            connections: Arc::new(ConnectionTable::default()),
+            directory: Arc::new(Directory::default()),
+            cgroup2,
+            own_cgroup,
+            settings,
+            state: tokio::sync::Mutex::new(state),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the first config has been applied.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Reads the config file and applies it. A rejected file leaves the last good
+    /// config in force. `force` re-applies an unchanged file (SIGHUP), which also
+    /// retries workloads that failed to enroll.
+    pub async fn reload(&self, force: bool) -> Result<(), ConfigError> {
+        let path = &self.settings.config_path;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        });
+        let mut state = self.state.lock().await;
+        let parsed = text.and_then(|t| config::parse(&t).map(|c| (t, c)));
+        let (text, config) = match parsed {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.metrics.config_reload(false);
+                tracing::error!(path = %path.display(), error = %e, "config rejected; the last good config stays in force");
+                state.status.last_error = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        state.status.last_error = None;
+        if !force && state.last_text.as_deref() == Some(&text) && state.failed.is_empty() {
+            return Ok(());
+        }
+        self.metrics.config_reload(true);
+        self.apply(&mut state, config).await;
+        state.last_text = Some(text);
+        state.status.generation += 1;
+        state.status.last_applied_unix = unix_now();
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn apply(&self, state: &mut State, config: MeshConfig) {
+        let desired: BTreeMap<String, Workload> = config
+            .workloads
+            .into_iter()
+            .map(|w| (w.key(), w))
+            .collect();
+
+        let leaving: Vec<String> = state
+            .enrolled
+            .iter()
+            .filter(|(key, e)| desired.get(*key).is_none_or(|w| !w.same_placement(&e.workload)))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in leaving {
+            if let Some(e) = state.enrolled.remove(&key) {
+                self.unenroll(state, e);
+            }
+        }
+        state.failed.retain(|key, _| desired.contains_key(key));
+        state.draining.retain(|_, tasks| {
+            tasks.retain(|t| !t.is_finished());
+            !tasks.is_empty()
+        });
+
+        for (key, workload) in &desired {
+            if let Some(e) = state.enrolled.get_mut(key) {
+                if e.workload != *workload {
+                    if let Err(err) = self.update_in_place(e, workload) {
+                        tracing::error!(workload = %key, error = %err, "updating workload failed; keeping its previous settings");
+                    }
+                }
+                continue;
+            }
+            match self.enroll(state, workload).await {
+                Ok(e) => {
+                    tracing::info!(workload = %key, cgroup_id = e.cgroup_id, netns_cookie = e.ctx.netns.cookie, listeners = ?e.listeners, "workload enrolled");
+                    state.failed.remove(key);
+                    state.enrolled.insert(key.clone(), e);
+                }
+                Err(err) => {
+                    tracing::error!(workload = %key, error = %format!("{err:#}"), "workload not enrolled; its traffic is not captured");
+                    state
+                        .failed
+                        .insert(key.clone(), (workload.clone(), format!("{err:#}")));
+                }
+            }
+        }
+
+        let mut by_ip = HashMap::new();
+        for w in desired.values() {
+            let meta = Arc::new(WorkloadMeta::from_config(w));
+            for ip in &w.ips {
+                by_ip.insert(*ip, meta.clone());
+            }
+        }
+        self.directory.replace(by_ip);
+        self.metrics.enrolled_workloads.set(state.enrolled.len() as i64);
+        self.metrics.failed_workloads.set(state.failed.len() as i64);
+    }
+
+    async fn enroll(&self, state: &mut State, w: &Workload) -> anyhow::Result<Enrollment> {
+        let cgroup_path = self.cgroup2.resolve(&w.cgroup_path);
+        if let Some(own) = &self.own_cgroup {
+            if own.starts_with(&cgroup_path) {
+                return Err(anyhow!(
+                    "spec.cgroupPath {} contains the agent itself; enrolling it would capture the agent's own connections",
+                    cgroup_path.display()
+                ));
+            }
+        }
+        let cgroup_id = cgroup_id(&cgroup_path)
+            .with_context(|| format!("spec.cgroupPath {}", cgroup_path.display()))?;
+        let ns_file = w.netns.file();
+        let netns = NetnsHandle::open(&ns_file, &w.name)
+            .await
+            .with_context(|| format!("spec.netns {}", w.netns))?;
+        // A listener of this pod may still be draining after a recent unenroll.
+        if let Some(tasks) = state.draining.remove(&netns.inode) {
+            for task in tasks {
+                let _ = task.await;
+            }
+        }
+        let netns = Arc::new(netns);
+        let port = self.settings.outbound_port;
+        let v4_addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let v4 = netns
+            .run(move || bind_listener(v4_addr))
+            .await?
+            .with_context(|| format!("binding outbound listener {v4_addr} in the pod"))?;
+        let v6_addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+        let v6 = match netns.run(move || bind_listener(v6_addr)).await? {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::info!(workload = %w.key(), error = %e, "no IPv6 loopback listener; IPv6 connects from this pod go direct");
+                None
+            }
+        };
+
+        let workload_id = state.next_workload_id;
+        state.next_workload_id += 1;
+        let ctx = Arc::new(OutboundContext {
+            meta: RwLock::new(Arc::new(WorkloadMeta::from_config(w))),
+            cgroup_id,
+            netns,
+            capture: self.capture.clone(),
+            metrics: self.metrics.clone(),
+            connections: self.connections.clone(),
+            directory: self.directory.clone(),
+            connect_timeout: self.settings.connect_timeout,
+        });
+        let cancel = CancellationToken::new();
+        let mut listeners = vec![v4_addr];
+        let mut tasks = vec![self.spawn_listener(v4, FAMILY_V4, &ctx, &cancel)?];
+        let mut flags = 0;
+        if let Some(v6) = v6 {
+            listeners.push(v6_addr);
+            tasks.push(self.spawn_listener(v6, FAMILY_V6, &ctx, &cancel)?);
+            flags |= WORKLOAD_FLAG_V6_LISTENER;
+        }
+        let exclusions = exclusions_for(w);
+        let entry = WorkloadEntry {
+            workload_id,
+            outbound_port: port,
+            flags,
+        };
+        // Capture starts only now, with the listeners already accepting.
+        if let Err(e) = self.capture.enroll(cgroup_id, entry, &exclusions) {
+            cancel.cancel();
+            self.capture.unenroll(cgroup_id, workload_id, &exclusions);
+            return Err(e).context("writing capture maps");
+        }
+        Ok(Enrollment {
+            workload: w.clone(),
+            workload_id,
+            cgroup_id,
+            exclusions,
+            ctx,
+            listeners,
+            tasks,
+            cancel,
+        })
+    }
+
+    fn spawn_listener(
+        &self,
+        listener: std::net::TcpListener,
+        family: u16,
+        ctx: &Arc<OutboundContext>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        let listener = TcpListener::from_std(listener)?;
+        Ok(tokio::spawn(outbound::serve(
+            listener,
+            family,
+            ctx.clone(),
+            cancel.clone(),
+            self.settings.drain,
+        )))
+    }
+
+    fn unenroll(&self, state: &mut State, e: Enrollment) {
+        self.capture
+            .unenroll(e.cgroup_id, e.workload_id, &e.exclusions);
+        e.cancel.cancel();
+        state
+            .draining
+            .entry(e.ctx.netns.inode)
+            .or_default()
+            .extend(e.tasks);
+        tracing::info!(workload = %e.workload.key(), "workload unenrolled; its new connections go direct, live ones continue");
+    }
+
+    fn update_in_place(&self, e: &mut Enrollment, w: &Workload) -> anyhow::Result<()> {
+        let exclusions = exclusions_for(w);
+        if exclusions != e.exclusions {
+            self.capture
+                .update_exclusions(e.workload_id, &e.exclusions, &exclusions)?;
+            e.exclusions = exclusions;
+        }
+        *e.ctx.meta.write().expect("workload meta lock") = Arc::new(WorkloadMeta::from_config(w));
+        e.workload = w.clone();
+        tracing::info!(workload = %w.key(), "workload updated in place");
+        Ok(())
+    }
+
+    /// Everything `/config_dump` shows.
+    pub async fn config_dump(&self) -> ConfigDump {
+        let maps = self.metrics.refresh_from_kernel(&self.capture);
+        let state = self.state.lock().await;
+        let mut workloads = Vec::new();
+        let mut listeners = Vec::new();
+        for e in state.enrolled.values() {
+            workloads.push(WorkloadDump::new(&e.workload, "enrolled", None, Some(e)));
+            for addr in &e.listeners {
+                listeners.push(ListenerDump {
+                    workload: e.workload.key(),
+                    address: addr.to_string(),
+                    netns_cookie: e.ctx.netns.cookie,
+                });
+            }
+        }
+        for (w, err) in state.failed.values() {
+            workloads.push(WorkloadDump::new(w, "failed", Some(err.clone()), None));
+        }
+        let stats = self.capture.stats();
+        ConfigDump {
+            config: state.status.clone(),
+            workloads,
+            listeners,
+            programs: self.capture.programs().to_vec(),
+            maps,
+            capture_decisions: mesh_common::stat::NAMES
+                .iter()
+                .zip(stats)
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+        }
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // A deep backlog so a burst of connects waits for accept instead of SYN retries.
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// A workload's exclusions plus its own IPs: a pod talking to itself is never captured.
+fn exclusions_for(w: &Workload) -> Exclusions {
+    let mut cidrs: Vec<IpNet> = w.excluded_cidrs.clone();
+    cidrs.extend(w.ips.iter().map(|ip: &IpAddr| IpNet::from(*ip)));
+    cidrs.sort();
+    cidrs.dedup();
+    let mut ports = w.excluded_ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    Exclusions { ports, cidrs }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `/config_dump` body.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigDump {
+    /// Config file status.
+    pub config: ConfigStatus,
+    /// Configured workloads and whether they are enrolled.
+    pub workloads: Vec<WorkloadDump>,
+    /// In-pod listeners.
+    pub listeners: Vec<ListenerDump>,
+    /// Attached programs.
+    pub programs: Vec<ProgramSummary>,
+    /// Capture maps and their occupancy.
+    pub maps: Vec<MapOccupancy>,
+    /// Kernel decision counters.
+    pub capture_decisions: BTreeMap<String, u64>,
+}
+
+/// One workload in `/config_dump`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadDump {
+    /// `namespace/name`.
+    pub workload: String,
+    /// SPIFFE identity.
+    pub principal: String,
+    /// `enrolled` or `failed`.
+    pub state: &'static str,
+    /// Why enrollment failed.
+    pub error: Option<String>,
+    /// Kernel cgroup id, when enrolled.
+    pub cgroup_id: Option<u64>,
+    /// Netns cookie, when enrolled.
+    pub netns_cookie: Option<u64>,
+    /// Agent-assigned id used in the kernel maps.
+    pub workload_id: Option<u32>,
+    /// Exclusions in force (own IPs included).
+    pub exclusions: Option<Exclusions>,
+    /// The workload as configured.
+    pub spec: Workload,
+}
+
+impl WorkloadDump {
+    fn new(w: &Workload, state: &'static str, error: Option<String>, e: Option<&Enrollment>) -> Self {
+        WorkloadDump {
+            workload: w.key(),
+            principal: WorkloadMeta::from_config(w).principal(),
+            state,
+            error,
+            cgroup_id: e.map(|e| e.cgroup_id),
+            netns_cookie: e.map(|e| e.ctx.netns.cookie),
+            workload_id: e.map(|e| e.workload_id),
+            exclusions: e.map(|e| e.exclusions.clone()),
+            spec: w.clone(),
+        }
+    }
+}
+
+/// One in-pod listener in `/config_dump`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerDump {
+    /// `namespace/name`.
+    pub workload: String,
+    /// Address inside the pod.
+    pub address: String,
+    /// The pod's netns cookie.
+    pub netns_cookie: u64,
+}

@@ -1,0 +1,389 @@
+//! The agent's desired state: Kubernetes-shaped YAML documents (`apiVersion`,
+//! `kind`, `metadata`, `spec`), parsed strictly so a typo is an error that names
+//! the document and field instead of a silently ignored setting.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The API group/version of nodemesh's own kinds.
+pub const API_VERSION: &str = "nodemesh.io/v1alpha1";
+
+/// Why a config file was rejected; always names the document and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// One document is malformed or fails validation.
+    #[error("document {index} ({subject}): {field}: {message}")]
+    Invalid {
+        /// 1-based position of the document in the file.
+        index: usize,
+        /// `Kind namespace/name`, or what is known of it.
+        subject: String,
+        /// Dotted path of the offending field.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Everything the agent should be doing, as last loaded from the config file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MeshConfig {
+    /// Workloads on this node to enroll in the mesh.
+    pub workloads: Vec<Workload>,
+}
+
+/// A pod on this node: who it is, and where its cgroup and network namespace are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod labels (for `app`/`version` metric labels and, later, policy selectors).
+    pub labels: BTreeMap<String, String>,
+    /// Kubernetes service account; part of the workload's identity.
+    pub service_account: String,
+    /// The pod's cgroup v2 directory, absolute or relative to the cgroup2 mount.
+    pub cgroup_path: PathBuf,
+    /// The pod's network namespace.
+    pub netns: NetnsRef,
+    /// Pod IPs; connections to them from the pod itself are never captured.
+    pub ips: Vec<IpAddr>,
+    /// Destination ports this workload reaches directly, bypassing the agent.
+    pub excluded_ports: Vec<u16>,
+    /// Destination CIDRs this workload reaches directly, bypassing the agent.
+    pub excluded_cidrs: Vec<IpNet>,
+}
+
+impl Workload {
+    /// `namespace/name`, the workload's unique key on a node.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether `other` differs only in fields that can be updated in place
+    /// (labels, identity, IPs, exclusions), keeping the listener and cgroup.
+    pub fn same_placement(&self, other: &Workload) -> bool {
+        self.cgroup_path == other.cgroup_path && self.netns == other.netns
+    }
+}
+
+/// How to find a pod's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NetnsRef {
+    /// A bind-mounted namespace file, e.g. `/var/run/netns/cni-…`.
+    Path(PathBuf),
+    /// Any process in the pod: `/proc/<pid>/ns/net`.
+    Pid(u32),
+}
+
+impl NetnsRef {
+    /// The file to open to enter this namespace.
+    pub fn file(&self) -> PathBuf {
+        match self {
+            NetnsRef::Path(p) => p.clone(),
+            NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        }
+    }
+}
+
+impl fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetnsRef::Path(p) => write!(f, "{}", p.display()),
+            NetnsRef::Pid(pid) => write!(f, "pid:{pid}"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetadata {
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkloadSpec {
+    #[serde(default)]
+    service_account: Option<String>,
+    cgroup_path: PathBuf,
+    netns: RawNetns,
+    #[serde(default)]
+    ips: Vec<IpAddr>,
+    #[serde(default)]
+    excluded_ports: Vec<u16>,
+    #[serde(default)]
+    excluded_cidrs: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetns {
+    path: Option<PathBuf>,
+    pid: Option<u32>,
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<MeshConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text)
+}
+
+/// Parses and validates config text holding any number of `---`-separated documents.
+pub fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
+    let mut config = MeshConfig::default();
+    for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let index = i + 1;
+        let value = serde_yaml_ng::Value::deserialize(document).map_err(|e| ConfigError::Invalid {
+            index,
+            subject: "unparsed".into(),
+            field: "(document)".into(),
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue; // an empty document, e.g. a trailing `---`
+        }
+        if let Some(workload) = parse_document(index, value)? {
+            config.workloads.push(workload);
+        }
+    }
+    validate_unique(&config)?;
+    Ok(config)
+}
+
+fn str_field<'a>(value: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {
+    value.get(key).and_then(|v| v.as_str())
+}
+
+fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Option<Workload>, ConfigError> {
+    let kind = str_field(&value, "kind").unwrap_or("").to_owned();
+    let invalid = |subject: &str, field: &str, message: String| ConfigError::Invalid {
+        index,
+        subject: subject.to_owned(),
+        field: field.to_owned(),
+        message,
+    };
+    let unnamed = if kind.is_empty() { "unknown kind".to_owned() } else { kind.clone() };
+    if !value.is_mapping() {
+        return Err(invalid(&unnamed, "(document)", "expected a mapping with apiVersion, kind, metadata and spec".into()));
+    }
+    if kind.is_empty() {
+        return Err(invalid(&unnamed, "kind", "missing".into()));
+    }
+    let api_version = str_field(&value, "apiVersion").unwrap_or("");
+    if api_version != API_VERSION {
+        return Err(invalid(&unnamed, "apiVersion", format!("expected {API_VERSION:?}, got {api_version:?}")));
+    }
+    if let Some(extra) = value
+        .as_mapping()
+        .into_iter()
+        .flat_map(|m| m.keys())
+        .filter_map(|k| k.as_str())
+        .find(|k| !matches!(*k, "apiVersion" | "kind" | "metadata" | "spec"))
+    {
+        return Err(invalid(&unnamed, extra, "unknown top-level field".into()));
+    }
+    let meta: RawMetadata = serde_yaml_ng::from_value(value.get("metadata").cloned().unwrap_or_default())
+        .map_err(|e| invalid(&unnamed, "metadata", e.to_string()))?;
+    let _ = meta.annotations;
+    let name = meta.name.unwrap_or_default();
+    let namespace = meta.namespace.unwrap_or_else(|| "default".to_owned());
+    let subject = format!("{kind} {namespace}/{name}");
+    if !is_dns_name(&name) {
+        return Err(invalid(&subject, "metadata.name", format!("{name:?} is not a DNS-1123 name")));
+    }
+    if !is_dns_name(&namespace) {
+        return Err(invalid(&subject, "metadata.namespace", format!("{namespace:?} is not a DNS-1123 name")));
+    }
+
+    match kind.as_str() {
+        "Workload" => {
+            let spec_value = value
+                .get("spec")
+                .cloned()
+                .ok_or_else(|| invalid(&subject, "spec", "missing".into()))?;
+            let spec: RawWorkloadSpec =
+                serde_yaml_ng::from_value(spec_value).map_err(|e| invalid(&subject, "spec", e.to_string()))?;
+            build_workload(name, namespace, meta.labels, spec).map(Some).map_err(|(field, message)| invalid(&subject, &field, message))
+        }
+        other => Err(invalid(&subject, "kind", format!("unsupported kind {other:?} (supported: Workload)"))),
+    }
+}
+
+fn build_workload(
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    spec: RawWorkloadSpec,
+) -> Result<Workload, (String, String)> {
+    let netns = match (spec.netns.path, spec.netns.pid) {
+        (Some(path), None) => NetnsRef::Path(path),
+        (None, Some(pid)) if pid > 0 => NetnsRef::Pid(pid),
+        _ => return Err(("spec.netns".into(), "set exactly one of `path` or `pid` (a positive pid)".into())),
+    };
+    if spec.cgroup_path.as_os_str().is_empty() {
+        return Err(("spec.cgroupPath".into(), "must not be empty".into()));
+    }
+    if let Some(i) = spec.excluded_ports.iter().position(|p| *p == 0) {
+        return Err((format!("spec.excludedPorts[{i}]"), "port 0 is not a destination port".into()));
+    }
+    let mut excluded_cidrs = Vec::with_capacity(spec.excluded_cidrs.len());
+    for (i, cidr) in spec.excluded_cidrs.iter().enumerate() {
+        let net = cidr
+            .parse::<IpNet>()
+            .or_else(|_| cidr.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|e| (format!("spec.excludedCidrs[{i}]"), format!("{cidr:?}: {e}")))?;
+        excluded_cidrs.push(net.trunc());
+    }
+    let service_account = spec.service_account.unwrap_or_else(|| "default".to_owned());
+    if !is_dns_name(&service_account) {
+        return Err(("spec.serviceAccount".into(), format!("{service_account:?} is not a DNS-1123 name")));
+    }
+    Ok(Workload {
+        name,
+        namespace,
+        labels,
+        service_account,
+        cgroup_path: spec.cgroup_path,
+        netns,
+        ips: spec.ips,
+        excluded_ports: spec.excluded_ports,
+        excluded_cidrs,
+    })
+}
+
+fn validate_unique(config: &MeshConfig) -> Result<(), ConfigError> {
+    let mut keys = HashSet::new();
+    let mut cgroups = HashSet::new();
+    let mut netns = HashSet::new();
+    for (i, w) in config.workloads.iter().enumerate() {
+        let dup = |field: &str, what: String| ConfigError::Invalid {
+            index: i + 1,
+            subject: format!("Workload {}", w.key()),
+            field: field.to_owned(),
+            message: format!("{what} is already used by another Workload"),
+        };
+        if !keys.insert(w.key()) {
+            return Err(dup("metadata.name", w.key()));
+        }
+        if !cgroups.insert(w.cgroup_path.clone()) {
+            return Err(dup("spec.cgroupPath", w.cgroup_path.display().to_string()));
+        }
+        if !netns.insert(w.netns.clone()) {
+            return Err(dup("spec.netns", w.netns.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Kubernetes object names: lowercase alphanumerics, '-' and '.', at most 253 chars.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata:
+  name: client
+  namespace: shop
+  labels: {app: client}
+spec:
+  serviceAccount: client-sa
+  cgroupPath: kubepods/pod-client
+  netns: {path: /var/run/netns/client}
+  ips: [10.0.0.2]
+  excludedPorts: [22]
+  excludedCidrs: [169.254.0.0/16, 10.9.9.9]
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: server}
+spec:
+  cgroupPath: /sys/fs/cgroup/server
+  netns: {pid: 42}
+"#;
+
+    #[test]
+    fn parses_workloads_with_defaults() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.workloads.len(), 2);
+        let client = &config.workloads[0];
+        assert_eq!(client.key(), "shop/client");
+        assert_eq!(client.service_account, "client-sa");
+        assert_eq!(client.excluded_cidrs[1].to_string(), "10.9.9.9/32");
+        let server = &config.workloads[1];
+        assert_eq!(server.namespace, "default");
+        assert_eq!(server.service_account, "default");
+        assert_eq!(server.netns, NetnsRef::Pid(42));
+    }
+
+    #[test]
+    fn empty_file_is_an_empty_mesh() {
+        assert_eq!(parse("").unwrap(), MeshConfig::default());
+        assert_eq!(parse("---\n").unwrap(), MeshConfig::default());
+    }
+
+    /// Each bad input must name the document number and the field at fault.
+    #[test]
+    fn errors_name_document_and_field() {
+        let base = "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: a}\n";
+        let cases: &[(&str, &str)] = &[
+            ("kind: Workload\nmetadata: {name: a}\nspec: {}\n", "document 1 (Workload): apiVersion"),
+            ("apiVersion: nodemesh.io/v1alpha1\nkind: Gadget\nmetadata: {name: a}\n", "kind: unsupported kind \"Gadget\""),
+            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n}}, excludedPorts: [0]}}\n"), "spec.excludedPorts[0]"),
+            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n}}, excludedPorts: [70000]}}\n"), "(Workload default/a): spec:"),
+            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n, pid: 3}}}}\n"), "spec.netns"),
+            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n}}, excludedCidrs: [10.0.0.0/33]}}\n"), "spec.excludedCidrs[0]"),
+            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n}}, cgroupPth: y}}\n"), "unknown field `cgroupPth`"),
+            (&format!("{base}spec: {{netns: {{path: /n}}}}\n"), "missing field `cgroupPath`"),
+            ("apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: Bad_Name}\nspec: {}\n", "metadata.name"),
+            ("[1, 2", "document 1 (unparsed)"),
+        ];
+        for (text, expected) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(expected), "for {text:?}: {err:?} should contain {expected:?}");
+        }
+    }
+
+    #[test]
+    fn duplicates_are_rejected_with_second_document_index() {
+        let one = "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: a}\nspec: {cgroupPath: x, netns: {path: /n1}}\n";
+        let two = "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: b}\nspec: {cgroupPath: x, netns: {path: /n2}}\n";
+        let err = parse(&format!("{one}---\n{two}")).unwrap_err().to_string();
+        assert!(err.starts_with("document 2 (Workload default/b): spec.cgroupPath"), "{err}");
+    }
+}

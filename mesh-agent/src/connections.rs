@@ -1,0 +1,246 @@
+//! Live connection tracking. Every proxied connection owns a [`ConnectionGuard`]
+//! that counts it open, exposes it in `/connections` while it lives, and on drop
+//! records the close, its byte counts and one access-log line, whatever path
+//! the connection took to end.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+
+use crate::metrics::{Metrics, TcpLabels};
+use crate::workload::WorkloadMeta;
+
+/// One live connection as shown by `/connections`.
+pub struct ConnectionInfo {
+    id: u64,
+    source: Arc<WorkloadMeta>,
+    /// The client's address as the agent's listener sees it (loopback in the pod).
+    pub client: SocketAddr,
+    /// Where the application wanted to go, from the kernel.
+    pub original_destination: SocketAddr,
+    destination_workload: Option<Arc<WorkloadMeta>>,
+    started: Instant,
+    started_wall: SystemTime,
+    /// Client to server bytes so far.
+    pub bytes_received: AtomicU64,
+    /// Server to client bytes so far.
+    pub bytes_sent: AtomicU64,
+}
+
+/// Serializable snapshot of a [`ConnectionInfo`].
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionView {
+    /// Agent-local connection id.
+    pub id: u64,
+    /// `namespace/name` of the client workload.
+    pub source_workload: String,
+    /// Client's SPIFFE identity.
+    pub source_principal: String,
+    /// The client's loopback address seen by the agent.
+    pub client: String,
+    /// The address the application connected to.
+    pub original_destination: String,
+    /// `namespace/name` of the destination workload, if known.
+    pub destination_workload: Option<String>,
+    /// Client to server bytes.
+    pub bytes_received: u64,
+    /// Server to client bytes.
+    pub bytes_sent: u64,
+    /// Seconds since accept.
+    pub age_seconds: f64,
+    /// Accept time, seconds since the Unix epoch.
+    pub started_unix: f64,
+}
+
+/// The agent's live connections, keyed by id.
+#[derive(Default)]
+pub struct ConnectionTable {
+    next_id: AtomicU64,
+    live: Mutex<BTreeMap<u64, Arc<ConnectionInfo>>>,
+}
+
+impl ConnectionTable {
+    /// Snapshot for `/connections`.
+    pub fn snapshot(&self) -> Vec<ConnectionView> {
+        let live = self.live.lock().expect("connection table lock");
+        live.values().map(|c| c.view()).collect()
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.live.lock().expect("connection table lock").len()
+    }
+
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ConnectionInfo {
+    fn view(&self) -> ConnectionView {
+        ConnectionView {
+            id: self.id,
+            source_workload: self.source.key(),
+            source_principal: self.source.principal(),
+            client: self.client.to_string(),
+            original_destination: self.original_destination.to_string(),
+            destination_workload: self.destination_workload.as_ref().map(|w| w.key()),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            age_seconds: self.started.elapsed().as_secs_f64(),
+            started_unix: self
+                .started_wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+/// Byte counters for one direction: the live per-connection figure and the metric.
+pub struct ByteCounter<'a> {
+    live: &'a AtomicU64,
+    metric: Counter,
+}
+
+impl ByteCounter<'_> {
+    /// Records `n` bytes carried.
+    pub fn add(&self, n: usize) {
+        self.live.fetch_add(n as u64, Ordering::Relaxed);
+        self.metric.inc_by(n as u64);
+    }
+}
+
+/// Owned by a connection's task for its whole life; see the module doc.
+pub struct ConnectionGuard {
+    info: Arc<ConnectionInfo>,
+    table: Arc<ConnectionTable>,
+    metrics: Arc<Metrics>,
+    labels: TcpLabels,
+    sent: Counter,
+    received: Counter,
+    outcome: &'static str,
+}
+
+impl ConnectionGuard {
+    /// Registers a new connection and counts it opened.
+    pub fn open(
+        table: &Arc<ConnectionTable>,
+        metrics: &Arc<Metrics>,
+        source: Arc<WorkloadMeta>,
+        client: SocketAddr,
+        original_destination: SocketAddr,
+        destination_workload: Option<Arc<WorkloadMeta>>,
+    ) -> Self {
+        let labels = tcp_labels(&source, original_destination, destination_workload.as_deref());
+        let info = Arc::new(ConnectionInfo {
+            id: table.next_id.fetch_add(1, Ordering::Relaxed),
+            source,
+            client,
+            original_destination,
+            destination_workload,
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+            bytes_received: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+        });
+        table
+            .live
+            .lock()
+            .expect("connection table lock")
+            .insert(info.id, info.clone());
+        metrics.tcp_opened.get_or_create(&labels).inc();
+        metrics.open_connections.inc();
+        ConnectionGuard {
+            sent: metrics.tcp_sent_bytes.get_or_create_owned(&labels),
+            received: metrics.tcp_received_bytes.get_or_create_owned(&labels),
+            info,
+            table: table.clone(),
+            metrics: metrics.clone(),
+            labels,
+            outcome: "-",
+        }
+    }
+
+    /// Marks why the connection failed (an Istio `response_flags` value).
+    pub fn fail(&mut self, response_flags: &'static str) {
+        self.outcome = response_flags;
+    }
+
+    /// Counter for client-to-server bytes.
+    pub fn received(&self) -> ByteCounter<'_> {
+        ByteCounter {
+            live: &self.info.bytes_received,
+            metric: self.received.clone(),
+        }
+    }
+
+    /// Counter for server-to-client bytes.
+    pub fn sent(&self) -> ByteCounter<'_> {
+        ByteCounter {
+            live: &self.info.bytes_sent,
+            metric: self.sent.clone(),
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.table
+            .live
+            .lock()
+            .expect("connection table lock")
+            .remove(&self.info.id);
+        self.metrics.open_connections.dec();
+        let closed = TcpLabels {
+            response_flags: self.outcome,
+            ..self.labels.clone()
+        };
+        self.metrics.tcp_closed.get_or_create(&closed).inc();
+        let view = self.info.view();
+        tracing::info!(
+            target: "access",
+            source_workload = %view.source_workload,
+            source_principal = %view.source_principal,
+            client = %view.client,
+            original_destination = %view.original_destination,
+            destination_workload = view.destination_workload.as_deref().unwrap_or("-"),
+            bytes_sent = view.bytes_sent,
+            bytes_received = view.bytes_received,
+            duration_ms = (view.age_seconds * 1000.0) as u64,
+            response_flags = self.outcome,
+            "connection complete"
+        );
+    }
+}
+
+/// Istio label set for a connection this agent carries for its client.
+fn tcp_labels(source: &WorkloadMeta, dst: SocketAddr, dst_workload: Option<&WorkloadMeta>) -> TcpLabels {
+    let unknown = || "unknown".to_owned();
+    TcpLabels {
+        reporter: "source",
+        source_workload: source.name.clone(),
+        source_workload_namespace: source.namespace.clone(),
+        source_principal: source.principal(),
+        source_app: source.app().unwrap_or_else(unknown),
+        source_version: source.version().unwrap_or_else(unknown),
+        destination_workload: dst_workload.map(|w| w.name.clone()).unwrap_or_else(unknown),
+        destination_workload_namespace: dst_workload
+            .map(|w| w.namespace.clone())
+            .unwrap_or_else(unknown),
+        destination_principal: dst_workload.map(|w| w.principal()).unwrap_or_else(unknown),
+        destination_service: dst.to_string(),
+        destination_service_name: unknown(),
+        destination_service_namespace: unknown(),
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: "none",
+    }
+}

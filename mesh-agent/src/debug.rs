@@ -1,0 +1,158 @@
+//! `mesh-agent debug <what>`: the admin endpoint's views as readable tables.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use crate::connections::ConnectionView;
+
+/// What `mesh-agent debug` can show.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum View {
+    /// Configured workloads and their enrollment state.
+    Workloads,
+    /// In-pod listeners.
+    Listeners,
+    /// Attached eBPF programs.
+    Programs,
+    /// Capture maps and how full they are.
+    Maps,
+    /// Live connections.
+    Connections,
+    /// Raw Prometheus metrics.
+    Metrics,
+    /// The whole config dump as JSON.
+    Config,
+}
+
+/// GETs `path` from the admin endpoint.
+pub async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| format!("connecting to the agent's admin endpoint at {admin} (is mesh-agent running?)"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", admin.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if !status.is_success() {
+        bail!("{path}: HTTP {status}: {text}");
+    }
+    Ok(text)
+}
+
+/// Renders one view.
+pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
+    match view {
+        View::Metrics => fetch(admin, "/metrics").await,
+        View::Connections => {
+            let conns: Vec<ConnectionView> = serde_json::from_str(&fetch(admin, "/connections").await?)?;
+            let rows = conns
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.source_workload.clone(),
+                        c.original_destination.clone(),
+                        c.destination_workload.clone().unwrap_or_else(|| "-".into()),
+                        c.bytes_received.to_string(),
+                        c.bytes_sent.to_string(),
+                        format!("{:.1}s", c.age_seconds),
+                    ]
+                })
+                .collect();
+            Ok(table(&["SOURCE", "ORIGINAL DST", "DST WORKLOAD", "BYTES OUT", "BYTES IN", "AGE"], rows))
+        }
+        other => {
+            let dump: Value = serde_json::from_str(&fetch(admin, "/config_dump").await?)?;
+            Ok(render_dump(&dump, other))
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn render_dump(dump: &Value, view: View) -> String {
+    let list = |key: &str| dump[key].as_array().cloned().unwrap_or_default();
+    match view {
+        View::Workloads => table(
+            &["WORKLOAD", "STATE", "CGROUP ID", "NETNS COOKIE", "PRINCIPAL", "ERROR"],
+            list("workloads")
+                .iter()
+                .map(|w| vec![s(&w["workload"]), s(&w["state"]), s(&w["cgroupId"]), s(&w["netnsCookie"]), s(&w["principal"]), s(&w["error"])])
+                .collect(),
+        ),
+        View::Listeners => table(
+            &["WORKLOAD", "ADDRESS", "NETNS COOKIE"],
+            list("listeners")
+                .iter()
+                .map(|l| vec![s(&l["workload"]), s(&l["address"]), s(&l["netnsCookie"])])
+                .collect(),
+        ),
+        View::Programs => table(
+            &["PROGRAM", "HOOK", "ID", "CGROUP"],
+            list("programs")
+                .iter()
+                .map(|p| vec![s(&p["name"]), s(&p["hook"]), s(&p["id"]), s(&p["cgroup"])])
+                .collect(),
+        ),
+        View::Maps => table(
+            &["MAP", "ENTRIES", "CAPACITY"],
+            list("maps")
+                .iter()
+                .map(|m| vec![s(&m["name"]), s(&m["entries"]), s(&m["capacity"])])
+                .collect(),
+        ),
+        View::Config | View::Metrics | View::Connections => {
+            serde_json::to_string_pretty(dump).unwrap_or_default()
+        }
+    }
+}
+
+/// Left-aligned columns sized to their widest cell.
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", text.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_aligns_columns() {
+        let t = super::table(&["A", "BB"], vec![vec!["long".into(), "x".into()]]);
+        assert_eq!(t, "A     BB\nlong  x\n");
+    }
+}

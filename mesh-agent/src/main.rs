@@ -1,0 +1,163 @@
+//! `mesh-agent`: the nodemesh node agent binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mesh_agent::agent::{Agent, Settings};
+use mesh_agent::capture::Capture;
+use mesh_agent::{admin, cgroup, debug};
+use notify::Watcher;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "nodemesh node agent: sidecarless service mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the eBPF programs and run the agent.
+    Run(RunArgs),
+    /// Print the running agent's state as tables.
+    Debug {
+        /// What to show.
+        #[arg(value_enum)]
+        what: debug::View,
+        /// The agent's admin endpoint.
+        #[arg(long, env = "NODEMESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// YAML file of Workload documents; reloaded on change and on SIGHUP.
+    #[arg(long, env = "NODEMESH_CONFIG")]
+    config: PathBuf,
+    /// Node-local debug endpoint (keep it on loopback).
+    #[arg(long, env = "NODEMESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Port of the outbound listener inside each pod.
+    #[arg(long, env = "NODEMESH_OUTBOUND_PORT", default_value_t = 15001)]
+    outbound_port: u16,
+    /// Cgroup to attach the programs to; default: the cgroup2 root.
+    #[arg(long, env = "NODEMESH_ATTACH_CGROUP")]
+    attach_cgroup: Option<PathBuf>,
+    /// Upper bound on an upstream connect before the client is reset.
+    #[arg(long, env = "NODEMESH_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// How long an unenrolled pod's listener still accepts already-captured connections.
+    #[arg(long, env = "NODEMESH_DRAIN", default_value = "200ms", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// Log format.
+    #[arg(long, env = "NODEMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Debug { what, admin_addr } => {
+                print!("{}", debug::render(admin_addr, what).await?);
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-agent: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NODEMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_format);
+    let cgroup2 = cgroup::preflight()?;
+    let attach_cgroup = args
+        .attach_cgroup
+        .as_deref()
+        .map(|p| cgroup2.resolve(p))
+        .unwrap_or_else(|| cgroup2.mount.clone());
+    // Validate the config before touching the kernel: a bad file at start is fatal.
+    mesh_agent::config::load(&args.config).context("initial config")?;
+    let admin_listener = admin::bind(args.admin_addr).await?;
+    let capture = Capture::load(&attach_cgroup)?;
+    tracing::info!(cgroup = %attach_cgroup.display(), programs = ?capture.programs().iter().map(|p| p.id).collect::<Vec<_>>(), "eBPF programs attached");
+    let settings = Settings {
+        config_path: args.config.clone(),
+        outbound_port: args.outbound_port,
+        connect_timeout: args.connect_timeout,
+        drain: args.drain,
+        attach_cgroup,
+    };
+    let agent = Arc::new(Agent::new(capture, cgroup2, settings));
+    agent.reload(true).await.context("initial config")?;
+    tokio::spawn(admin::serve(admin_listener, agent.clone()));
+    tracing::info!(admin = %args.admin_addr, "agent ready");
+    watch(agent, &args.config).await
+}
+
+/// Reloads on config file changes and on SIGHUP until SIGTERM or SIGINT.
+async fn watch(agent: Arc<Agent>, config: &Path) -> anyhow::Result<()> {
+    let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
+    // Watch the directory: editors and Kubernetes ConfigMaps replace files by rename.
+    let dir = config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.try_send(());
+        }
+    })
+    .context("creating the config file watcher")?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    loop {
+        let force = tokio::select! {
+            Some(()) = changes.recv() => {
+                // Let a burst of writes settle before reading.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while changes.try_recv().is_ok() {}
+                false
+            }
+            _ = hangup.recv() => true,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        };
+        // A rejected file is logged and counted inside reload; keep serving.
+        let _ = agent.reload(force).await;
+    }
+    tracing::info!("shutting down; programs detach as the agent exits");
+    Ok(())
+}

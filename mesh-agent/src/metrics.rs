@@ -1,0 +1,221 @@
+//! Prometheus metrics. Connection metrics use Istio's standard names and labels so
+//! existing Kiali and Grafana dashboards work unchanged; agent health metrics are
+//! prefixed `nodemesh_`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::capture::{Capture, MapOccupancy};
+
+/// Istio's TCP metric labels (the subset the agent can fill today; the rest are
+/// emitted as `unknown` so label sets match Istio's).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (this agent serves the client side) or `destination`.
+    pub reporter: &'static str,
+    /// Client workload name.
+    pub source_workload: String,
+    /// Client workload namespace.
+    pub source_workload_namespace: String,
+    /// Client SPIFFE identity.
+    pub source_principal: String,
+    /// Client `app` label.
+    pub source_app: String,
+    /// Client `version` label.
+    pub source_version: String,
+    /// Server workload name, when the destination IP is a known workload.
+    pub destination_workload: String,
+    /// Server workload namespace, when known.
+    pub destination_workload_namespace: String,
+    /// Server SPIFFE identity, when known.
+    pub destination_principal: String,
+    /// The service the client addressed; until Services exist, the original destination `ip:port`.
+    pub destination_service: String,
+    /// Service short name, when known.
+    pub destination_service_name: String,
+    /// Service namespace, when known.
+    pub destination_service_namespace: String,
+    /// `tcp` (HTTP detection comes with L7).
+    pub request_protocol: &'static str,
+    /// `-` when fine, otherwise why the connection failed (e.g. `CONNECT`).
+    pub response_flags: &'static str,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// All metrics the agent exports, registered once at start.
+pub struct Metrics {
+    registry: Registry,
+    /// `istio_tcp_connections_opened_total`.
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total`: server to client.
+    pub tcp_sent_bytes: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total`: client to server.
+    pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    /// Connections the agent is carrying now.
+    pub open_connections: Gauge,
+    /// Workloads whose connects are being captured.
+    pub enrolled_workloads: Gauge,
+    /// Workloads in the config the agent could not enroll.
+    pub failed_workloads: Gauge,
+    /// Accepted connections with no kernel record of their destination (closed).
+    pub orig_dst_missing: Counter,
+    config_reloads: Family<ResultLabels, Counter>,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+    capture_decisions: Family<DecisionLabels, Counter>,
+    /// Last kernel counter values, so Prometheus counters advance by the delta.
+    last_decisions: Mutex<[u64; mesh_common::stat::COUNT as usize]>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent_bytes: Family::default(),
+            tcp_received_bytes: Family::default(),
+            open_connections: Gauge::default(),
+            enrolled_workloads: Gauge::default(),
+            failed_workloads: Gauge::default(),
+            orig_dst_missing: Counter::default(),
+            config_reloads: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            capture_decisions: Family::default(),
+            last_decisions: Mutex::new([0; mesh_common::stat::COUNT as usize]),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (response direction) on TCP connections",
+            m.tcp_sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (request direction) on TCP connections",
+            m.tcp_received_bytes.clone(),
+        );
+        registry.register(
+            "nodemesh_open_connections",
+            "Connections the agent is carrying now",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "nodemesh_enrolled_workloads",
+            "Workloads whose connections are captured",
+            m.enrolled_workloads.clone(),
+        );
+        registry.register(
+            "nodemesh_failed_workloads",
+            "Workloads in the config that could not be enrolled",
+            m.failed_workloads.clone(),
+        );
+        registry.register(
+            "nodemesh_orig_dst_missing",
+            "Captured connections closed because the kernel had no record of their destination",
+            m.orig_dst_missing.clone(),
+        );
+        registry.register(
+            "nodemesh_config_reloads",
+            "Config loads by result",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "nodemesh_bpf_map_entries",
+            "Entries in each capture map",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "nodemesh_bpf_map_capacity",
+            "max_entries of each capture map",
+            m.map_capacity.clone(),
+        );
+        registry.register(
+            "nodemesh_capture_decisions",
+            "Decisions of the connect hooks for enrolled workloads",
+            m.capture_decisions.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one config load attempt.
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.config_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Pulls kernel-side numbers (map sizes, decision counters) just before a scrape.
+    pub fn refresh_from_kernel(&self, capture: &Capture) -> Vec<MapOccupancy> {
+        let occupancy = capture.occupancy();
+        for m in &occupancy {
+            let labels = MapLabels { map: m.name };
+            self.map_entries
+                .get_or_create(&labels)
+                .set(m.entries as i64);
+            self.map_capacity
+                .get_or_create(&labels)
+                .set(m.capacity as i64);
+        }
+        let now = capture.stats();
+        let mut last = self.last_decisions.lock().expect("decisions lock");
+        for (i, name) in mesh_common::stat::NAMES.iter().enumerate() {
+            let delta = now[i].saturating_sub(last[i]);
+            self.capture_decisions
+                .get_or_create(&DecisionLabels { decision: name })
+                .inc_by(delta);
+            last[i] = now[i];
+        }
+        occupancy
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

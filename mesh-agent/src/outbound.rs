@@ -1,0 +1,286 @@
+//! The outbound path: accept a captured connection on the in-pod listener, learn
+//! where it was going and who sent it from the kernel, connect upstream from
+//! inside the pod, and relay bytes with half-close and reset propagation.
+//!
+//! The routing decision ([`decide`]) is a pure function, kept apart from the I/O.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use mesh_common::{ConnKey, OrigDst};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{Capture, orig_dst_addr};
+use crate::connections::{ByteCounter, ConnectionGuard, ConnectionTable};
+use crate::metrics::Metrics;
+use crate::netns::NetnsHandle;
+use crate::workload::{Directory, WorkloadMeta};
+
+/// Per-direction relay buffer. 32 KiB keeps loopback copies efficient while an
+/// idle connection costs little.
+const RELAY_BUFFER: usize = 32 * 1024;
+
+/// Everything an in-pod listener needs to serve its workload's connections.
+pub struct OutboundContext {
+    /// The workload's identity; swapped in place when its labels change.
+    pub meta: RwLock<Arc<WorkloadMeta>>,
+    /// The pod cgroup the kernel matched for this workload.
+    pub cgroup_id: u64,
+    /// Creates upstream sockets inside the pod.
+    pub netns: Arc<NetnsHandle>,
+    /// Kernel maps holding original destinations.
+    pub capture: Arc<Capture>,
+    /// Where connections are counted.
+    pub metrics: Arc<Metrics>,
+    /// Where live connections are listed.
+    pub connections: Arc<ConnectionTable>,
+    /// Pod IP to workload, for destination attribution.
+    pub directory: Arc<Directory>,
+    /// Upper bound on an upstream connect before the client is reset.
+    pub connect_timeout: Duration,
+}
+
+/// Where a captured connection goes, decided from kernel facts only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The application's original destination.
+    pub destination: SocketAddr,
+}
+
+/// Why a captured connection cannot be forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No kernel record: the connection reached the listener without being captured.
+    #[error("no original destination recorded for this connection")]
+    NoRecord,
+    /// The record belongs to another workload's cgroup than this listener serves.
+    #[error("recorded for cgroup {recorded}, but this listener serves cgroup {listener}")]
+    WrongWorkload {
+        /// cgroup id in the kernel record.
+        recorded: u64,
+        /// cgroup id of the listener's workload.
+        listener: u64,
+    },
+    /// The destination is unusable (unspecified address or port 0).
+    #[error("original destination {0} is not routable")]
+    Unroutable(SocketAddr),
+}
+
+/// Decides where a captured connection goes.
+pub fn decide(orig: Option<&OrigDst>, listener_cgroup: u64) -> Result<Route, Refusal> {
+    let orig = orig.ok_or(Refusal::NoRecord)?;
+    if orig.cgroup_id != listener_cgroup {
+        return Err(Refusal::WrongWorkload {
+            recorded: orig.cgroup_id,
+            listener: listener_cgroup,
+        });
+    }
+    let destination = orig_dst_addr(orig);
+    if destination.port() == 0 || destination.ip().is_unspecified() {
+        return Err(Refusal::Unroutable(destination));
+    }
+    Ok(Route { destination })
+}
+
+/// Serves one in-pod listener until `cancel`, then keeps accepting for `drain`
+/// so connections captured just before unenrollment are still carried.
+pub async fn serve(
+    listener: TcpListener,
+    family: u16,
+    ctx: Arc<OutboundContext>,
+    cancel: CancellationToken,
+    drain: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(handle(stream, peer, family, ctx.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the backlog holds.
+                    tracing::warn!(error = %e, "accept failed on outbound listener");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + drain;
+    while let Ok(Ok((stream, peer))) = tokio::time::timeout_at(deadline, listener.accept()).await
+    {
+        tokio::spawn(handle(stream, peer, family, ctx.clone()));
+    }
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<OutboundContext>) {
+    let key = ConnKey {
+        netns_cookie: ctx.netns.cookie,
+        port: peer.port(),
+        family,
+        _pad: 0,
+    };
+    let orig = ctx.capture.take_orig_dst(&key);
+    let source = ctx.meta.read().expect("workload meta lock").clone();
+    let route = match decide(orig.as_ref(), ctx.cgroup_id) {
+        Ok(route) => route,
+        Err(refusal) => {
+            ctx.metrics.orig_dst_missing.inc();
+            tracing::warn!(workload = %source.key(), client = %peer, %refusal, "closing captured connection");
+            reset(client);
+            return;
+        }
+    };
+    let destination_workload = ctx.directory.lookup(route.destination.ip());
+    let mut guard = ConnectionGuard::open(
+        &ctx.connections,
+        &ctx.metrics,
+        source.clone(),
+        peer,
+        route.destination,
+        destination_workload,
+    );
+    let upstream = match connect_upstream(&ctx, route.destination).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            guard.fail("CONNECT");
+            tracing::warn!(
+                workload = %source.key(),
+                destination = %route.destination,
+                error = %e,
+                "upstream connect failed; resetting client"
+            );
+            reset(client);
+            return;
+        }
+    };
+    if let Err(e) = relay(client, upstream, &guard).await {
+        tracing::debug!(destination = %route.destination, error = %e, "connection ended with error");
+    }
+}
+
+/// Closes with RST so the client sees a failure at once, never a hang or a clean EOF.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+async fn connect_upstream(ctx: &OutboundContext, destination: SocketAddr) -> io::Result<TcpStream> {
+    let domain = match destination.ip() {
+        IpAddr::V4(_) => socket2::Domain::IPV4,
+        IpAddr::V6(_) => socket2::Domain::IPV6,
+    };
+    // Created inside the pod, so it leaves with the pod's IP and routes; created by the
+    // agent's process, so its cgroup is not enrolled and it is never captured again.
+    let socket = ctx
+        .netns
+        .run(move || -> io::Result<std::net::TcpStream> {
+            let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            s.set_nonblocking(true)?;
+            s.set_tcp_nodelay(true)?;
+            Ok(s.into())
+        })
+        .await??;
+    let socket = TcpSocket::from_std_stream(socket);
+    match tokio::time::timeout(ctx.connect_timeout, socket.connect(destination)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {:?}", ctx.connect_timeout),
+        )),
+    }
+}
+
+/// Copies both ways until both sides have finished. A FIN is passed on as a
+/// half-close; an error on either side resets both.
+async fn relay(mut client: TcpStream, mut upstream: TcpStream, guard: &ConnectionGuard) -> io::Result<()> {
+    let _ = client.set_nodelay(true);
+    let result = {
+        let (mut client_read, mut client_write) = client.split();
+        let (mut upstream_read, mut upstream_write) = upstream.split();
+        tokio::try_join!(
+            pump(&mut client_read, &mut upstream_write, guard.received()),
+            pump(&mut upstream_read, &mut client_write, guard.sent()),
+        )
+    };
+    if result.is_err() {
+        let _ = client.set_zero_linger();
+        let _ = upstream.set_zero_linger();
+    }
+    result.map(|_| ())
+}
+
+async fn pump<R, W>(reader: &mut R, writer: &mut W, counter: ByteCounter<'_>) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            writer.shutdown().await?;
+            return Ok(());
+        }
+        writer.write_all(&buf[..n]).await?;
+        counter.add(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_common::{FAMILY_V4, FAMILY_V6, v4_mapped};
+
+    fn orig(addr: [u8; 16], family: u16, port: u16, cgroup_id: u64) -> OrigDst {
+        OrigDst {
+            addr,
+            port,
+            family,
+            workload_id: 1,
+            cgroup_id,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let v6: [u8; 16] = "fd00::5".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let cases: Vec<(&str, Option<OrigDst>, Result<Route, Refusal>)> = vec![
+            (
+                "ipv4 destination",
+                Some(orig(v4_mapped([198, 18, 0, 3]), FAMILY_V4, 80, 9)),
+                Ok(Route {
+                    destination: "198.18.0.3:80".parse().unwrap(),
+                }),
+            ),
+            (
+                "ipv6 destination",
+                Some(orig(v6, FAMILY_V6, 443, 9)),
+                Ok(Route {
+                    destination: "[fd00::5]:443".parse().unwrap(),
+                }),
+            ),
+            ("no kernel record", None, Err(Refusal::NoRecord)),
+            (
+                "record from another cgroup",
+                Some(orig(v4_mapped([198, 18, 0, 3]), FAMILY_V4, 80, 8)),
+                Err(Refusal::WrongWorkload {
+                    recorded: 8,
+                    listener: 9,
+                }),
+            ),
+            (
+                "port zero",
+                Some(orig(v4_mapped([198, 18, 0, 3]), FAMILY_V4, 0, 9)),
+                Err(Refusal::Unroutable("198.18.0.3:0".parse().unwrap())),
+            ),
+        ];
+        for (name, record, expected) in cases {
+            assert_eq!(decide(record.as_ref(), 9), expected, "{name}");
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Types shared by the kernel programs (`mesh-ebpf`) and the node agent.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding so the kernel and user
+//! space agree on the byte layout of map keys and values.
+#![no_std]
+
+/// Upper bound on enrolled workloads; sizes the `WORKLOADS` map.
+pub const MAX_WORKLOADS: u32 = 4096;
+/// Upper bound on captured connections waiting to be accepted by the agent.
+pub const MAX_PENDING_CONNECTIONS: u32 = 65536;
+/// Upper bound on excluded ports and CIDRs across all workloads.
+pub const MAX_EXCLUSIONS: u32 = 16384;
+/// How many cgroup levels above the socket owner are checked for enrollment,
+/// so a container cgroup nested under its pod cgroup is captured too.
+pub const MAX_CGROUP_ANCESTORS: i32 = 8;
+
+/// Address family tag for IPv4 (also used for IPv4-mapped IPv6 traffic).
+pub const FAMILY_V4: u16 = 4;
+/// Address family tag for IPv6.
+pub const FAMILY_V6: u16 = 6;
+
+/// The workload has an IPv6 loopback listener, so IPv6 connects may be redirected.
+pub const WORKLOAD_FLAG_V6_LISTENER: u16 = 1;
+
+/// Why an enrolled workload's cgroup maps to capture settings in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkloadEntry {
+    /// Agent-assigned id; keys the exclusion maps and is echoed in `OrigDst`.
+    pub workload_id: u32,
+    /// Port of the agent's outbound listener on loopback inside the pod's netns.
+    pub outbound_port: u16,
+    /// `WORKLOAD_FLAG_*` bits.
+    pub flags: u16,
+}
+
+/// The destination the application asked for, recorded before it was rewritten.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// IPv6 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+    /// Destination port in host byte order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u16,
+    /// Workload that owns the connecting socket, from `WorkloadEntry`.
+    pub workload_id: u32,
+    /// The cgroup id that matched enrollment (the pod's cgroup).
+    pub cgroup_id: u64,
+}
+
+/// Identifies a captured connection from the agent's side of the loopback hop:
+/// the client's ephemeral port is unique per network namespace and family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// Network namespace cookie of the pod (and of the agent's listener in it).
+    pub netns_cookie: u64,
+    /// The client's local (ephemeral) port in host byte order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`, as seen by the agent's listener.
+    pub family: u16,
+    /// Explicit padding so the key has no uninitialised bytes.
+    pub _pad: u32,
+}
+
+/// An excluded destination port of one workload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// Workload the exclusion belongs to.
+    pub workload_id: u32,
+    /// Destination port in host byte order.
+    pub port: u16,
+    /// Explicit padding so the key has no uninitialised bytes.
+    pub _pad: u16,
+}
+
+/// LPM-trie data for an excluded CIDR of one workload. The workload id leads in
+/// big-endian so a prefix of `32 + n` bits matches "this workload, first n bits".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CidrKey {
+    /// `workload_id.to_be_bytes()`.
+    pub workload_id: [u8; 4],
+    /// IPv6 bytes; IPv4 CIDRs are stored IPv4-mapped.
+    pub addr: [u8; 16],
+}
+
+/// Prefix bits that the workload id occupies in a `CidrKey`.
+pub const CIDR_KEY_WORKLOAD_BITS: u32 = 32;
+/// Prefix bits of the `::ffff:0:0/96` IPv4-mapped range.
+pub const V4_MAPPED_PREFIX_BITS: u32 = 96;
+
+/// Indices of the per-CPU counters the kernel programs keep, exported as metrics.
+pub mod stat {
+    /// Connects redirected to the agent.
+    pub const CAPTURED: u32 = 0;
+    /// Connects from enrolled workloads left alone because of an exclusion.
+    pub const EXCLUDED: u32 = 1;
+    /// Connects left alone because they target loopback or the unspecified address.
+    pub const LOOPBACK: u32 = 2;
+    /// IPv6 connects left alone because the workload has no IPv6 listener.
+    pub const NO_V6_LISTENER: u32 = 3;
+    /// Captured connects whose original destination could not be recorded; they go direct.
+    pub const RECORD_FAILED: u32 = 4;
+    /// Number of counters.
+    pub const COUNT: u32 = 5;
+    /// Metric label for each counter, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "captured",
+        "excluded",
+        "loopback",
+        "no_v6_listener",
+        "record_failed",
+    ];
+}
+
+/// Maps an IPv4 address (network-order octets) to its IPv4-mapped IPv6 form.
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::WorkloadEntry {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::CidrKey {}
+}

@@ -1,0 +1,281 @@
+//! nodemesh kernel programs.
+//!
+//! * `capture_connect4` / `capture_connect6` (cgroup `connect4`/`connect6`):
+//!   when a socket owned by an enrolled workload's cgroup connects over TCP,
+//!   record where it wanted to go (keyed by socket cookie) and rewrite the
+//!   destination to the agent's outbound listener on loopback in the pod.
+//! * `track_captured_sockets` (cgroup `sock_ops`): once the kernel has picked
+//!   the ephemeral port, re-key that record by (netns cookie, family, port),
+//!   which is what the agent can see on `accept`; delete it when the socket
+//!   closes, so the map never outlives the connection.
+//!
+//! Everything is decided from kernel state (cgroup id, socket cookie, netns
+//! cookie); nothing the application sends is trusted.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use mesh_common::{
+    CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, FAMILY_V6, MAX_CGROUP_ANCESTORS,
+    MAX_EXCLUSIONS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OrigDst, PortKey,
+    WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry, stat, v4_mapped,
+};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+/// Allow the syscall to proceed (cgroup sock_addr programs return 1 to allow).
+const ALLOW: i32 = 1;
+
+/// Enrolled workloads by cgroup id (filled by the agent).
+#[map]
+static WORKLOADS: HashMap<u64, WorkloadEntry> = HashMap::with_max_entries(MAX_WORKLOADS, 0);
+
+/// Destination ports each workload sends direct (filled by the agent).
+#[map]
+static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(MAX_EXCLUSIONS, 0);
+
+/// Destination CIDRs each workload sends direct (filled by the agent).
+#[map]
+static EXCLUDED_CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(MAX_EXCLUSIONS, 0);
+
+/// Original destinations between connect() and the kernel choosing a source port.
+#[map]
+static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_PENDING_CONNECTIONS, 0);
+
+/// Original destinations of captured connections, waiting for the agent's accept.
+#[map]
+static ORIG_DST: LruHashMap<ConnKey, OrigDst> =
+    LruHashMap::with_max_entries(MAX_PENDING_CONNECTIONS, 0);
+
+/// Decision counters, indexed by `mesh_common::stat`.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
+    capture(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
+    capture(&ctx, true);
+    ALLOW
+}
+
+#[sock_ops]
+pub fn track_captured_sockets(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_tcp_close(&ctx),
+        _ => {}
+    }
+    0
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it, and preemption cannot interleave here.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The enrolled cgroup owning the current task: its own cgroup or an ancestor
+/// (a container cgroup nested in the pod cgroup is captured as the pod).
+#[inline(always)]
+fn enrolled_workload() -> Option<(u64, WorkloadEntry)> {
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(entry) = unsafe { WORKLOADS.get(&own) } {
+        return Some((own, *entry));
+    }
+    let mut level = 1;
+    while level <= MAX_CGROUP_ANCESTORS {
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor == 0 || ancestor == own {
+            break;
+        }
+        if let Some(entry) = unsafe { WORKLOADS.get(&ancestor) } {
+            return Some((ancestor, *entry));
+        }
+        level += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// Loopback and unspecified destinations are the pod talking to itself.
+#[inline(always)]
+fn is_local(addr: &[u8; 16], family: u16) -> bool {
+    if family == FAMILY_V4 {
+        addr[12] == 127 || (addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 0)
+    } else {
+        addr[..15].iter().all(|b| *b == 0) && (addr[15] == 1 || addr[15] == 0)
+    }
+}
+
+#[inline(always)]
+fn is_excluded(workload_id: u32, addr: &[u8; 16], port: u16) -> bool {
+    let port_key = PortKey {
+        workload_id,
+        port,
+        _pad: 0,
+    };
+    if unsafe { EXCLUDED_PORTS.get(&port_key) }.is_some() {
+        return true;
+    }
+    let cidr_key = Key::new(
+        CIDR_KEY_WORKLOAD_BITS + 128,
+        CidrKey {
+            workload_id: workload_id.to_be_bytes(),
+            addr: *addr,
+        },
+    );
+    EXCLUDED_CIDRS.get(&cidr_key).is_some()
+}
+
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, v6: bool) {
+    let sa = ctx.sock_addr;
+    let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
+    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP {
+        return;
+    }
+    let Some((cgroup_id, workload)) = enrolled_workload() else {
+        return;
+    };
+
+    let (addr, family) = if v6 {
+        let words = unsafe { (*sa).user_ip6 };
+        let mut addr = [0u8; 16];
+        for (i, word) in words.iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        let family = if is_v4_mapped(&addr) {
+            FAMILY_V4
+        } else {
+            FAMILY_V6
+        };
+        (addr, family)
+    } else {
+        let ip = unsafe { (*sa).user_ip4 };
+        (v4_mapped(ip.to_ne_bytes()), FAMILY_V4)
+    };
+    let port = u16::from_be(unsafe { (*sa).user_port } as u16);
+
+    if is_local(&addr, family) {
+        count(stat::LOOPBACK);
+        return;
+    }
+    if is_excluded(workload.workload_id, &addr, port) {
+        count(stat::EXCLUDED);
+        return;
+    }
+    if family == FAMILY_V6 && workload.flags & WORKLOAD_FLAG_V6_LISTENER == 0 {
+        count(stat::NO_V6_LISTENER);
+        return;
+    }
+
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr,
+        port,
+        family,
+        workload_id: workload.workload_id,
+        cgroup_id,
+    };
+    if PENDING.insert(&cookie, &orig, 0).is_err() {
+        // Without a record the agent could not forward it: let it go direct.
+        count(stat::RECORD_FAILED);
+        return;
+    }
+
+    let listener_port = u32::from(workload.outbound_port.to_be());
+    unsafe {
+        if !v6 {
+            (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        } else if family == FAMILY_V4 {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+            (*sa).user_ip6[3] = u32::from_ne_bytes([127, 0, 0, 1]);
+        } else {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = 0;
+            (*sa).user_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
+        }
+        (*sa).user_port = listener_port;
+    }
+    count(stat::CAPTURED);
+}
+
+/// The key the agent will compute from its accepted socket's peer address.
+#[inline(always)]
+fn conn_key(ctx: &SockOpsContext) -> ConnKey {
+    let family = if ctx.family() == AF_INET {
+        FAMILY_V4
+    } else {
+        let local = ctx.local_ip6();
+        if local[0] == 0 && local[1] == 0 && local[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+            FAMILY_V4
+        } else {
+            FAMILY_V6
+        }
+    };
+    ConnKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        port: ctx.local_port() as u16,
+        family,
+        _pad: 0,
+    }
+}
+
+/// The source port is now bound: move the record to where the agent looks.
+#[inline(always)]
+fn on_tcp_connect(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = (unsafe { PENDING.get(&cookie) }).copied() else {
+        return;
+    };
+    let _ = PENDING.remove(&cookie);
+    if ORIG_DST.insert(&conn_key(ctx), &orig, 0).is_err() {
+        count(stat::RECORD_FAILED);
+        return;
+    }
+    // Ask for state callbacks on this socket only, to delete the record on close.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+#[inline(always)]
+fn on_tcp_close(ctx: &SockOpsContext) {
+    let _ = ORIG_DST.remove(&conn_key(ctx));
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
