@@ -68,6 +68,11 @@ const SOCK_ADDR_PROGRAMS: [(&str, &str); 2] = [
 ];
 const SOCK_OPS_PROGRAM: &str = "track_captured_sockets";
 
+/// Cgroup bpf_links (5.7+, always used on our minimum kernel) coexist with other
+/// programs by construction and reject attach flags, so the mode must be `Single`
+/// (flags 0). Other agents' and tools' programs on the same cgroup keep working.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 /// A loaded, attached program, for `/config_dump`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramSummary {
@@ -144,7 +149,7 @@ impl Capture {
             let id = {
                 let prog: &mut CgroupSockAddr = program.try_into().map_err(program_err(name))?;
                 prog.load().map_err(program_err(name))?;
-                prog.attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                prog.attach(&cgroup, LINK_MODE)
                     .map_err(program_err(name))?;
                 prog.info().map_err(program_err(name))?.id()
             };
@@ -161,7 +166,7 @@ impl Capture {
         let sock_ops: &mut SockOps = program.try_into().map_err(program_err(SOCK_OPS_PROGRAM))?;
         sock_ops.load().map_err(program_err(SOCK_OPS_PROGRAM))?;
         sock_ops
-            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup, LINK_MODE)
             .map_err(program_err(SOCK_OPS_PROGRAM))?;
         programs.push(ProgramSummary {
             name: SOCK_OPS_PROGRAM,
