@@ -1,0 +1,266 @@
+//! `podtool`: the programs the tests and the demo run inside pods. Every client
+//! subcommand prints one JSON line describing what it saw, so tests assert on
+//! facts (bytes, hashes, errors) rather than on exit codes alone.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use nodemesh_testkit::pattern;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// HTTP/1.1 server: `/bytes/N` returns N pattern bytes, `/whoami` the client address.
+    Http {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// TCP echo server; half-closes after echoing everything.
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Sends N pattern bytes through an echo server while reading them back; reports hashes.
+    Stream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Opens `count` connections (`concurrency` at a time), each echoing one line.
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
+    /// Holds one echo connection for `seconds`, pinging every `interval_ms`.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+    /// Connects, sends a line, and reports how the connection ended and how fast.
+    Probe {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Http { listen } => http_server(listen).await,
+        Cmd::Echo { listen } => echo_server(listen).await,
+        Cmd::Stream { to, bytes } => stream(to, bytes).await,
+        Cmd::Connect {
+            to,
+            count,
+            concurrency,
+        } => connect_many(to, count, concurrency).await,
+        Cmd::Hold {
+            to,
+            seconds,
+            interval_ms,
+        } => hold(to, seconds, interval_ms).await,
+        Cmd::Probe { to, timeout_ms } => probe(to, timeout_ms).await,
+    }
+}
+
+fn report(value: serde_json::Value) {
+    println!("{value}");
+}
+
+async fn http_server(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("listening {listen}");
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                let path = req.uri().path().to_owned();
+                let body = if let Some(n) = path.strip_prefix("/bytes/") {
+                    pattern(n.parse().unwrap_or(0), 0)
+                } else if path == "/whoami" {
+                    peer.to_string().into_bytes()
+                } else {
+                    b"hello from podtool\n".to_vec()
+                };
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn echo_server(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("listening {listen}");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let (mut r, mut w) = stream.split();
+            if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                let _ = w.shutdown().await;
+            }
+        });
+    }
+}
+
+async fn stream(to: SocketAddr, total: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let stream = TcpStream::connect(to).await?;
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut sent = 0u64;
+        const CHUNK: u64 = 64 * 1024;
+        while sent < total {
+            let n = CHUNK.min(total - sent);
+            let chunk = pattern(n as usize, sent);
+            hasher.update(&chunk);
+            w.write_all(&chunk).await?;
+            sent += n;
+        }
+        w.shutdown().await?;
+        anyhow::Ok((sent, hex::encode(hasher.finalize())))
+    });
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let read_error = loop {
+        match r.read(&mut buf).await {
+            Ok(0) => break None,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                received += n as u64;
+            }
+            Err(e) => break Some(e.to_string()),
+        }
+    };
+    let (sent, sent_sha) = writer.await??;
+    report(json!({
+        "sent": sent,
+        "received": received,
+        "sent_sha256": sent_sha,
+        "received_sha256": hex::encode(hasher.finalize()),
+        "error": read_error,
+        "seconds": started.elapsed().as_secs_f64(),
+    }));
+    Ok(())
+}
+
+async fn echo_once(to: SocketAddr) -> anyhow::Result<()> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await??;
+    stream.write_all(b"ping\n").await?;
+    stream.shutdown().await?;
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await??;
+    anyhow::ensure!(reply == b"ping\n", "bad echo {reply:?}");
+    Ok(())
+}
+
+async fn connect_many(to: SocketAddr, count: usize, concurrency: usize) -> anyhow::Result<()> {
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(count);
+    for _ in 0..count {
+        let permit = semaphore.clone().acquire_owned().await?;
+        tasks.push(tokio::spawn(async move {
+            let result = echo_once(to).await;
+            drop(permit);
+            result
+        }));
+    }
+    let (mut ok, mut errors) = (0usize, Vec::new());
+    for t in tasks {
+        match t.await? {
+            Ok(()) => ok += 1,
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    errors.truncate(5);
+    report(json!({"ok": ok, "failed": count - ok, "errors": errors}));
+    Ok(())
+}
+
+async fn hold(to: SocketAddr, seconds: f64, interval_ms: u64) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(to).await?;
+    let local = stream.local_addr()?;
+    println!("{}", json!({"connected": true, "local": local.to_string()}));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut pings = 0u64;
+    let mut error = None;
+    let mut buf = [0u8; 16];
+    while Instant::now() < deadline {
+        let line = format!("{:015}\n", pings);
+        if let Err(e) = stream.write_all(line.as_bytes()).await {
+            error = Some(format!("write: {e}"));
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut buf)).await {
+            Ok(Ok(_)) if buf[..] == *line.as_bytes() => pings += 1,
+            Ok(Ok(_)) => {
+                error = Some("echo mismatch".into());
+                break;
+            }
+            Ok(Err(e)) => {
+                error = Some(format!("read: {e}"));
+                break;
+            }
+            Err(_) => {
+                error = Some("echo timed out".into());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+    }
+    report(json!({"pings": pings, "error": error}));
+    Ok(())
+}
+
+async fn probe(to: SocketAddr, timeout_ms: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_millis(timeout_ms), async {
+        let mut stream = match TcpStream::connect(to).await {
+            Ok(s) => s,
+            Err(e) => return format!("connect_error: {:?}", e.kind()),
+        };
+        if let Err(e) = stream.write_all(b"hello\n").await {
+            return format!("write_error: {:?}", e.kind());
+        }
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf).await {
+            Ok(0) => "eof".to_owned(),
+            Ok(_) => "data".to_owned(),
+            Err(e) => format!("read_error: {:?}", e.kind()),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| "timeout".to_owned());
+    report(json!({"outcome": outcome, "elapsed_ms": started.elapsed().as_millis() as u64}));
+    Ok(())
+}

@@ -1,0 +1,636 @@
+//! Test harness: nodes and pods built from real network namespaces, veth pairs,
+//! a bridge and cgroup v2 directories, with real processes inside them.
+//!
+//! Every resource has a unique name and is removed on drop, so a failed
+//! assertion never leaves namespaces, links, cgroups or processes behind.
+//! Pod addresses come from 198.18.0.0/15 (reserved for benchmarking) and live
+//! only inside namespaces the harness created.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use mesh_agent::cgroup::Cgroup2;
+use mesh_agent::connections::ConnectionView;
+
+/// Deterministic bytes by absolute stream position, so any chunking of a
+/// stream can be checked against `pattern(total, 0)`.
+pub fn pattern(len: usize, offset: u64) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let p = offset + i;
+            (p.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8 ^ (p as u8)
+        })
+        .collect()
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, short enough for any kernel object.
+pub fn unique_name(role: &str) -> String {
+    format!(
+        "nm{}-{}-{role}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command to completion, failing with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `check` until it returns true, at most for `timeout`.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    while Instant::now() < deadline {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_error = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(anyhow!("timed out after {timeout:?} waiting for {what} (last error: {last_error:?})"))
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    /// Name under /var/run/netns.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a namespace with loopback up.
+    pub fn create(role: &str) -> anyhow::Result<Self> {
+        let name = unique_name(role);
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The bind-mounted namespace file.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip -n <ns> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A cgroup v2 directory; on drop every process in it is killed and it is removed.
+pub struct CgroupDir {
+    /// Absolute path.
+    pub path: PathBuf,
+}
+
+impl CgroupDir {
+    /// Creates `parent/name` (and missing parents).
+    pub fn create(parent: &Path, name: &str) -> anyhow::Result<Self> {
+        let path = parent.join(name);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(CgroupDir { path })
+    }
+
+    /// PIDs in this cgroup (not descendants).
+    pub fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    fn kill_tree(path: &Path) {
+        if std::fs::write(path.join("cgroup.kill"), "1").is_err() {
+            // Kernels before 5.14: kill what is listed.
+            if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+
+    fn remove_tree(path: &Path) {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    Self::remove_tree(&e.path());
+                }
+            }
+        }
+        // Killed processes leave the cgroup asynchronously.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(path).is_err() && Instant::now() < deadline && path.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        Self::kill_tree(&self.path);
+        Self::remove_tree(&self.path);
+    }
+}
+
+/// A child process, killed on drop. Its stdout is read on a thread as it is
+/// written, so the child never blocks on (or dies of) a full or closed pipe.
+pub struct Process {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// What it is, for error messages.
+    pub name: String,
+}
+
+/// How a [`Process`] ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status.
+    pub status: std::process::ExitStatus,
+    /// Everything it printed on stdout that was not consumed by `wait_line`.
+    pub stdout: String,
+}
+
+impl Finished {
+    /// The last stdout line parsed as JSON (podtool's report).
+    pub fn report(&self) -> anyhow::Result<serde_json::Value> {
+        let last = self.stdout.lines().last().unwrap_or("");
+        serde_json::from_str(last).with_context(|| format!("exit {} printing {:?}", self.status, self.stdout))
+    }
+}
+
+impl Process {
+    /// Spawns `cmd` with stdout captured line by line.
+    pub fn spawn(cmd: &mut Command, name: &str) -> anyhow::Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Process {
+            child,
+            lines,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for exit, at most `timeout` (then kills it and fails).
+    pub fn wait(mut self, timeout: Duration) -> anyhow::Result<Finished> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("{} did not finish within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        // The reader thread ends at EOF, which follows exit promptly.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+        Ok(Finished { status, stdout })
+    }
+
+    /// Waits for the next stdout line (e.g. "listening …"), at most `timeout`.
+    pub fn wait_line(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        self.lines
+            .recv_timeout(timeout)
+            .map_err(|_| anyhow!("{} printed nothing within {timeout:?}", self.name))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion within `timeout` and parses its last stdout line as JSON.
+pub fn run_json(cmd: &mut Command, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    let name = format!("{:?}", cmd.get_program());
+    Process::spawn(cmd, &name)?.wait(timeout)?.report()
+}
+
+/// Builds a command that runs inside a pod: in its cgroup first (so its sockets
+/// belong to the pod, as a socket keeps the cgroup it was created in), then in
+/// its network namespace.
+fn command_in(program: &Path, netns: &Path, cgroup: Option<&Path>) -> anyhow::Result<Command> {
+    let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    let procs = match cgroup {
+        Some(cg) => Some(
+            OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))
+                .with_context(|| format!("opening {}/cgroup.procs", cg.display()))?,
+        ),
+        None => None,
+    };
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe syscalls (write, setns) on fds opened above.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                // "0" moves the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// The binaries the harness runs.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// `mesh-agent`.
+    pub agent: PathBuf,
+    /// `podtool`.
+    pub podtool: PathBuf,
+}
+
+impl Tools {
+    /// The agent from `NODEMESH_AGENT_BIN` (set by `cargo xtask test`) or the workspace's
+    /// release build, and the given podtool.
+    pub fn new(podtool: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let agent = match std::env::var_os("NODEMESH_AGENT_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/mesh-agent"),
+        };
+        ensure!(
+            agent.exists(),
+            "{} not found: run the suite with `cargo xtask test`, which builds the agent",
+            agent.display()
+        );
+        Ok(Tools {
+            agent,
+            podtool: podtool.into(),
+        })
+    }
+}
+
+/// A node: a network namespace with a bridge joining its pods, and a cgroup
+/// under which its pods' cgroups live (the agent attaches its programs there).
+pub struct Node {
+    /// The node's namespace; holds the bridge at 198.18.0.1/24.
+    pub netns: Netns,
+    /// Parent cgroup of this node's pods.
+    pub cgroup: CgroupDir,
+    /// The bridge address, reachable from every pod.
+    pub bridge_ip: Ipv4Addr,
+    /// Where cgroup2 is mounted on this host.
+    pub cgroup2: Cgroup2,
+    next_host: u8,
+}
+
+impl Node {
+    /// Creates an empty node.
+    pub fn new() -> anyhow::Result<Self> {
+        let cgroup2 = Cgroup2::detect()?;
+        let netns = Netns::create("node")?;
+        let cgroup = CgroupDir::create(&cgroup2.mount.join("nodemesh-tests"), &netns.name)?;
+        netns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        netns.ip(&["addr", "add", "198.18.0.1/24", "dev", "br0"])?;
+        netns.ip(&["link", "set", "br0", "up"])?;
+        Ok(Node {
+            netns,
+            cgroup,
+            bridge_ip: Ipv4Addr::new(198, 18, 0, 1),
+            cgroup2,
+            next_host: 2,
+        })
+    }
+
+    /// Adds a pod on the bridge with the next free address.
+    pub fn add_pod(&mut self, name: &str, namespace: &str) -> anyhow::Result<Pod> {
+        let host = self.next_host;
+        self.next_host += 1;
+        let ip = Ipv4Addr::new(198, 18, 0, host);
+        let netns = Netns::create(name)?;
+        let cgroup = CgroupDir::create(&self.cgroup.path, name)?;
+        let veth = format!("veth{host}");
+        self.netns.ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns.name,
+        ])?;
+        self.netns.ip(&["link", "set", &veth, "master", "br0", "up"])?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", "default", "via", &self.bridge_ip.to_string()])?;
+        Ok(Pod {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            netns,
+            cgroup,
+            ip,
+        })
+    }
+
+    /// A command in the node's namespace but outside any pod cgroup: a non-meshed process.
+    pub fn command(&self, program: &Path) -> anyhow::Result<Command> {
+        command_in(program, &self.netns.path(), None)
+    }
+}
+
+/// A pod: a network namespace on the node's bridge plus a cgroup.
+pub struct Pod {
+    /// Pod name.
+    pub name: String,
+    /// Kubernetes namespace it claims.
+    pub namespace: String,
+    /// Its network namespace.
+    pub netns: Netns,
+    /// Its cgroup.
+    pub cgroup: CgroupDir,
+    /// Its address on the bridge.
+    pub ip: Ipv4Addr,
+}
+
+impl Pod {
+    /// A command that runs inside this pod (cgroup and network namespace).
+    pub fn command(&self, program: &Path) -> anyhow::Result<Command> {
+        command_in(program, &self.netns.path(), Some(&self.cgroup.path))
+    }
+
+    /// An address of this pod.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
+
+    /// This pod as a Workload document.
+    pub fn workload_yaml(&self) -> String {
+        self.workload_yaml_with("")
+    }
+
+    /// This pod as a Workload document with extra `spec` lines (indented two spaces).
+    pub fn workload_yaml_with(&self, extra_spec: &str) -> String {
+        format!(
+            "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{app: {}}}\nspec:\n  serviceAccount: {}-sa\n  cgroupPath: {}\n  netns: {{path: {}}}\n  ips: [{}]\n{}",
+            self.name,
+            self.namespace,
+            self.name,
+            self.name,
+            self.cgroup.path.display(),
+            self.netns.path().display(),
+            self.ip,
+            extra_spec
+        )
+    }
+
+    /// Starts a `podtool` server subcommand in this pod and waits until it listens.
+    pub fn serve(&self, tools: &Tools, args: &[&str]) -> anyhow::Result<Process> {
+        let mut cmd = self.command(&tools.podtool)?;
+        cmd.args(args);
+        let mut p = Process::spawn(&mut cmd, &format!("podtool {} in {}", args.join(" "), self.name))?;
+        let line = p.wait_line(Duration::from_secs(10))?;
+        ensure!(line.starts_with("listening"), "{} said {line:?}", p.name);
+        Ok(p)
+    }
+}
+
+/// Joins documents into one YAML stream.
+pub fn yaml_docs(docs: &[String]) -> String {
+    docs.join("---\n")
+}
+
+/// A running `mesh-agent` serving one node, with its config file and log.
+pub struct Agent {
+    process: Process,
+    /// Admin endpoint.
+    pub admin: SocketAddr,
+    /// The config file it watches.
+    pub config_path: PathBuf,
+    /// Its stderr.
+    pub log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Agent {
+    /// Starts an agent attached to `node`'s cgroup and waits until it is ready.
+    pub fn start(tools: &Tools, node: &Node, config: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("mesh.yaml");
+        std::fs::write(&config_path, config)?;
+        let log_path = dir.path().join("agent.log");
+        let log = File::create(&log_path)?;
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut cmd = Command::new(&tools.agent);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .arg("--attach-cgroup")
+            .arg(&node.cgroup.path)
+            .env("NODEMESH_LOG", "info")
+            .stderr(log);
+        let process = Process::spawn(&mut cmd, "mesh-agent")?;
+        let agent = Agent {
+            process,
+            admin,
+            config_path,
+            log_path,
+            _dir: dir,
+        };
+        wait_until("agent readiness", Duration::from_secs(15), || {
+            Ok(agent.get("/healthz/ready").is_ok())
+        })
+        .map_err(|e| anyhow!("{e}\nagent log:\n{}", agent.log()))?;
+        Ok(agent)
+    }
+
+    /// Replaces the config file atomically (write then rename), as a ConfigMap update does.
+    pub fn write_config(&self, config: &str) -> anyhow::Result<()> {
+        let tmp = self.config_path.with_extension("tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(config.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.config_path)?;
+        Ok(())
+    }
+
+    /// GETs an admin path.
+    pub fn get(&self, path: &str) -> anyhow::Result<String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), mesh_agent::debug::fetch(self.admin, path))
+                .await
+                .map_err(|_| anyhow!("GET {path} timed out"))?
+        })
+    }
+
+    /// `/metrics`.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        self.get("/metrics")
+    }
+
+    /// Sum of the samples of `name` whose labels include all of `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+        Ok(metric_sum(&self.metrics()?, name, labels))
+    }
+
+    /// `/config_dump`.
+    pub fn config_dump(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.get("/config_dump")?)?)
+    }
+
+    /// `/connections`.
+    pub fn connections(&self) -> anyhow::Result<Vec<ConnectionView>> {
+        Ok(serde_json::from_str(&self.get("/connections")?)?)
+    }
+
+    /// Entries of one capture map, from `/config_dump`.
+    pub fn map_entries(&self, map: &str) -> anyhow::Result<u64> {
+        let dump = self.config_dump()?;
+        dump["maps"]
+            .as_array()
+            .and_then(|maps| maps.iter().find(|m| m["name"] == map))
+            .and_then(|m| m["entries"].as_u64())
+            .ok_or_else(|| anyhow!("map {map} not in config dump"))
+    }
+
+    /// The config generation applied so far.
+    pub fn generation(&self) -> anyhow::Result<u64> {
+        self.config_dump()?["config"]["generation"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no generation in config dump"))
+    }
+
+    /// Writes a config and waits until the agent has applied it.
+    pub fn reconfigure(&self, config: &str) -> anyhow::Result<()> {
+        let before = self.generation()?;
+        self.write_config(config)?;
+        wait_until("config applied", Duration::from_secs(10), || {
+            Ok(self.generation()? > before)
+        })
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS"))
+    }
+
+    /// Open file descriptors, from /proc.
+    pub fn fd_count(&self) -> anyhow::Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))?.count())
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+/// Sum of the samples of `name` in a Prometheus text whose labels include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_position_based() {
+        let whole = pattern(1000, 0);
+        let mut parts = pattern(300, 0);
+        parts.extend(pattern(700, 300));
+        assert_eq!(whole, parts);
+        assert_ne!(pattern(16, 0), pattern(16, 1));
+    }
+
+    #[test]
+    fn metric_sum_filters_by_labels() {
+        let text = "# HELP x y\nfoo_total{a=\"1\",b=\"2\"} 3\nfoo_total{a=\"1\",b=\"3\"} 4\nfoo_bar 9\n";
+        assert_eq!(metric_sum(text, "foo_total", &[("a", "1")]), 7.0);
+        assert_eq!(metric_sum(text, "foo_total", &[("b", "3")]), 4.0);
+        assert_eq!(metric_sum(text, "foo_bar", &[]), 9.0);
+        assert_eq!(metric_sum(text, "nope", &[]), 0.0);
+    }
+}

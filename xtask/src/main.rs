@@ -1,0 +1,190 @@
+//! `cargo xtask setup|build|test|demo`: installs the toolchain, builds the eBPF
+//! object and the agent, and runs the suite or the demo. Every step is
+//! idempotent and quick when there is nothing to do.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages: Debian's rustc with `core` for bpfel-unknown-none (rustup has no
+/// rust-src here, so `-Z build-std` is impossible), LLVM 22 for bpf-linker, and the
+/// tools the tests drive (ip, curl).
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "iproute2",
+    "curl",
+];
+const BPF_RUSTC: &str = "/usr/bin/rustc";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: Debian packages and bpf-linker.
+    Setup,
+    /// Set up, then build the eBPF object and the agent (release) with it embedded.
+    Build,
+    /// Build, then run every unit and end-to-end test. Extra args go to the test binaries.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run a small local mesh, send traffic through it, show the debug views.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned();
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Build => build(&root).map(|_| ()),
+        Cmd::Test { args } => test(&root, &args),
+        Cmd::Demo => demo(&root),
+    }
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them");
+        }
+        eprintln!("xtask: installing {missing:?}");
+        status(Command::new("apt-get").arg("update").arg("-qq"))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if !Path::new(BPF_RUSTC).exists() {
+        bail!("{BPF_RUSTC} is missing even though rustc-web is installed");
+    }
+    if which("bpf-linker").is_none() {
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        status(
+            cargo()
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("PATH", path),
+        )?;
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(tool)).find(|p| p.is_file())
+}
+
+/// Paths of what `build` produced.
+struct Built {
+    ebpf_object: PathBuf,
+    agent: PathBuf,
+    release_dir: PathBuf,
+}
+
+fn build(root: &Path) -> anyhow::Result<Built> {
+    setup()?;
+    let ebpf_dir = root.join("mesh-ebpf");
+    let mut path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+        path = std::env::join_paths(dirs)?;
+    }
+    status(
+        cargo()
+            .current_dir(&ebpf_dir)
+            .args(["build", "--release", "--target", "bpfel-unknown-none"])
+            .env("RUSTC", BPF_RUSTC)
+            .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+            .env("PATH", &path)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR"),
+    )?;
+    let ebpf_object = ebpf_dir.join("target/bpfel-unknown-none/release/mesh-ebpf");
+    status(
+        cargo()
+            .current_dir(root)
+            .args(["build", "--release", "-p", "mesh-agent", "-p", "nodemesh-tests", "--bins"])
+            .env("NODEMESH_EBPF_OBJECT", &ebpf_object),
+    )?;
+    let release_dir = root.join("target/release");
+    Ok(Built {
+        ebpf_object,
+        agent: release_dir.join("mesh-agent"),
+        release_dir,
+    })
+}
+
+fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let built = build(root)?;
+    status(
+        cargo()
+            .current_dir(root)
+            .args(["test", "--release", "--workspace", "--exclude", "xtask", "--"])
+            .args(args)
+            .env("NODEMESH_EBPF_OBJECT", &built.ebpf_object)
+            .env("NODEMESH_AGENT_BIN", &built.agent),
+    )
+}
+
+fn demo(root: &Path) -> anyhow::Result<()> {
+    let built = build(root)?;
+    status(
+        Command::new(built.release_dir.join("nodemesh-demo"))
+            .env("NODEMESH_AGENT_BIN", &built.agent)
+            .env("NODEMESH_PODTOOL_BIN", built.release_dir.join("podtool")),
+    )
+}
