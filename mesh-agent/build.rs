@@ -26,7 +26,10 @@ fn build_ebpf() -> PathBuf {
     for dir in [ebpf.join("src"), root.join("mesh-common/src")] {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
-    println!("cargo:rerun-if-changed={}", ebpf.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf.join("Cargo.toml").display()
+    );
     let rustc = std::env::var("NODEMESH_BPF_RUSTC").unwrap_or_else(|_| "/usr/bin/rustc".into());
     if !Path::new(&rustc).exists() {
         panic!("{rustc} not found: the eBPF programs need Debian's rustc; run `cargo xtask setup`");

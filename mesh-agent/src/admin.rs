@@ -48,7 +48,11 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("binding the admin endpoint on {addr}: {e}"))
 }
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -59,17 +63,32 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
 fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(StatusCode::OK, "application/json", body),
-        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
     }
 }
 
-async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn route(
+    req: Request<Incoming>,
+    agent: Arc<Agent>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET {
-        return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n"));
+        return Ok(respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n",
+        ));
     }
     let response = match req.uri().path() {
         "/healthz/ready" if agent.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
-        "/healthz/ready" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "config not applied yet\n"),
+        "/healthz/ready" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "config not applied yet\n",
+        ),
         "/metrics" => {
             agent.metrics.refresh_from_kernel(&agent.capture);
             respond(

@@ -157,16 +157,17 @@ impl Agent {
     }
 
     async fn apply(&self, state: &mut State, config: MeshConfig) {
-        let desired: BTreeMap<String, Workload> = config
-            .workloads
-            .into_iter()
-            .map(|w| (w.key(), w))
-            .collect();
+        let desired: BTreeMap<String, Workload> =
+            config.workloads.into_iter().map(|w| (w.key(), w)).collect();
 
         let leaving: Vec<String> = state
             .enrolled
             .iter()
-            .filter(|(key, e)| desired.get(*key).is_none_or(|w| !w.same_placement(&e.workload)))
+            .filter(|(key, e)| {
+                desired
+                    .get(*key)
+                    .is_none_or(|w| !w.same_placement(&e.workload))
+            })
             .map(|(key, _)| key.clone())
             .collect();
         for key in leaving {
@@ -182,10 +183,10 @@ impl Agent {
 
         for (key, workload) in &desired {
             if let Some(e) = state.enrolled.get_mut(key) {
-                if e.workload != *workload {
-                    if let Err(err) = self.update_in_place(e, workload) {
-                        tracing::error!(workload = %key, error = %err, "updating workload failed; keeping its previous settings");
-                    }
+                if e.workload != *workload
+                    && let Err(err) = self.update_in_place(e, workload)
+                {
+                    tracing::error!(workload = %key, error = %err, "updating workload failed; keeping its previous settings");
                 }
                 continue;
             }
@@ -212,19 +213,21 @@ impl Agent {
             }
         }
         self.directory.replace(by_ip);
-        self.metrics.enrolled_workloads.set(state.enrolled.len() as i64);
+        self.metrics
+            .enrolled_workloads
+            .set(state.enrolled.len() as i64);
         self.metrics.failed_workloads.set(state.failed.len() as i64);
     }
 
     async fn enroll(&self, state: &mut State, w: &Workload) -> anyhow::Result<Enrollment> {
         let cgroup_path = self.cgroup2.resolve(&w.cgroup_path);
-        if let Some(own) = &self.own_cgroup {
-            if own.starts_with(&cgroup_path) {
-                return Err(anyhow!(
-                    "spec.cgroupPath {} contains the agent itself; enrolling it would capture the agent's own connections",
-                    cgroup_path.display()
-                ));
-            }
+        if let Some(own) = &self.own_cgroup
+            && own.starts_with(&cgroup_path)
+        {
+            return Err(anyhow!(
+                "spec.cgroupPath {} contains the agent itself; enrolling it would capture the agent's own connections",
+                cgroup_path.display()
+            ));
         }
         let cgroup_id = cgroup_id(&cgroup_path)
             .with_context(|| format!("spec.cgroupPath {}", cgroup_path.display()))?;
@@ -455,7 +458,12 @@ pub struct WorkloadDump {
 }
 
 impl WorkloadDump {
-    fn new(w: &Workload, state: &'static str, error: Option<String>, e: Option<&Enrollment>) -> Self {
+    fn new(
+        w: &Workload,
+        state: &'static str,
+        error: Option<String>,
+        e: Option<&Enrollment>,
+    ) -> Self {
         WorkloadDump {
             workload: w.key(),
             principal: WorkloadMeta::from_config(w).principal(),

@@ -135,7 +135,9 @@ impl Capture {
     /// Loads the programs and attaches them to `attach_cgroup` (normally the cgroup2 root,
     /// so every pod below it is covered; enrollment is then decided per cgroup by map).
     pub fn load(attach_cgroup: &Path) -> Result<Self, CaptureError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(CaptureError::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(CaptureError::Load)?;
         let cgroup = File::open(attach_cgroup).map_err(|source| CaptureError::Cgroup {
             path: attach_cgroup.to_owned(),
             source,
@@ -149,8 +151,7 @@ impl Capture {
             let id = {
                 let prog: &mut CgroupSockAddr = program.try_into().map_err(program_err(name))?;
                 prog.load().map_err(program_err(name))?;
-                prog.attach(&cgroup, LINK_MODE)
-                    .map_err(program_err(name))?;
+                prog.attach(&cgroup, LINK_MODE).map_err(program_err(name))?;
                 prog.info().map_err(program_err(name))?.id()
             };
             programs.push(ProgramSummary {
@@ -219,8 +220,18 @@ impl Capture {
         let mut maps = self.config.lock().expect("capture map lock");
         maps.insert_exclusions(workload_id, new)?;
         let stale = Exclusions {
-            ports: old.ports.iter().filter(|p| !new.ports.contains(p)).copied().collect(),
-            cidrs: old.cidrs.iter().filter(|c| !new.cidrs.contains(c)).copied().collect(),
+            ports: old
+                .ports
+                .iter()
+                .filter(|p| !new.ports.contains(p))
+                .copied()
+                .collect(),
+            cidrs: old
+                .cidrs
+                .iter()
+                .filter(|c| !new.cidrs.contains(c))
+                .copied()
+                .collect(),
         };
         maps.remove_exclusions(workload_id, &stale);
         Ok(())
@@ -359,7 +370,9 @@ fn cidr_key(workload_id: u32, cidr: &IpNet) -> Key<CidrKey> {
 pub fn orig_dst_addr(orig: &OrigDst) -> SocketAddr {
     let v6 = std::net::Ipv6Addr::from(orig.addr);
     let ip = if orig.family == FAMILY_V4 {
-        v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+        v6.to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6))
     } else {
         IpAddr::V6(v6)
     };

@@ -52,9 +52,11 @@ pub struct Cgroup2 {
 impl Cgroup2 {
     /// Finds the cgroup2 mount from `/proc/self/mountinfo`.
     pub fn detect() -> Result<Self, PreflightError> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| PreflightError::Read {
-            path: "/proc/self/mountinfo",
-            source,
+        let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| {
+            PreflightError::Read {
+                path: "/proc/self/mountinfo",
+                source,
+            }
         })?;
         parse_mountinfo(&text)
             .map(|mount| Cgroup2 { mount })
@@ -103,23 +105,24 @@ pub fn parse_mountinfo(text: &str) -> Option<PathBuf> {
     })
 }
 
-/// mountinfo escapes spaces and friends as `\040`.
+/// mountinfo escapes spaces and friends as `\040`; other bytes (UTF-8 included) pass through.
 fn unescape_octal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
     let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
-            }
+        if bytes[i] == b'\\'
+            && i + 4 <= bytes.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
-        out.push(bytes[i] as char);
+        out.push(bytes[i]);
         i += 1;
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Parses `major.minor` from a kernel release string.
@@ -137,10 +140,11 @@ pub fn preflight() -> Result<Cgroup2, PreflightError> {
         Some(v) if v >= MIN_KERNEL => {}
         _ => return Err(PreflightError::OldKernel { release }),
     }
-    let status = std::fs::read_to_string("/proc/self/status").map_err(|source| PreflightError::Read {
-        path: "/proc/self/status",
-        source,
-    })?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|source| PreflightError::Read {
+            path: "/proc/self/status",
+            source,
+        })?;
     let missing = missing_capabilities(&status);
     if !missing.is_empty() {
         return Err(PreflightError::Capabilities {
@@ -178,12 +182,19 @@ mod tests {
     fn finds_cgroup2_in_hybrid_and_pure_layouts() {
         let hybrid = "35 25 0:30 / /sys/fs/cgroup/memory rw,relatime shared:14 - cgroup cgroup rw,memory\n\
                       36 25 0:31 / /sys/fs/cgroup/unified rw,relatime shared:15 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_mountinfo(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        let pure = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            parse_mountinfo(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let pure =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(parse_mountinfo(pure), Some(PathBuf::from("/sys/fs/cgroup")));
-        let spaced = "30 23 0:26 / /mnt/my\\040cg rw - cgroup2 none rw\n";
-        assert_eq!(parse_mountinfo(spaced), Some(PathBuf::from("/mnt/my cg")));
-        assert_eq!(parse_mountinfo("22 1 0:5 / /proc rw - proc proc rw\n"), None);
+        let spaced = "30 23 0:26 / /mnt/my\\040cg\u{e9} rw - cgroup2 none rw\n";
+        assert_eq!(parse_mountinfo(spaced), Some(PathBuf::from("/mnt/my cg\u{e9}")));
+        assert_eq!(
+            parse_mountinfo("22 1 0:5 / /proc rw - proc proc rw\n"),
+            None
+        );
     }
 
     #[test]
@@ -199,7 +210,12 @@ mod tests {
         assert!(missing_capabilities("CapEff:\t000001ffffffffff\n").is_empty());
         assert_eq!(
             missing_capabilities("CapEff:\t0000000000000000\n"),
-            vec!["CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_BPF"]
+            vec![
+                "CAP_NET_ADMIN",
+                "CAP_SYS_ADMIN",
+                "CAP_SYS_PTRACE",
+                "CAP_BPF"
+            ]
         );
     }
 }

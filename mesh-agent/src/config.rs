@@ -159,12 +159,13 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
     let mut config = MeshConfig::default();
     for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
-        let value = serde_yaml_ng::Value::deserialize(document).map_err(|e| ConfigError::Invalid {
-            index,
-            subject: "unparsed".into(),
-            field: "(document)".into(),
-            message: e.to_string(),
-        })?;
+        let value =
+            serde_yaml_ng::Value::deserialize(document).map_err(|e| ConfigError::Invalid {
+                index,
+                subject: "unparsed".into(),
+                field: "(document)".into(),
+                message: e.to_string(),
+            })?;
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
         }
@@ -180,7 +181,10 @@ fn str_field<'a>(value: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> 
     value.get(key).and_then(|v| v.as_str())
 }
 
-fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Option<Workload>, ConfigError> {
+fn parse_document(
+    index: usize,
+    value: serde_yaml_ng::Value,
+) -> Result<Option<Workload>, ConfigError> {
     let kind = str_field(&value, "kind").unwrap_or("").to_owned();
     let invalid = |subject: &str, field: &str, message: String| ConfigError::Invalid {
         index,
@@ -188,16 +192,28 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Option<Wo
         field: field.to_owned(),
         message,
     };
-    let unnamed = if kind.is_empty() { "unknown kind".to_owned() } else { kind.clone() };
+    let unnamed = if kind.is_empty() {
+        "unknown kind".to_owned()
+    } else {
+        kind.clone()
+    };
     if !value.is_mapping() {
-        return Err(invalid(&unnamed, "(document)", "expected a mapping with apiVersion, kind, metadata and spec".into()));
+        return Err(invalid(
+            &unnamed,
+            "(document)",
+            "expected a mapping with apiVersion, kind, metadata and spec".into(),
+        ));
     }
     if kind.is_empty() {
         return Err(invalid(&unnamed, "kind", "missing".into()));
     }
     let api_version = str_field(&value, "apiVersion").unwrap_or("");
     if api_version != API_VERSION {
-        return Err(invalid(&unnamed, "apiVersion", format!("expected {API_VERSION:?}, got {api_version:?}")));
+        return Err(invalid(
+            &unnamed,
+            "apiVersion",
+            format!("expected {API_VERSION:?}, got {api_version:?}"),
+        ));
     }
     if let Some(extra) = value
         .as_mapping()
@@ -208,17 +224,26 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Option<Wo
     {
         return Err(invalid(&unnamed, extra, "unknown top-level field".into()));
     }
-    let meta: RawMetadata = serde_yaml_ng::from_value(value.get("metadata").cloned().unwrap_or_default())
-        .map_err(|e| invalid(&unnamed, "metadata", e.to_string()))?;
+    let meta: RawMetadata =
+        serde_yaml_ng::from_value(value.get("metadata").cloned().unwrap_or_default())
+            .map_err(|e| invalid(&unnamed, "metadata", e.to_string()))?;
     let _ = meta.annotations;
     let name = meta.name.unwrap_or_default();
     let namespace = meta.namespace.unwrap_or_else(|| "default".to_owned());
     let subject = format!("{kind} {namespace}/{name}");
     if !is_dns_name(&name) {
-        return Err(invalid(&subject, "metadata.name", format!("{name:?} is not a DNS-1123 name")));
+        return Err(invalid(
+            &subject,
+            "metadata.name",
+            format!("{name:?} is not a DNS-1123 name"),
+        ));
     }
     if !is_dns_name(&namespace) {
-        return Err(invalid(&subject, "metadata.namespace", format!("{namespace:?} is not a DNS-1123 name")));
+        return Err(invalid(
+            &subject,
+            "metadata.namespace",
+            format!("{namespace:?} is not a DNS-1123 name"),
+        ));
     }
 
     match kind.as_str() {
@@ -227,11 +252,17 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Option<Wo
                 .get("spec")
                 .cloned()
                 .ok_or_else(|| invalid(&subject, "spec", "missing".into()))?;
-            let spec: RawWorkloadSpec =
-                serde_yaml_ng::from_value(spec_value).map_err(|e| invalid(&subject, "spec", e.to_string()))?;
-            build_workload(name, namespace, meta.labels, spec).map(Some).map_err(|(field, message)| invalid(&subject, &field, message))
+            let spec: RawWorkloadSpec = serde_yaml_ng::from_value(spec_value)
+                .map_err(|e| invalid(&subject, "spec", e.to_string()))?;
+            build_workload(name, namespace, meta.labels, spec)
+                .map(Some)
+                .map_err(|(field, message)| invalid(&subject, &field, message))
         }
-        other => Err(invalid(&subject, "kind", format!("unsupported kind {other:?} (supported: Workload)"))),
+        other => Err(invalid(
+            &subject,
+            "kind",
+            format!("unsupported kind {other:?} (supported: Workload)"),
+        )),
     }
 }
 
@@ -244,13 +275,21 @@ fn build_workload(
     let netns = match (spec.netns.path, spec.netns.pid) {
         (Some(path), None) => NetnsRef::Path(path),
         (None, Some(pid)) if pid > 0 => NetnsRef::Pid(pid),
-        _ => return Err(("spec.netns".into(), "set exactly one of `path` or `pid` (a positive pid)".into())),
+        _ => {
+            return Err((
+                "spec.netns".into(),
+                "set exactly one of `path` or `pid` (a positive pid)".into(),
+            ));
+        }
     };
     if spec.cgroup_path.as_os_str().is_empty() {
         return Err(("spec.cgroupPath".into(), "must not be empty".into()));
     }
     if let Some(i) = spec.excluded_ports.iter().position(|p| *p == 0) {
-        return Err((format!("spec.excludedPorts[{i}]"), "port 0 is not a destination port".into()));
+        return Err((
+            format!("spec.excludedPorts[{i}]"),
+            "port 0 is not a destination port".into(),
+        ));
     }
     let mut excluded_cidrs = Vec::with_capacity(spec.excluded_cidrs.len());
     for (i, cidr) in spec.excluded_cidrs.iter().enumerate() {
@@ -262,7 +301,10 @@ fn build_workload(
     }
     let service_account = spec.service_account.unwrap_or_else(|| "default".to_owned());
     if !is_dns_name(&service_account) {
-        return Err(("spec.serviceAccount".into(), format!("{service_account:?} is not a DNS-1123 name")));
+        return Err((
+            "spec.serviceAccount".into(),
+            format!("{service_account:?} is not a DNS-1123 name"),
+        ));
     }
     Ok(Workload {
         name,
@@ -305,7 +347,8 @@ fn validate_unique(config: &MeshConfig) -> Result<(), ConfigError> {
 fn is_dns_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && s.as_bytes()[0].is_ascii_alphanumeric()
         && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
 }
@@ -362,20 +405,56 @@ spec:
     fn errors_name_document_and_field() {
         let base = "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: a}\n";
         let cases: &[(&str, &str)] = &[
-            ("kind: Workload\nmetadata: {name: a}\nspec: {}\n", "document 1 (Workload): apiVersion"),
-            ("apiVersion: nodemesh.io/v1alpha1\nkind: Gadget\nmetadata: {name: a}\n", "kind: unsupported kind \"Gadget\""),
-            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n}}, excludedPorts: [0]}}\n"), "spec.excludedPorts[0]"),
-            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n}}, excludedPorts: [70000]}}\n"), "(Workload default/a): spec:"),
-            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n, pid: 3}}}}\n"), "spec.netns"),
-            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n}}, excludedCidrs: [10.0.0.0/33]}}\n"), "spec.excludedCidrs[0]"),
-            (&format!("{base}spec: {{cgroupPath: x, netns: {{path: /n}}, cgroupPth: y}}\n"), "unknown field `cgroupPth`"),
-            (&format!("{base}spec: {{netns: {{path: /n}}}}\n"), "missing field `cgroupPath`"),
-            ("apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: Bad_Name}\nspec: {}\n", "metadata.name"),
+            (
+                "kind: Workload\nmetadata: {name: a}\nspec: {}\n",
+                "document 1 (Workload): apiVersion",
+            ),
+            (
+                "apiVersion: nodemesh.io/v1alpha1\nkind: Gadget\nmetadata: {name: a}\n",
+                "kind: unsupported kind \"Gadget\"",
+            ),
+            (
+                &format!(
+                    "{base}spec: {{cgroupPath: x, netns: {{path: /n}}, excludedPorts: [0]}}\n"
+                ),
+                "spec.excludedPorts[0]",
+            ),
+            (
+                &format!(
+                    "{base}spec: {{cgroupPath: x, netns: {{path: /n}}, excludedPorts: [70000]}}\n"
+                ),
+                "(Workload default/a): spec:",
+            ),
+            (
+                &format!("{base}spec: {{cgroupPath: x, netns: {{path: /n, pid: 3}}}}\n"),
+                "spec.netns",
+            ),
+            (
+                &format!(
+                    "{base}spec: {{cgroupPath: x, netns: {{path: /n}}, excludedCidrs: [10.0.0.0/33]}}\n"
+                ),
+                "spec.excludedCidrs[0]",
+            ),
+            (
+                &format!("{base}spec: {{cgroupPath: x, netns: {{path: /n}}, cgroupPth: y}}\n"),
+                "unknown field `cgroupPth`",
+            ),
+            (
+                &format!("{base}spec: {{netns: {{path: /n}}}}\n"),
+                "missing field `cgroupPath`",
+            ),
+            (
+                "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: Bad_Name}\nspec: {}\n",
+                "metadata.name",
+            ),
             ("[1, 2", "document 1 (unparsed)"),
         ];
         for (text, expected) in cases {
             let err = parse(text).expect_err(text).to_string();
-            assert!(err.contains(expected), "for {text:?}: {err:?} should contain {expected:?}");
+            assert!(
+                err.contains(expected),
+                "for {text:?}: {err:?} should contain {expected:?}"
+            );
         }
     }
 
@@ -384,6 +463,9 @@ spec:
         let one = "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: a}\nspec: {cgroupPath: x, netns: {path: /n1}}\n";
         let two = "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: b}\nspec: {cgroupPath: x, netns: {path: /n2}}\n";
         let err = parse(&format!("{one}---\n{two}")).unwrap_err().to_string();
-        assert!(err.starts_with("document 2 (Workload default/b): spec.cgroupPath"), "{err}");
+        assert!(
+            err.starts_with("document 2 (Workload default/b): spec.cgroupPath"),
+            "{err}"
+        );
     }
 }

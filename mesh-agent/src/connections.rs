@@ -139,7 +139,11 @@ impl ConnectionGuard {
         original_destination: SocketAddr,
         destination_workload: Option<Arc<WorkloadMeta>>,
     ) -> Self {
-        let labels = tcp_labels(&source, original_destination, destination_workload.as_deref());
+        let labels = tcp_labels(
+            &source,
+            original_destination,
+            destination_workload.as_deref(),
+        );
         let info = Arc::new(ConnectionInfo {
             id: table.next_id.fetch_add(1, Ordering::Relaxed),
             source,
@@ -222,7 +226,11 @@ impl Drop for ConnectionGuard {
 }
 
 /// Istio label set for a connection this agent carries for its client.
-fn tcp_labels(source: &WorkloadMeta, dst: SocketAddr, dst_workload: Option<&WorkloadMeta>) -> TcpLabels {
+fn tcp_labels(
+    source: &WorkloadMeta,
+    dst: SocketAddr,
+    dst_workload: Option<&WorkloadMeta>,
+) -> TcpLabels {
     let unknown = || "unknown".to_owned();
     TcpLabels {
         reporter: "source",

@@ -35,7 +35,9 @@ pub enum View {
 pub async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     let stream = tokio::net::TcpStream::connect(admin)
         .await
-        .with_context(|| format!("connecting to the agent's admin endpoint at {admin} (is mesh-agent running?)"))?;
+        .with_context(|| {
+            format!("connecting to the agent's admin endpoint at {admin} (is mesh-agent running?)")
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = Request::get(path)
@@ -56,7 +58,8 @@ pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
     match view {
         View::Metrics => fetch(admin, "/metrics").await,
         View::Connections => {
-            let conns: Vec<ConnectionView> = serde_json::from_str(&fetch(admin, "/connections").await?)?;
+            let conns: Vec<ConnectionView> =
+                serde_json::from_str(&fetch(admin, "/connections").await?)?;
             let rows = conns
                 .iter()
                 .map(|c| {
@@ -70,7 +73,17 @@ pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
                     ]
                 })
                 .collect();
-            Ok(table(&["SOURCE", "ORIGINAL DST", "DST WORKLOAD", "BYTES OUT", "BYTES IN", "AGE"], rows))
+            Ok(table(
+                &[
+                    "SOURCE",
+                    "ORIGINAL DST",
+                    "DST WORKLOAD",
+                    "BYTES OUT",
+                    "BYTES IN",
+                    "AGE",
+                ],
+                rows,
+            ))
         }
         other => {
             let dump: Value = serde_json::from_str(&fetch(admin, "/config_dump").await?)?;
@@ -91,10 +104,26 @@ fn render_dump(dump: &Value, view: View) -> String {
     let list = |key: &str| dump[key].as_array().cloned().unwrap_or_default();
     match view {
         View::Workloads => table(
-            &["WORKLOAD", "STATE", "CGROUP ID", "NETNS COOKIE", "PRINCIPAL", "ERROR"],
+            &[
+                "WORKLOAD",
+                "STATE",
+                "CGROUP ID",
+                "NETNS COOKIE",
+                "PRINCIPAL",
+                "ERROR",
+            ],
             list("workloads")
                 .iter()
-                .map(|w| vec![s(&w["workload"]), s(&w["state"]), s(&w["cgroupId"]), s(&w["netnsCookie"]), s(&w["principal"]), s(&w["error"])])
+                .map(|w| {
+                    vec![
+                        s(&w["workload"]),
+                        s(&w["state"]),
+                        s(&w["cgroupId"]),
+                        s(&w["netnsCookie"]),
+                        s(&w["principal"]),
+                        s(&w["error"]),
+                    ]
+                })
                 .collect(),
         ),
         View::Listeners => table(

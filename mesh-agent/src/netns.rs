@@ -54,7 +54,8 @@ impl NetnsHandle {
         };
         handle.cookie = handle
             .run(|| {
-                let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                let probe =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
                 netns_cookie(&probe)
             })
             .await??;

@@ -111,8 +111,7 @@ pub async fn serve(
         }
     }
     let deadline = tokio::time::Instant::now() + drain;
-    while let Ok(Ok((stream, peer))) = tokio::time::timeout_at(deadline, listener.accept()).await
-    {
+    while let Ok(Ok((stream, peer))) = tokio::time::timeout_at(deadline, listener.accept()).await {
         tokio::spawn(handle(stream, peer, family, ctx.clone()));
     }
 }
@@ -179,7 +178,8 @@ async fn connect_upstream(ctx: &OutboundContext, destination: SocketAddr) -> io:
     let socket = ctx
         .netns
         .run(move || -> io::Result<std::net::TcpStream> {
-            let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            let s =
+                socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
             s.set_nonblocking(true)?;
             s.set_tcp_nodelay(true)?;
             Ok(s.into())
@@ -197,7 +197,11 @@ async fn connect_upstream(ctx: &OutboundContext, destination: SocketAddr) -> io:
 
 /// Copies both ways until both sides have finished. A FIN is passed on as a
 /// half-close; an error on either side resets both.
-async fn relay(mut client: TcpStream, mut upstream: TcpStream, guard: &ConnectionGuard) -> io::Result<()> {
+async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    guard: &ConnectionGuard,
+) -> io::Result<()> {
     let _ = client.set_nodelay(true);
     let result = {
         let (mut client_read, mut client_write) = client.split();

@@ -49,16 +49,24 @@ impl WorkloadMeta {
 
     /// Istio's canonical `app` label lookup.
     pub fn app(&self) -> Option<String> {
-        ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]
-            .iter()
-            .find_map(|k| self.labels.get(*k).cloned())
+        [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|k| self.labels.get(*k).cloned())
     }
 
     /// Istio's canonical `version` label lookup.
     pub fn version(&self) -> Option<String> {
-        ["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]
-            .iter()
-            .find_map(|k| self.labels.get(*k).cloned())
+        [
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ]
+        .iter()
+        .find_map(|k| self.labels.get(*k).cloned())
     }
 }
 

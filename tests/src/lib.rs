@@ -71,7 +71,9 @@ pub fn wait_until(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(anyhow!("timed out after {timeout:?} waiting for {what} (last error: {last_error:?})"))
+    Err(anyhow!(
+        "timed out after {timeout:?} waiting for {what} (last error: {last_error:?})"
+    ))
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -120,7 +122,8 @@ impl CgroupDir {
     /// Creates `parent/name` (and missing parents).
     pub fn create(parent: &Path, name: &str) -> anyhow::Result<Self> {
         let path = parent.join(name);
-        std::fs::create_dir_all(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(CgroupDir { path })
     }
 
@@ -189,7 +192,8 @@ impl Finished {
     /// The last stdout line parsed as JSON (podtool's report).
     pub fn report(&self) -> anyhow::Result<serde_json::Value> {
         let last = self.stdout.lines().last().unwrap_or("");
-        serde_json::from_str(last).with_context(|| format!("exit {} printing {:?}", self.status, self.stdout))
+        serde_json::from_str(last)
+            .with_context(|| format!("exit {} printing {:?}", self.status, self.stdout))
     }
 }
 
@@ -370,12 +374,28 @@ impl Node {
         let cgroup = CgroupDir::create(&self.cgroup.path, name)?;
         let veth = format!("veth{host}");
         self.netns.ip(&[
-            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns.name,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
         ])?;
-        self.netns.ip(&["link", "set", &veth, "master", "br0", "up"])?;
+        self.netns
+            .ip(&["link", "set", &veth, "master", "br0", "up"])?;
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
-        netns.ip(&["route", "add", "default", "via", &self.bridge_ip.to_string()])?;
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.bridge_ip.to_string(),
+        ])?;
         Ok(Pod {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
@@ -440,7 +460,10 @@ impl Pod {
     pub fn serve(&self, tools: &Tools, args: &[&str]) -> anyhow::Result<Process> {
         let mut cmd = self.command(&tools.podtool)?;
         cmd.args(args);
-        let mut p = Process::spawn(&mut cmd, &format!("podtool {} in {}", args.join(" "), self.name))?;
+        let mut p = Process::spawn(
+            &mut cmd,
+            &format!("podtool {} in {}", args.join(" "), self.name),
+        )?;
         let line = p.wait_line(Duration::from_secs(10))?;
         ensure!(line.starts_with("listening"), "{} said {line:?}", p.name);
         Ok(p)
@@ -465,7 +488,9 @@ pub struct Agent {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Agent {
@@ -518,9 +543,12 @@ impl Agent {
             .enable_all()
             .build()?;
         rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), mesh_agent::debug::fetch(self.admin, path))
-                .await
-                .map_err(|_| anyhow!("GET {path} timed out"))?
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                mesh_agent::debug::fetch(self.admin, path),
+            )
+            .await
+            .map_err(|_| anyhow!("GET {path} timed out"))?
         })
     }
 
@@ -627,7 +655,8 @@ mod tests {
 
     #[test]
     fn metric_sum_filters_by_labels() {
-        let text = "# HELP x y\nfoo_total{a=\"1\",b=\"2\"} 3\nfoo_total{a=\"1\",b=\"3\"} 4\nfoo_bar 9\n";
+        let text =
+            "# HELP x y\nfoo_total{a=\"1\",b=\"2\"} 3\nfoo_total{a=\"1\",b=\"3\"} 4\nfoo_bar 9\n";
         assert_eq!(metric_sum(text, "foo_total", &[("a", "1")]), 7.0);
         assert_eq!(metric_sum(text, "foo_total", &[("b", "3")]), 4.0);
         assert_eq!(metric_sum(text, "foo_bar", &[]), 9.0);

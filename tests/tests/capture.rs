@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nodemesh_testkit::{Agent, Node, Pod, Process, Tools, pattern, run_json, wait_until, yaml_docs};
+use nodemesh_testkit::{
+    Agent, Node, Pod, Process, Tools, pattern, run_json, wait_until, yaml_docs,
+};
 
 const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 9000;
@@ -31,8 +33,16 @@ impl Mesh {
         let b = node.add_pod("b", "backend").unwrap();
         let c = node.add_pod("c", "shop").unwrap();
         let servers = vec![
-            b.serve(&tools, &["http", "--listen", &b.addr(HTTP_PORT).to_string()]).unwrap(),
-            b.serve(&tools, &["echo", "--listen", &b.addr(ECHO_PORT).to_string()]).unwrap(),
+            b.serve(
+                &tools,
+                &["http", "--listen", &b.addr(HTTP_PORT).to_string()],
+            )
+            .unwrap(),
+            b.serve(
+                &tools,
+                &["echo", "--listen", &b.addr(ECHO_PORT).to_string()],
+            )
+            .unwrap(),
         ];
         let config = yaml_docs(&[a.workload_yaml(), b.workload_yaml(), c.workload_yaml()]);
         let agent = Agent::start(&tools, &node, &config).unwrap();
@@ -55,7 +65,10 @@ impl Mesh {
 
     /// One echo round trip from `pod` to b's echo server; panics if it fails.
     fn echo_from(&self, pod: &Pod) {
-        let out = self.podtool(pod, &["connect", "--to", &self.b.addr(ECHO_PORT).to_string()]);
+        let out = self.podtool(
+            pod,
+            &["connect", "--to", &self.b.addr(ECHO_PORT).to_string()],
+        );
         assert_eq!(out["ok"], 1, "echo from {} failed: {out}", pod.name);
     }
 
@@ -70,14 +83,19 @@ impl Mesh {
 
     fn captured(&self) -> f64 {
         self.agent
-            .metric("nodemesh_capture_decisions_total", &[("decision", "captured")])
+            .metric(
+                "nodemesh_capture_decisions_total",
+                &[("decision", "captured")],
+            )
             .unwrap()
     }
 }
 
 fn curl(pod: &Pod, url: &str, out: &std::path::Path) -> nodemesh_testkit::Finished {
     let mut cmd = pod.command(std::path::Path::new("/usr/bin/curl")).unwrap();
-    cmd.args(["-sS", "--max-time", "20", "-o"]).arg(out).arg(url);
+    cmd.args(["-sS", "--max-time", "20", "-o"])
+        .arg(out)
+        .arg(url);
     Process::spawn(&mut cmd, "curl").unwrap().wait(RUN).unwrap()
 }
 
@@ -92,7 +110,10 @@ fn http_through_agent_is_byte_exact_and_attributed() {
     let url = format!("http://{}/bytes/{size}", mesh.b.addr(HTTP_PORT));
     let out = curl(&mesh.a, &url, &body);
     assert!(out.status.success(), "curl failed: {out:?}");
-    assert!(std::fs::read(&body).unwrap() == pattern(size, 0), "response body differs");
+    assert!(
+        std::fs::read(&body).unwrap() == pattern(size, 0),
+        "response body differs"
+    );
 
     let destination = mesh.b.addr(HTTP_PORT).to_string();
     let labels = [
@@ -105,13 +126,35 @@ fn http_through_agent_is_byte_exact_and_attributed() {
         ("destination_workload_namespace", "backend"),
         ("request_protocol", "tcp"),
     ];
-    wait_until("connection closed in metrics", Duration::from_secs(5), || {
-        Ok(mesh.agent.metric("istio_tcp_connections_closed_total", &labels)? == 1.0)
-    })
+    wait_until(
+        "connection closed in metrics",
+        Duration::from_secs(5),
+        || {
+            Ok(mesh
+                .agent
+                .metric("istio_tcp_connections_closed_total", &labels)?
+                == 1.0)
+        },
+    )
     .unwrap();
-    assert_eq!(mesh.agent.metric("istio_tcp_connections_opened_total", &labels).unwrap(), 1.0);
-    assert!(mesh.agent.metric("istio_tcp_sent_bytes_total", &labels).unwrap() >= size as f64);
-    assert!(mesh.agent.metric("istio_tcp_received_bytes_total", &labels).unwrap() > 0.0);
+    assert_eq!(
+        mesh.agent
+            .metric("istio_tcp_connections_opened_total", &labels)
+            .unwrap(),
+        1.0
+    );
+    assert!(
+        mesh.agent
+            .metric("istio_tcp_sent_bytes_total", &labels)
+            .unwrap()
+            >= size as f64
+    );
+    assert!(
+        mesh.agent
+            .metric("istio_tcp_received_bytes_total", &labels)
+            .unwrap()
+            > 0.0
+    );
 
     // While a connection is open, /connections shows who opened it and where it goes.
     let echo = mesh.b.addr(ECHO_PORT).to_string();
@@ -126,11 +169,17 @@ fn http_through_agent_is_byte_exact_and_attributed() {
         Ok(live.iter().any(|c| c.original_destination == echo))
     })
     .unwrap_or_else(|e| panic!("{e}: no live connection to {echo} in {live:?}"));
-    let conn = live.iter().find(|c| c.original_destination == echo).unwrap();
+    let conn = live
+        .iter()
+        .find(|c| c.original_destination == echo)
+        .unwrap();
     assert_eq!(conn.source_workload, "shop/a");
     assert_eq!(conn.destination_workload.as_deref(), Some("backend/b"));
     let report = hold.wait(RUN).unwrap().report().unwrap();
-    assert!(report["error"].is_null(), "held connection failed: {report}");
+    assert!(
+        report["error"].is_null(),
+        "held connection failed: {report}"
+    );
 }
 
 /// Acceptance 2: a process outside every meshed workload reaches B directly;
@@ -139,11 +188,22 @@ fn http_through_agent_is_byte_exact_and_attributed() {
 fn unmeshed_process_goes_direct() {
     let mesh = Mesh::new();
     let mut cmd = mesh.node.command(&mesh.tools.podtool).unwrap();
-    cmd.args(["connect", "--to", &mesh.b.addr(ECHO_PORT).to_string(), "--count", "5"]);
+    cmd.args([
+        "connect",
+        "--to",
+        &mesh.b.addr(ECHO_PORT).to_string(),
+        "--count",
+        "5",
+    ]);
     let out = run_json(&mut cmd, RUN).unwrap();
     assert_eq!(out["ok"], 5, "{out}");
     assert_eq!(mesh.captured(), 0.0);
-    assert_eq!(mesh.agent.metric("istio_tcp_connections_opened_total", &[]).unwrap(), 0.0);
+    assert_eq!(
+        mesh.agent
+            .metric("istio_tcp_connections_opened_total", &[])
+            .unwrap(),
+        0.0
+    );
     assert!(mesh.agent.connections().unwrap().is_empty());
 }
 
@@ -155,12 +215,25 @@ fn agent_upstream_is_not_recaptured() {
     let mesh = Mesh::new();
     let dir = tempfile::tempdir().unwrap();
     let body = dir.path().join("whoami");
-    let out = curl(&mesh.a, &format!("http://{}/whoami", mesh.b.addr(HTTP_PORT)), &body);
+    let out = curl(
+        &mesh.a,
+        &format!("http://{}/whoami", mesh.b.addr(HTTP_PORT)),
+        &body,
+    );
     assert!(out.status.success(), "curl failed: {out:?}");
     let seen: SocketAddr = std::fs::read_to_string(&body).unwrap().parse().unwrap();
-    assert_eq!(seen.ip(), std::net::IpAddr::V4(mesh.a.ip), "server saw {seen}");
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V4(mesh.a.ip),
+        "server saw {seen}"
+    );
     assert_eq!(mesh.captured(), 1.0);
-    assert_eq!(mesh.agent.metric("istio_tcp_connections_opened_total", &[]).unwrap(), 1.0);
+    assert_eq!(
+        mesh.agent
+            .metric("istio_tcp_connections_opened_total", &[])
+            .unwrap(),
+        1.0
+    );
 }
 
 /// Acceptance 4: 256 MiB each way through the agent, checksums equal.
@@ -170,7 +243,13 @@ fn bulk_transfer_256_mib_each_way() {
     let total: u64 = 256 * 1024 * 1024;
     let out = mesh.podtool(
         &mesh.a,
-        &["stream", "--to", &mesh.b.addr(ECHO_PORT).to_string(), "--bytes", &total.to_string()],
+        &[
+            "stream",
+            "--to",
+            &mesh.b.addr(ECHO_PORT).to_string(),
+            "--bytes",
+            &total.to_string(),
+        ],
     );
     assert!(out["error"].is_null(), "{out}");
     assert_eq!(out["sent"], total, "{out}");
@@ -178,7 +257,10 @@ fn bulk_transfer_256_mib_each_way() {
     assert_eq!(out["sent_sha256"], out["received_sha256"], "{out}");
     let labels = [("source_workload", "a")];
     wait_until("bytes counted", Duration::from_secs(5), || {
-        Ok(mesh.agent.metric("istio_tcp_received_bytes_total", &labels)? == total as f64
+        Ok(mesh
+            .agent
+            .metric("istio_tcp_received_bytes_total", &labels)?
+            == total as f64
             && mesh.agent.metric("istio_tcp_sent_bytes_total", &labels)? == total as f64)
     })
     .unwrap();
@@ -194,14 +276,19 @@ fn closed_destination_port_fails_fast() {
     let out = mesh.podtool(&mesh.a, &["probe", "--to", &closed, "--timeout-ms", "5000"]);
     let outcome = out["outcome"].as_str().unwrap();
     assert!(
-        outcome.contains("ConnectionReset") || outcome.contains("ConnectionRefused") || outcome == "eof",
+        outcome.contains("ConnectionReset")
+            || outcome.contains("ConnectionRefused")
+            || outcome == "eof",
         "client saw {out}"
     );
     assert!(out["elapsed_ms"].as_u64().unwrap() < 1000, "{out}");
     wait_until("failure counted", Duration::from_secs(5), || {
         Ok(mesh.agent.metric(
             "istio_tcp_connections_closed_total",
-            &[("response_flags", "CONNECT"), ("destination_service", closed.as_str())],
+            &[
+                ("response_flags", "CONNECT"),
+                ("destination_service", closed.as_str()),
+            ],
         )? == 1.0)
     })
     .unwrap();
@@ -217,7 +304,18 @@ fn connection_churn_leaves_no_residue() {
     let start_pending = mesh.agent.map_entries("PENDING").unwrap();
     let start_orig = mesh.agent.map_entries("ORIG_DST").unwrap();
     // Warm up so thread pools and allocator arenas exist before the baseline.
-    let warm = mesh.podtool(&mesh.a, &["connect", "--to", &echo, "--count", "200", "--concurrency", "200"]);
+    let warm = mesh.podtool(
+        &mesh.a,
+        &[
+            "connect",
+            "--to",
+            &echo,
+            "--count",
+            "200",
+            "--concurrency",
+            "200",
+        ],
+    );
     assert_eq!(warm["ok"], 200, "{warm}");
     let idle = || {
         wait_until("no open connections", Duration::from_secs(10), || {
@@ -230,7 +328,18 @@ fn connection_churn_leaves_no_residue() {
 
     let seq = mesh.podtool(&mesh.a, &["connect", "--to", &echo, "--count", "2000"]);
     assert_eq!(seq["ok"], 2000, "{seq}");
-    let conc = mesh.podtool(&mesh.a, &["connect", "--to", &echo, "--count", "200", "--concurrency", "200"]);
+    let conc = mesh.podtool(
+        &mesh.a,
+        &[
+            "connect",
+            "--to",
+            &echo,
+            "--count",
+            "200",
+            "--concurrency",
+            "200",
+        ],
+    );
     assert_eq!(conc["ok"], 200, "{conc}");
     idle().unwrap();
 
@@ -241,7 +350,10 @@ fn connection_churn_leaves_no_residue() {
     let rss = mesh.agent.rss_kib().unwrap();
     eprintln!("agent fds {base_fds} -> {fds}, RSS {base_rss} KiB -> {rss} KiB");
     assert!(fds <= base_fds + 2, "fds grew from {base_fds} to {fds}");
-    assert!(rss <= base_rss + 8 * 1024, "RSS grew from {base_rss} KiB to {rss} KiB");
+    assert!(
+        rss <= base_rss + 8 * 1024,
+        "RSS grew from {base_rss} KiB to {rss} KiB"
+    );
 }
 
 /// Acceptance 7: unenrolling A live makes its next connection go direct;
@@ -251,11 +363,23 @@ fn live_unenroll_and_reenroll() {
     let mesh = Mesh::new();
     let echo = mesh.b.addr(ECHO_PORT).to_string();
     let mut hold = mesh.c.command(&mesh.tools.podtool).unwrap();
-    hold.args(["hold", "--to", &echo, "--seconds", "4", "--interval-ms", "20"]);
+    hold.args([
+        "hold",
+        "--to",
+        &echo,
+        "--seconds",
+        "4",
+        "--interval-ms",
+        "20",
+    ]);
     let mut hold = Process::spawn(&mut hold, "hold from c").unwrap();
     hold.wait_line(Duration::from_secs(10)).unwrap();
     wait_until("C's connection listed", Duration::from_secs(5), || {
-        Ok(mesh.agent.connections()?.iter().any(|c| c.source_workload == "shop/c"))
+        Ok(mesh
+            .agent
+            .connections()?
+            .iter()
+            .any(|c| c.source_workload == "shop/c"))
     })
     .unwrap();
 
@@ -265,9 +389,17 @@ fn live_unenroll_and_reenroll() {
     let without_a = yaml_docs(&[mesh.b.workload_yaml(), mesh.c.workload_yaml()]);
     mesh.agent.reconfigure(&without_a).unwrap();
     mesh.echo_from(&mesh.a);
-    assert_eq!(mesh.opened_from("a"), 1.0, "unenrolled A was still captured");
+    assert_eq!(
+        mesh.opened_from("a"),
+        1.0,
+        "unenrolled A was still captured"
+    );
 
-    let with_a = yaml_docs(&[mesh.a.workload_yaml(), mesh.b.workload_yaml(), mesh.c.workload_yaml()]);
+    let with_a = yaml_docs(&[
+        mesh.a.workload_yaml(),
+        mesh.b.workload_yaml(),
+        mesh.c.workload_yaml(),
+    ]);
     mesh.agent.reconfigure(&with_a).unwrap();
     mesh.echo_from(&mesh.a);
     assert_eq!(mesh.opened_from("a"), 2.0, "re-enrolled A was not captured");
@@ -289,19 +421,36 @@ fn invalid_reload_keeps_last_good_config() {
     ]);
     mesh.agent.write_config(&bad).unwrap();
     wait_until("rejection counted", Duration::from_secs(10), || {
-        Ok(mesh.agent.metric("nodemesh_config_reloads_total", &[("result", "failure")])? >= 1.0)
+        Ok(mesh
+            .agent
+            .metric("nodemesh_config_reloads_total", &[("result", "failure")])?
+            >= 1.0)
     })
     .unwrap();
     let expected = "document 2 (Workload shop/a): spec.excludedPorts[0]";
-    assert!(mesh.agent.log().contains(expected), "log lacks {expected:?}:\n{}", mesh.agent.log());
+    assert!(
+        mesh.agent.log().contains(expected),
+        "log lacks {expected:?}:\n{}",
+        mesh.agent.log()
+    );
     let dump = mesh.agent.config_dump().unwrap();
-    assert!(dump["config"]["lastError"].as_str().unwrap().contains(expected), "{dump}");
+    assert!(
+        dump["config"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains(expected),
+        "{dump}"
+    );
     assert_eq!(dump["config"]["generation"], 1);
 
     mesh.echo_from(&mesh.a);
     mesh.echo_from(&mesh.c);
     assert_eq!(mesh.opened_from("a"), 1.0);
-    assert_eq!(mesh.opened_from("c"), 1.0, "C (dropped by the bad file) must still be captured");
+    assert_eq!(
+        mesh.opened_from("c"),
+        1.0,
+        "C (dropped by the bad file) must still be captured"
+    );
 }
 
 /// Per-workload excluded ports and CIDRs go direct; everything else is captured.
@@ -309,9 +458,11 @@ fn invalid_reload_keeps_last_good_config() {
 fn excluded_ports_and_cidrs_go_direct() {
     let mesh = Mesh::new();
     let config = yaml_docs(&[
-        mesh.a.workload_yaml_with(&format!("  excludedPorts: [{ECHO_PORT}]\n")),
+        mesh.a
+            .workload_yaml_with(&format!("  excludedPorts: [{ECHO_PORT}]\n")),
         mesh.b.workload_yaml(),
-        mesh.c.workload_yaml_with(&format!("  excludedCidrs: [\"{}/32\"]\n", mesh.b.ip)),
+        mesh.c
+            .workload_yaml_with(&format!("  excludedCidrs: [\"{}/32\"]\n", mesh.b.ip)),
     ]);
     mesh.agent.reconfigure(&config).unwrap();
     mesh.echo_from(&mesh.a);
@@ -319,12 +470,21 @@ fn excluded_ports_and_cidrs_go_direct() {
     assert_eq!(mesh.opened_from("a"), 0.0, "excluded port was captured");
     assert_eq!(mesh.opened_from("c"), 0.0, "excluded CIDR was captured");
     assert_eq!(
-        mesh.agent.metric("nodemesh_capture_decisions_total", &[("decision", "excluded")]).unwrap(),
+        mesh.agent
+            .metric(
+                "nodemesh_capture_decisions_total",
+                &[("decision", "excluded")]
+            )
+            .unwrap(),
         2.0
     );
     // Not excluded: A's HTTP is still captured.
     let dir = tempfile::tempdir().unwrap();
-    let out = curl(&mesh.a, &format!("http://{}/", mesh.b.addr(HTTP_PORT)), &dir.path().join("b"));
+    let out = curl(
+        &mesh.a,
+        &format!("http://{}/", mesh.b.addr(HTTP_PORT)),
+        &dir.path().join("b"),
+    );
     assert!(out.status.success());
     assert_eq!(mesh.opened_from("a"), 1.0);
 }
@@ -333,8 +493,14 @@ fn excluded_ports_and_cidrs_go_direct() {
 #[test]
 fn pod_loopback_is_not_captured() {
     let mesh = Mesh::new();
-    let _local = mesh.a.serve(&mesh.tools, &["echo", "--listen", "127.0.0.1:7000"]).unwrap();
-    let out = mesh.podtool(&mesh.a, &["connect", "--to", "127.0.0.1:7000", "--count", "3"]);
+    let _local = mesh
+        .a
+        .serve(&mesh.tools, &["echo", "--listen", "127.0.0.1:7000"])
+        .unwrap();
+    let out = mesh.podtool(
+        &mesh.a,
+        &["connect", "--to", "127.0.0.1:7000", "--count", "3"],
+    );
     assert_eq!(out["ok"], 3, "{out}");
     assert_eq!(mesh.captured(), 0.0);
 }
@@ -348,8 +514,14 @@ fn startup_errors_are_clear() {
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: x}\nspec: {netns: {pid: 1}}\n").unwrap();
     for (config, expected) in [
-        (&missing, format!("initial config: reading {}", missing.display())),
-        (&bad, "document 1 (Workload default/x): spec: missing field `cgroupPath`".to_owned()),
+        (
+            &missing,
+            format!("initial config: reading {}", missing.display()),
+        ),
+        (
+            &bad,
+            "document 1 (Workload default/x): spec: missing field `cgroupPath`".to_owned(),
+        ),
     ] {
         let started = Instant::now();
         let out = Command::new(&tools.agent)
@@ -359,7 +531,10 @@ fn startup_errors_are_clear() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        assert!(stderr.contains(&expected), "stderr {stderr:?} lacks {expected:?}");
+        assert!(
+            stderr.contains(&expected),
+            "stderr {stderr:?} lacks {expected:?}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(started.elapsed() < Duration::from_secs(10));
     }

@@ -84,7 +84,9 @@ fn setup() -> anyhow::Result<()> {
         .collect();
     if !missing.is_empty() {
         if !is_root() {
-            bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them");
+            bail!(
+                "missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them"
+            );
         }
         eprintln!("xtask: installing {missing:?}");
         status(Command::new("apt-get").arg("update").arg("-qq"))?;
@@ -99,8 +101,13 @@ fn setup() -> anyhow::Result<()> {
         bail!("{BPF_RUSTC} is missing even though rustc-web is installed");
     }
     if which("bpf-linker").is_none() {
-        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
-        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        );
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
         status(
             cargo()
                 .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
@@ -120,7 +127,8 @@ fn is_root() -> bool {
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
+    let mut dirs: Vec<PathBuf> =
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(PathBuf::from(home).join(".cargo/bin"));
     }
@@ -157,7 +165,15 @@ fn build(root: &Path) -> anyhow::Result<Built> {
     status(
         cargo()
             .current_dir(root)
-            .args(["build", "--release", "-p", "mesh-agent", "-p", "nodemesh-tests", "--bins"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "mesh-agent",
+                "-p",
+                "nodemesh-tests",
+                "--bins",
+            ])
             .env("NODEMESH_EBPF_OBJECT", &ebpf_object),
     )?;
     let release_dir = root.join("target/release");
@@ -173,7 +189,14 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     status(
         cargo()
             .current_dir(root)
-            .args(["test", "--release", "--workspace", "--exclude", "xtask", "--"])
+            .args([
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "xtask",
+                "--",
+            ])
             .args(args)
             .env("NODEMESH_EBPF_OBJECT", &built.ebpf_object)
             .env("NODEMESH_AGENT_BIN", &built.agent),
