@@ -59,6 +59,9 @@ pub enum CaptureError {
     /// The object is missing a map the agent needs (a build mismatch).
     #[error("the embedded eBPF object has no map named {0}")]
     MissingMap(&'static str),
+    /// The object is missing a program the agent needs (a build mismatch).
+    #[error("the embedded eBPF object has no program named {0}")]
+    MissingProgram(&'static str),
 }
 
 /// Program names in the object, with the hook each attaches to.
@@ -147,7 +150,7 @@ impl Capture {
         for (name, hook) in SOCK_ADDR_PROGRAMS {
             let program = ebpf
                 .program_mut(name)
-                .ok_or(CaptureError::MissingMap(name))?;
+                .ok_or(CaptureError::MissingProgram(name))?;
             let id = {
                 let prog: &mut CgroupSockAddr = program.try_into().map_err(program_err(name))?;
                 prog.load().map_err(program_err(name))?;
@@ -163,7 +166,7 @@ impl Capture {
         }
         let program = ebpf
             .program_mut(SOCK_OPS_PROGRAM)
-            .ok_or(CaptureError::MissingMap(SOCK_OPS_PROGRAM))?;
+            .ok_or(CaptureError::MissingProgram(SOCK_OPS_PROGRAM))?;
         let sock_ops: &mut SockOps = program.try_into().map_err(program_err(SOCK_OPS_PROGRAM))?;
         sock_ops.load().map_err(program_err(SOCK_OPS_PROGRAM))?;
         sock_ops

@@ -190,7 +190,10 @@ mod tests {
             "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(parse_mountinfo(pure), Some(PathBuf::from("/sys/fs/cgroup")));
         let spaced = "30 23 0:26 / /mnt/my\\040cg\u{e9} rw - cgroup2 none rw\n";
-        assert_eq!(parse_mountinfo(spaced), Some(PathBuf::from("/mnt/my cg\u{e9}")));
+        assert_eq!(
+            parse_mountinfo(spaced),
+            Some(PathBuf::from("/mnt/my cg\u{e9}"))
+        );
         assert_eq!(
             parse_mountinfo("22 1 0:5 / /proc rw - proc proc rw\n"),
             None

@@ -613,6 +613,12 @@ impl Agent {
         Ok(std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))?.count())
     }
 
+    /// Sends the agent a signal (e.g. `libc::SIGHUP`).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.process.pid() as i32, signal) };
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

@@ -523,19 +523,71 @@ fn startup_errors_are_clear() {
             "document 1 (Workload default/x): spec: missing field `cgroupPath`".to_owned(),
         ),
     ] {
-        let started = Instant::now();
-        let out = Command::new(&tools.agent)
-            .args(["run", "--admin-addr", "127.0.0.1:0", "--config"])
-            .arg(config)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
-        assert!(
-            stderr.contains(&expected),
-            "stderr {stderr:?} lacks {expected:?}"
-        );
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        assert!(started.elapsed() < Duration::from_secs(10));
+        let mut cmd = Command::new(&tools.agent);
+        cmd.args(["run", "--admin-addr", "127.0.0.1:0", "--config"])
+            .arg(config);
+        assert_fails_clearly(&mut cmd, &expected);
     }
+}
+
+fn assert_fails_clearly(cmd: &mut Command, expected: &str) {
+    let started = Instant::now();
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    assert!(
+        stderr.contains(expected),
+        "stderr {stderr:?} lacks {expected:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "want one clear line, got {stderr:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// Without CAP_BPF the agent names the missing capability instead of failing on EPERM.
+#[test]
+fn missing_capability_is_named() {
+    let tools = Tools::new(env!("CARGO_BIN_EXE_podtool")).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set", "-bpf", "--inh-caps", "-bpf", "--"])
+        .arg(&tools.agent)
+        .args([
+            "run",
+            "--config",
+            "/dev/null",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]);
+    assert_fails_clearly(&mut cmd, "missing capabilities CAP_BPF");
+}
+
+/// With no cgroup2 mount (a private mount namespace with it unmounted) the agent says so.
+#[test]
+fn missing_cgroup2_mount_is_named() {
+    let tools = Tools::new(env!("CARGO_BIN_EXE_podtool")).unwrap();
+    let script = format!(
+        "umount -a -t cgroup2 && exec {} run --config /dev/null --admin-addr 127.0.0.1:0",
+        tools.agent.display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    assert_fails_clearly(&mut cmd, "no cgroup2 filesystem is mounted");
+}
+
+/// SIGHUP re-applies the config file even when it did not change.
+#[test]
+fn sighup_reapplies_config() {
+    let mesh = Mesh::new();
+    let before = mesh.agent.generation().unwrap();
+    mesh.agent.signal(libc::SIGHUP);
+    wait_until("config re-applied", Duration::from_secs(5), || {
+        Ok(mesh.agent.generation()? == before + 1)
+    })
+    .unwrap();
+    mesh.echo_from(&mesh.a);
+    assert_eq!(mesh.opened_from("a"), 1.0);
 }

@@ -2,8 +2,9 @@
 //! object and the agent, and runs the suite or the demo. Every step is
 //! idempotent and quick when there is nothing to do.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -186,21 +187,59 @@ fn build(root: &Path) -> anyhow::Result<Built> {
 
 fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let built = build(root)?;
-    status(
-        cargo()
-            .current_dir(root)
-            .args([
-                "test",
-                "--release",
-                "--workspace",
-                "--exclude",
-                "xtask",
-                "--",
-            ])
-            .args(args)
-            .env("NODEMESH_EBPF_OBJECT", &built.ebpf_object)
-            .env("NODEMESH_AGENT_BIN", &built.agent),
-    )
+    // --all-targets: unit, integration and binary tests (no doctests: there are none,
+    // and an empty doctest run would be the last word of the log).
+    let mut child = cargo()
+        .current_dir(root)
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--all-targets",
+            "--",
+        ])
+        .args(args)
+        .env("NODEMESH_EBPF_OBJECT", &built.ebpf_object)
+        .env("NODEMESH_AGENT_BIN", &built.agent)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("stdout is piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    println!("\nsummary: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("tests failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Counts from a libtest line such as `test result: ok. 14 passed; 0 failed; ...`.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches(|c: char| !c.is_ascii_digit())
+                    .strip_suffix(word)
+            })
+            .and_then(|n| n.trim().parse::<u64>().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {
@@ -210,4 +249,16 @@ fn demo(root: &Path) -> anyhow::Result<()> {
             .env("NODEMESH_AGENT_BIN", &built.agent)
             .env("NODEMESH_PODTOOL_BIN", built.release_dir.join("podtool")),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_libtest_summaries() {
+        let ok = "test result: ok. 14 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.99s";
+        assert_eq!(super::parse_test_result(ok), Some((14, 0)));
+        let bad = "test result: FAILED. 10 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(super::parse_test_result(bad), Some((10, 1)));
+        assert_eq!(super::parse_test_result("running 3 tests"), None);
+    }
 }
