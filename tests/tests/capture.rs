@@ -63,13 +63,29 @@ impl Mesh {
         run_json(&mut cmd, RUN).unwrap()
     }
 
-    /// One echo round trip from `pod` to b's echo server; panics if it fails.
-    fn echo_from(&self, pod: &Pod) {
+    /// `count` echo round trips from `pod` to b's echo server, `concurrency` at a
+    /// time; panics unless every one succeeded.
+    fn echo_many(&self, pod: &Pod, count: usize, concurrency: usize) {
+        let (count_arg, concurrency_arg) = (count.to_string(), concurrency.to_string());
+        let echo = self.b.addr(ECHO_PORT).to_string();
         let out = self.podtool(
             pod,
-            &["connect", "--to", &self.b.addr(ECHO_PORT).to_string()],
+            &[
+                "connect",
+                "--to",
+                &echo,
+                "--count",
+                &count_arg,
+                "--concurrency",
+                &concurrency_arg,
+            ],
         );
-        assert_eq!(out["ok"], 1, "echo from {} failed: {out}", pod.name);
+        assert_eq!(out["ok"], count, "echo from {} failed: {out}", pod.name);
+    }
+
+    /// One echo round trip from `pod` to b's echo server.
+    fn echo_from(&self, pod: &Pod) {
+        self.echo_many(pod, 1, 1);
     }
 
     fn opened_from(&self, workload: &str) -> f64 {
@@ -300,23 +316,10 @@ fn closed_destination_port_fails_fast() {
 #[test]
 fn connection_churn_leaves_no_residue() {
     let mesh = Mesh::new();
-    let echo = mesh.b.addr(ECHO_PORT).to_string();
     let start_pending = mesh.agent.map_entries("PENDING").unwrap();
     let start_orig = mesh.agent.map_entries("ORIG_DST").unwrap();
     // Warm up so thread pools and allocator arenas exist before the baseline.
-    let warm = mesh.podtool(
-        &mesh.a,
-        &[
-            "connect",
-            "--to",
-            &echo,
-            "--count",
-            "200",
-            "--concurrency",
-            "200",
-        ],
-    );
-    assert_eq!(warm["ok"], 200, "{warm}");
+    mesh.echo_many(&mesh.a, 200, 200);
     let idle = || {
         wait_until("no open connections", Duration::from_secs(10), || {
             Ok(mesh.agent.metric("nodemesh_open_connections", &[])? == 0.0)
@@ -326,21 +329,8 @@ fn connection_churn_leaves_no_residue() {
     let base_fds = mesh.agent.fd_count().unwrap();
     let base_rss = mesh.agent.rss_kib().unwrap();
 
-    let seq = mesh.podtool(&mesh.a, &["connect", "--to", &echo, "--count", "2000"]);
-    assert_eq!(seq["ok"], 2000, "{seq}");
-    let conc = mesh.podtool(
-        &mesh.a,
-        &[
-            "connect",
-            "--to",
-            &echo,
-            "--count",
-            "200",
-            "--concurrency",
-            "200",
-        ],
-    );
-    assert_eq!(conc["ok"], 200, "{conc}");
+    mesh.echo_many(&mesh.a, 2000, 1);
+    mesh.echo_many(&mesh.a, 200, 200);
     idle().unwrap();
 
     assert_eq!(mesh.captured(), 2400.0);
