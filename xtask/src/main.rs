@@ -191,15 +191,7 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     // and an empty doctest run would be the last word of the log).
     let mut child = cargo()
         .current_dir(root)
-        .args([
-            "test",
-            "--release",
-            "--workspace",
-            "--exclude",
-            "xtask",
-            "--all-targets",
-            "--",
-        ])
+        .args(["test", "--release", "--workspace", "--all-targets", "--"])
         .args(args)
         .env("NODEMESH_EBPF_OBJECT", &built.ebpf_object)
         .env("NODEMESH_AGENT_BIN", &built.agent)
