@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -370,6 +370,7 @@ impl Node {
         let host = self.next_host;
         self.next_host += 1;
         let ip = Ipv4Addr::new(198, 18, 0, host);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, u16::from(host));
         let netns = Netns::create(name)?;
         let cgroup = CgroupDir::create(&self.cgroup.path, name)?;
         let veth = format!("veth{host}");
@@ -388,6 +389,8 @@ impl Node {
         self.netns
             .ip(&["link", "set", &veth, "master", "br0", "up"])?;
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        // nodad: usable at once instead of after duplicate address detection.
+        netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&[
             "route",
@@ -402,6 +405,7 @@ impl Node {
             netns,
             cgroup,
             ip,
+            ip6,
         })
     }
 
@@ -421,8 +425,10 @@ pub struct Pod {
     pub netns: Netns,
     /// Its cgroup.
     pub cgroup: CgroupDir,
-    /// Its address on the bridge.
+    /// Its IPv4 address on the bridge.
     pub ip: Ipv4Addr,
+    /// Its IPv6 (ULA) address on the bridge.
+    pub ip6: Ipv6Addr,
 }
 
 impl Pod {
@@ -431,9 +437,14 @@ impl Pod {
         command_in(program, &self.netns.path(), Some(&self.cgroup.path))
     }
 
-    /// An address of this pod.
+    /// An IPv4 address of this pod.
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip, port))
+    }
+
+    /// An IPv6 address of this pod.
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip6, port))
     }
 
     /// This pod as a Workload document.
@@ -444,7 +455,7 @@ impl Pod {
     /// This pod as a Workload document with extra `spec` lines (indented two spaces).
     pub fn workload_yaml_with(&self, extra_spec: &str) -> String {
         format!(
-            "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{app: {}}}\nspec:\n  serviceAccount: {}-sa\n  cgroupPath: {}\n  netns: {{path: {}}}\n  ips: [{}]\n{}",
+            "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{app: {}}}\nspec:\n  serviceAccount: {}-sa\n  cgroupPath: {}\n  netns: {{path: {}}}\n  ips: [{}, \"{}\"]\n{}",
             self.name,
             self.namespace,
             self.name,
@@ -452,6 +463,7 @@ impl Pod {
             self.cgroup.path.display(),
             self.netns.path().display(),
             self.ip,
+            self.ip6,
             extra_spec
         )
     }

@@ -14,7 +14,8 @@ const ECHO_PORT: u16 = 9000;
 const RUN: Duration = Duration::from_secs(60);
 
 /// A node with client pods `a` (ns shop) and `c` (ns shop), server pod `b`
-/// (ns backend) running an HTTP and an echo server, and an agent meshing all three.
+/// (ns backend) running an HTTP server and IPv4 and IPv6 echo servers, and an
+/// agent meshing all three.
 struct Mesh {
     tools: Tools,
     agent: Agent,
@@ -41,6 +42,11 @@ impl Mesh {
             b.serve(
                 &tools,
                 &["echo", "--listen", &b.addr(ECHO_PORT).to_string()],
+            )
+            .unwrap(),
+            b.serve(
+                &tools,
+                &["echo", "--listen", &b.addr6(ECHO_PORT).to_string()],
             )
             .unwrap(),
         ];
@@ -104,6 +110,17 @@ impl Mesh {
                 &[("decision", "captured")],
             )
             .unwrap()
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent log ---\n{}--- end of agent log ---",
+                self.agent.log()
+            );
+        }
     }
 }
 
@@ -580,4 +597,61 @@ fn sighup_reapplies_config() {
     .unwrap();
     mesh.echo_from(&mesh.a);
     assert_eq!(mesh.opened_from("a"), 1.0);
+}
+
+/// IPv6 connects (via the pod's `[::1]` listener) and IPv4-mapped IPv6 connects
+/// (treated as IPv4) are captured with the right original destination.
+#[test]
+fn ipv6_and_v4_mapped_connects_are_captured() {
+    let mesh = Mesh::new();
+    let mapped = format!("[::ffff:{}]:{ECHO_PORT}", mesh.b.ip);
+    let native = mesh.b.addr6(ECHO_PORT).to_string();
+    for (target, expected_destination) in [
+        (mapped.clone(), mesh.b.addr(ECHO_PORT).to_string()),
+        (native.clone(), native.clone()),
+    ] {
+        let out = mesh.podtool(&mesh.a, &["connect", "--to", &target]);
+        assert_eq!(out["ok"], 1, "{target}: {out}");
+        let opened = mesh
+            .agent
+            .metric(
+                "istio_tcp_connections_opened_total",
+                &[
+                    ("source_workload", "a"),
+                    ("destination_service", expected_destination.as_str()),
+                    ("destination_workload", "b"),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            opened, 1.0,
+            "{target} not captured as {expected_destination}"
+        );
+    }
+    assert_eq!(mesh.captured(), 2.0);
+}
+
+/// UDP from an enrolled pod, even on a connected socket, is never captured.
+#[test]
+fn udp_is_not_captured() {
+    let mesh = Mesh::new();
+    let _udp = mesh
+        .b
+        .serve(
+            &mesh.tools,
+            &["udp-echo", "--listen", &mesh.b.addr(ECHO_PORT).to_string()],
+        )
+        .unwrap();
+    let out = mesh.podtool(
+        &mesh.a,
+        &["udp-ping", "--to", &mesh.b.addr(ECHO_PORT).to_string()],
+    );
+    assert_eq!(out["echoed"], true, "{out}");
+    assert_eq!(mesh.captured(), 0.0);
+    assert_eq!(
+        mesh.agent
+            .metric("istio_tcp_connections_opened_total", &[])
+            .unwrap(),
+        0.0
+    );
 }

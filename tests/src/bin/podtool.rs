@@ -60,6 +60,16 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
     },
+    /// UDP echo server.
+    UdpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Sends one UDP datagram on a connected socket and waits for the echo.
+    UdpPing {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Connects, sends a line, and reports how the connection ended and how fast.
     Probe {
         #[arg(long)]
@@ -86,6 +96,8 @@ async fn main() -> anyhow::Result<()> {
             interval_ms,
         } => hold(to, seconds, interval_ms).await,
         Cmd::Probe { to, timeout_ms } => probe(to, timeout_ms).await,
+        Cmd::UdpEcho { listen } => udp_echo(listen).await,
+        Cmd::UdpPing { to } => udp_ping(to).await,
     }
 }
 
@@ -262,5 +274,29 @@ async fn probe(to: SocketAddr, timeout_ms: u64) -> anyhow::Result<()> {
     .await
     .unwrap_or_else(|_| "timeout".to_owned());
     report(json!({"outcome": outcome, "elapsed_ms": started.elapsed().as_millis() as u64}));
+    Ok(())
+}
+
+async fn udp_echo(listen: SocketAddr) -> anyhow::Result<()> {
+    let socket = tokio::net::UdpSocket::bind(listen).await?;
+    println!("listening {listen}");
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, peer) = socket.recv_from(&mut buf).await?;
+        socket.send_to(&buf[..n], peer).await?;
+    }
+}
+
+async fn udp_ping(to: SocketAddr) -> anyhow::Result<()> {
+    let local: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let socket = tokio::net::UdpSocket::bind(local).await?;
+    // connect() on a UDP socket runs the cgroup connect hooks too: they must leave it alone.
+    socket.connect(to).await?;
+    socket.send(b"ping").await?;
+    let mut buf = [0u8; 16];
+    let echoed = tokio::time::timeout(Duration::from_secs(3), socket.recv(&mut buf))
+        .await
+        .map(|r| r.map(|n| buf[..n] == *b"ping"));
+    report(json!({"echoed": matches!(echoed, Ok(Ok(true)))}));
     Ok(())
 }
