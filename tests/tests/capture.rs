@@ -655,3 +655,43 @@ fn udp_is_not_captured() {
         0.0
     );
 }
+
+/// `mesh-agent debug <view>` prints readable tables of the running agent's state.
+#[test]
+fn debug_views_render_tables() {
+    let mesh = Mesh::new();
+    let debug = |view: &str| {
+        let out = Command::new(&mesh.tools.agent)
+            .args(["debug", view, "--admin-addr", &mesh.agent.admin.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "debug {view}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let workloads = debug("workloads");
+    assert!(workloads.starts_with("WORKLOAD"), "{workloads}");
+    for key in ["shop/a", "backend/b", "shop/c"] {
+        let row = workloads
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} missing: {workloads}"));
+        assert!(row.contains("enrolled"), "{row}");
+    }
+    let programs = debug("programs");
+    for hook in ["cgroup/connect4", "cgroup/connect6", "cgroup/sock_ops"] {
+        assert!(programs.contains(hook), "{hook} missing: {programs}");
+    }
+    let maps = debug("maps");
+    assert!(
+        maps.lines()
+            .any(|l| l.starts_with("WORKLOADS") && l.split_whitespace().nth(1) == Some("3")),
+        "{maps}"
+    );
+    assert_eq!(
+        debug("listeners")
+            .lines()
+            .filter(|l| l.contains("15001"))
+            .count(),
+        6
+    );
+}
