@@ -57,8 +57,7 @@ fn main() -> anyhow::Result<()> {
         let mut curl = frontend.command(std::path::Path::new("/usr/bin/curl"))?;
         curl.args(["-sS", "--max-time", "5"])
             .arg(format!("http://{}{path}", backend.addr(8080)));
-        print!("GET {path} -> {}", run(&mut curl)?);
-        println!();
+        println!("GET {path} -> {}", run(&mut curl)?.trim_end());
     }
     let mut stream = frontend.command(&tools.podtool)?;
     stream.args([
