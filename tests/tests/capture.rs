@@ -94,13 +94,15 @@ impl Mesh {
         self.echo_many(pod, 1, 1);
     }
 
-    fn opened_from(&self, workload: &str) -> f64 {
+    /// `istio_tcp_connections_opened_total` summed over series matching `labels`.
+    fn opened(&self, labels: &[(&str, &str)]) -> f64 {
         self.agent
-            .metric(
-                "istio_tcp_connections_opened_total",
-                &[("source_workload", workload)],
-            )
+            .metric("istio_tcp_connections_opened_total", labels)
             .unwrap()
+    }
+
+    fn opened_from(&self, workload: &str) -> f64 {
+        self.opened(&[("source_workload", workload)])
     }
 
     fn captured(&self) -> f64 {
@@ -231,12 +233,7 @@ fn unmeshed_process_goes_direct() {
     let out = run_json(&mut cmd, RUN).unwrap();
     assert_eq!(out["ok"], 5, "{out}");
     assert_eq!(mesh.captured(), 0.0);
-    assert_eq!(
-        mesh.agent
-            .metric("istio_tcp_connections_opened_total", &[])
-            .unwrap(),
-        0.0
-    );
+    assert_eq!(mesh.opened(&[]), 0.0);
     assert!(mesh.agent.connections().unwrap().is_empty());
 }
 
@@ -261,12 +258,7 @@ fn agent_upstream_is_not_recaptured() {
         "server saw {seen}"
     );
     assert_eq!(mesh.captured(), 1.0);
-    assert_eq!(
-        mesh.agent
-            .metric("istio_tcp_connections_opened_total", &[])
-            .unwrap(),
-        1.0
-    );
+    assert_eq!(mesh.opened(&[]), 1.0);
 }
 
 /// Acceptance 4: 256 MiB each way through the agent, checksums equal.
@@ -648,12 +640,7 @@ fn udp_is_not_captured() {
     );
     assert_eq!(out["echoed"], true, "{out}");
     assert_eq!(mesh.captured(), 0.0);
-    assert_eq!(
-        mesh.agent
-            .metric("istio_tcp_connections_opened_total", &[])
-            .unwrap(),
-        0.0
-    );
+    assert_eq!(mesh.opened(&[]), 0.0);
 }
 
 /// `mesh-agent debug <view>` prints readable tables of the running agent's state.
