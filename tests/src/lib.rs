@@ -335,8 +335,9 @@ impl Tools {
 
 /// A node: a network namespace with a bridge joining its pods, and a cgroup
 /// under which its pods' cgroups live (the agent attaches its programs there).
+/// Node `i` owns 198.18.i.0/24 and fd00:198:18:i::/64.
 pub struct Node {
-    /// The node's namespace; holds the bridge at 198.18.0.1/24.
+    /// The node's namespace; holds the bridge at 198.18.i.1/24.
     pub netns: Netns,
     /// Parent cgroup of this node's pods.
     pub cgroup: CgroupDir,
@@ -344,33 +345,119 @@ pub struct Node {
     pub bridge_ip: Ipv4Addr,
     /// Where cgroup2 is mounted on this host.
     pub cgroup2: Cgroup2,
+    /// Which 198.18.i.0/24 this node owns.
+    pub index: u8,
     next_host: u8,
 }
 
 impl Node {
-    /// Creates an empty node.
+    /// Creates an empty node 0.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_index(0)
+    }
+
+    /// Creates an empty node owning 198.18.`index`.0/24.
+    pub fn with_index(index: u8) -> anyhow::Result<Self> {
         let cgroup2 = Cgroup2::detect()?;
         let netns = Netns::create("node")?;
         let cgroup = CgroupDir::create(&cgroup2.mount.join("nodemesh-tests"), &netns.name)?;
+        let bridge_ip = Ipv4Addr::new(198, 18, index, 1);
         netns.ip(&["link", "add", "br0", "type", "bridge"])?;
-        netns.ip(&["addr", "add", "198.18.0.1/24", "dev", "br0"])?;
+        netns.ip(&["addr", "add", &format!("{bridge_ip}/24"), "dev", "br0"])?;
         netns.ip(&["link", "set", "br0", "up"])?;
+        let gateway6 = node_gateway6(index);
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{gateway6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         Ok(Node {
             netns,
             cgroup,
-            bridge_ip: Ipv4Addr::new(198, 18, 0, 1),
+            bridge_ip,
             cgroup2,
+            index,
             next_host: 2,
         })
+    }
+
+    /// Joins two nodes with a point-to-point link and routes each one's pod subnet
+    /// through it, as two hosts on one network would be.
+    pub fn link(&self, other: &Node) -> anyhow::Result<()> {
+        let (here, there) = (format!("to{}", other.index), format!("to{}", self.index));
+        self.netns.ip(&[
+            "link",
+            "add",
+            &here,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &there,
+            "netns",
+            &other.netns.name,
+        ])?;
+        for (node, dev, peer) in [(self, &here, other), (other, &there, self)] {
+            let addr = format!("198.19.0.{}/24", node.index + 1);
+            node.netns.ip(&["addr", "add", &addr, "dev", dev])?;
+            node.netns.ip(&["link", "set", dev, "up"])?;
+            let via = format!("198.19.0.{}", peer.index + 1);
+            node.netns.ip(&[
+                "route",
+                "add",
+                &format!("198.18.{}.0/24", peer.index),
+                "via",
+                &via,
+            ])?;
+            let via6 = format!("fd00:198:19::{}", peer.index + 1);
+            node.netns.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:198:19::{}/64", node.index + 1),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
+            node.netns.ip(&[
+                "route",
+                "add",
+                &format!("fd00:198:18:{}::/64", peer.index),
+                "via",
+                &via6,
+            ])?;
+            let mut forward = node.command(Path::new("/bin/sh"))?;
+            forward.args([
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
+            ]);
+            run(&mut forward)?;
+        }
+        Ok(())
+    }
+
+    /// The bridge's IPv6 address, the pods' IPv6 default gateway.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        node_gateway6(self.index)
     }
 
     /// Adds a pod on the bridge with the next free address.
     pub fn add_pod(&mut self, name: &str, namespace: &str) -> anyhow::Result<Pod> {
         let host = self.next_host;
         self.next_host += 1;
-        let ip = Ipv4Addr::new(198, 18, 0, host);
-        let ip6 = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, u16::from(host));
+        let ip = Ipv4Addr::new(198, 18, self.index, host);
+        let ip6 = Ipv6Addr::new(
+            0xfd00,
+            0x198,
+            0x18,
+            self.index.into(),
+            0,
+            0,
+            0,
+            u16::from(host),
+        );
         let netns = Netns::create(name)?;
         let cgroup = CgroupDir::create(&self.cgroup.path, name)?;
         let veth = format!("veth{host}");
@@ -399,6 +486,14 @@ impl Node {
             "via",
             &self.bridge_ip.to_string(),
         ])?;
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.gateway6().to_string(),
+        ])?;
         Ok(Pod {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
@@ -413,6 +508,10 @@ impl Node {
     pub fn command(&self, program: &Path) -> anyhow::Result<Command> {
         command_in(program, &self.netns.path(), None)
     }
+}
+
+fn node_gateway6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x198, 0x18, index.into(), 0, 0, 0, 1)
 }
 
 /// A pod: a network namespace on the node's bridge plus a cgroup.

@@ -682,3 +682,42 @@ fn debug_views_render_tables() {
         6
     );
 }
+
+/// A pod on another node is reached through the source node's agent, over the
+/// link between the nodes, and attributed to the remote workload.
+#[test]
+fn cross_node_connection_is_captured_and_routed() {
+    let mesh = Mesh::new();
+    let mut remote_node = Node::with_index(1).unwrap();
+    mesh.node.link(&remote_node).unwrap();
+    let d = remote_node.add_pod("d", "backend").unwrap();
+    let _echo = d
+        .serve(
+            &mesh.tools,
+            &["echo", "--listen", &d.addr(ECHO_PORT).to_string()],
+        )
+        .unwrap();
+    let _echo6 = d
+        .serve(
+            &mesh.tools,
+            &["echo", "--listen", &d.addr6(ECHO_PORT).to_string()],
+        )
+        .unwrap();
+    // The local agent knows the remote workload (later this comes from the API server).
+    let config = yaml_docs(&[mesh.a.workload_yaml(), d.workload_yaml()]);
+    mesh.agent.reconfigure(&config).unwrap();
+    for target in [d.addr(ECHO_PORT), d.addr6(ECHO_PORT)] {
+        let out = mesh.podtool(&mesh.a, &["connect", "--to", &target.to_string()]);
+        assert_eq!(out["ok"], 1, "{target}: {out}");
+        let destination = target.to_string();
+        assert_eq!(
+            mesh.opened(&[
+                ("source_workload", "a"),
+                ("destination_service", destination.as_str()),
+                ("destination_workload", "d"),
+            ]),
+            1.0,
+            "{target}"
+        );
+    }
+}
