@@ -10,8 +10,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 /// Debian packages: Debian's rustc with `core` for bpfel-unknown-none (rustup has no
-/// rust-src here, so `-Z build-std` is impossible), LLVM 22 for bpf-linker, and the
-/// tools the tests drive (ip, curl).
+/// rust-src here, so `-Z build-std` is impossible), LLVM 22 for bpf-linker, the
+/// tools the tests drive (ip, curl) and the benchmark's sidecar baseline (haproxy, openssl).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "iproute2",
     "curl",
+    "haproxy",
+    "openssl",
 ];
 const BPF_RUSTC: &str = "/usr/bin/rustc";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -45,9 +47,25 @@ enum Cmd {
     },
     /// Build, then run a small local mesh, send traffic through it, show the debug views.
     Demo,
+    /// Build, then measure the mesh against no mesh and a sidecar pair (see docs/performance.md).
+    Bench {
+        /// Shorter runs (under two minutes) for quick comparisons.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -57,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Build => build(&root).map(|_| ()),
         Cmd::Test { args } => test(&root, &args),
         Cmd::Demo => demo(&root),
+        Cmd::Bench { quick } => bench(&root, quick),
     }
 }
 
@@ -166,14 +185,14 @@ fn build(root: &Path) -> anyhow::Result<Built> {
     status(
         cargo()
             .current_dir(root)
+            .args(["build", "--release", "--bins"])
             .args([
-                "build",
-                "--release",
                 "-p",
                 "mesh-agent",
                 "-p",
                 "nodemesh-tests",
-                "--bins",
+                "-p",
+                "nodemesh-bench",
             ])
             .env("NODEMESH_EBPF_OBJECT", &ebpf_object),
     )?;
@@ -232,6 +251,20 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
             .and_then(|n| n.trim().parse::<u64>().ok())
     };
     Some((count(" passed")?, count(" failed")?))
+}
+
+fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
+    let built = build(root)?;
+    let mut cmd = Command::new(built.release_dir.join("nodemesh-bench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    status(
+        cmd.current_dir(root)
+            .env("NODEMESH_AGENT_BIN", &built.agent)
+            .env("NODEMESH_PODTOOL_BIN", built.release_dir.join("podtool"))
+            .env("NODEMESH_LOADGEN_BIN", built.release_dir.join("loadgen")),
+    )
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {

@@ -30,6 +30,11 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// TCP sink: reads and discards everything (bulk throughput target).
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// TCP echo server; half-closes after echoing everything.
     Echo {
         #[arg(long)]
@@ -79,11 +84,13 @@ enum Cmd {
     },
 }
 
-#[tokio::main(flavor = "current_thread")]
+// Two workers: servers use both cores as an application server would.
+#[tokio::main(worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Http { listen } => http_server(listen).await,
         Cmd::Echo { listen } => echo_server(listen).await,
+        Cmd::Sink { listen } => sink_server(listen).await,
         Cmd::Stream { to, bytes } => stream(to, bytes).await,
         Cmd::Connect {
             to,
@@ -138,6 +145,22 @@ async fn echo_server(listen: SocketAddr) -> anyhow::Result<()> {
             let (mut r, mut w) = stream.split();
             if tokio::io::copy(&mut r, &mut w).await.is_ok() {
                 let _ = w.shutdown().await;
+            }
+        });
+    }
+}
+
+async fn sink_server(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("listening {listen}");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
             }
         });
     }

@@ -1,0 +1,336 @@
+//! `nodemesh-bench` (run by `cargo xtask bench`): measures each path a request
+//! can take, in one run on one machine, so results are compared as ratios:
+//!
+//! - direct pod to pod (same node and across two nodes): the baseline;
+//! - through the mesh, same node and cross node;
+//! - through a sidecar-style HAProxy pair doing mutual TLS.
+//!
+//! Nothing here asserts a timing; it reports.
+
+mod report;
+mod sidecar;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use nodemesh_testkit::{
+    Agent, Node, Pod, Process, Tools, proc_cpu_seconds, proc_status_kib, run_json, yaml_docs,
+};
+use serde::Serialize;
+use serde_json::Value;
+
+const HTTP_PORT: u16 = 8080;
+const SINK_PORT: u16 = 9100;
+const WORKLOADS_FOR_MEMORY: usize = 100;
+
+#[derive(Parser)]
+struct Cli {
+    /// Shorter runs and fewer rates (under two minutes), for comparisons on a PR.
+    #[arg(long)]
+    quick: bool,
+    /// Where results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+/// How long each measurement runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// Constant request rates measured (requests/s).
+    pub rates: Vec<u64>,
+    /// Seconds at each rate, after one second of warm-up.
+    pub rate_seconds: f64,
+    /// Seconds of closed-loop maximum load.
+    pub max_seconds: f64,
+    /// Seconds per bulk-throughput run.
+    pub bulk_seconds: f64,
+    /// Seconds of connection churn.
+    pub connect_seconds: f64,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                rates: vec![1000],
+                rate_seconds: 3.0,
+                max_seconds: 2.0,
+                bulk_seconds: 2.0,
+                connect_seconds: 2.0,
+            }
+        } else {
+            Plan {
+                rates: vec![1000, 5000],
+                rate_seconds: 10.0,
+                max_seconds: 5.0,
+                bulk_seconds: 5.0,
+                connect_seconds: 5.0,
+            }
+        }
+    }
+}
+
+/// One constant-rate run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateResult {
+    /// The loadgen report (latency percentiles in µs, achieved rate, errors).
+    pub load: Value,
+    /// CPU the proxies of this path used (both agents, or both sidecars), in vCPU.
+    pub proxy_vcpu: f64,
+    /// The same per 1,000 requests/s.
+    pub proxy_vcpu_per_1000_rps: f64,
+}
+
+/// Everything measured on one path.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathResult {
+    /// Human name.
+    pub name: String,
+    /// The direct path this one is compared against.
+    pub baseline: Option<String>,
+    /// One entry per rate in the plan.
+    pub rates: Vec<RateResult>,
+    /// Closed-loop maximum with 64 connections.
+    pub max: Value,
+    /// Bulk TCP, one stream.
+    pub bulk_1: Value,
+    /// Bulk TCP, eight streams.
+    pub bulk_8: Value,
+    /// New connections per second.
+    pub connect: Value,
+}
+
+struct Bench {
+    tools: Tools,
+    loadgen: PathBuf,
+    plan: Plan,
+}
+
+/// Where the load goes and who carries it.
+struct Target {
+    http: SocketAddr,
+    sink: SocketAddr,
+    proxies: Vec<u32>,
+}
+
+fn env_path(var: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .with_context(|| format!("{var} is not set: run the benchmark with `cargo xtask bench`"))
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter()
+        .map(|p| proc_cpu_seconds(*p).unwrap_or(0.0))
+        .sum()
+}
+
+impl Bench {
+    fn loadgen(&self, client: &Pod, args: &[String]) -> anyhow::Result<Value> {
+        let mut cmd = client.command(&self.loadgen)?;
+        cmd.args(args);
+        run_json(&mut cmd, Duration::from_secs(120))
+    }
+
+    fn measure(
+        &self,
+        name: &str,
+        baseline: Option<&str>,
+        client: &Pod,
+        target: &Target,
+    ) -> anyhow::Result<PathResult> {
+        eprintln!("bench: {name}");
+        let s = |v: f64| v.to_string();
+        let mut rates = Vec::new();
+        for rps in &self.plan.rates {
+            let cpu_before = cpu_of(&target.proxies);
+            let started = Instant::now();
+            let load = self.loadgen(
+                client,
+                &[
+                    "rate".into(),
+                    "--to".into(),
+                    target.http.to_string(),
+                    "--rps".into(),
+                    rps.to_string(),
+                    "--seconds".into(),
+                    s(self.plan.rate_seconds),
+                ],
+            )?;
+            let wall = started.elapsed().as_secs_f64();
+            let proxy_vcpu = (cpu_of(&target.proxies) - cpu_before) / wall;
+            rates.push(RateResult {
+                load,
+                proxy_vcpu,
+                proxy_vcpu_per_1000_rps: proxy_vcpu / (*rps as f64 / 1000.0),
+            });
+        }
+        let max = self.loadgen(
+            client,
+            &[
+                "max".into(),
+                "--to".into(),
+                target.http.to_string(),
+                "--seconds".into(),
+                s(self.plan.max_seconds),
+            ],
+        )?;
+        let bulk = |streams: usize| {
+            self.loadgen(
+                client,
+                &[
+                    "bulk".into(),
+                    "--to".into(),
+                    target.sink.to_string(),
+                    "--streams".into(),
+                    streams.to_string(),
+                    "--seconds".into(),
+                    s(self.plan.bulk_seconds),
+                ],
+            )
+        };
+        let (bulk_1, bulk_8) = (bulk(1)?, bulk(8)?);
+        let connect = self.loadgen(
+            client,
+            &[
+                "connect".into(),
+                "--to".into(),
+                target.http.to_string(),
+                "--seconds".into(),
+                s(self.plan.connect_seconds),
+            ],
+        )?;
+        Ok(PathResult {
+            name: name.to_owned(),
+            baseline: baseline.map(str::to_owned),
+            rates,
+            max,
+            bulk_1,
+            bulk_8,
+            connect,
+        })
+    }
+}
+
+/// Agent memory figures, KiB.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Memory {
+    /// Node agent RSS with the benchmark's workloads enrolled, before any load.
+    pub idle_kib: u64,
+    /// Peak RSS (VmHWM) after all mesh load.
+    pub peak_under_load_kib: u64,
+    /// RSS with this many more workloads enrolled, idle.
+    pub with_workloads_kib: u64,
+    /// How many workloads that was.
+    pub workloads: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bench = Bench {
+        tools: Tools::new(env_path("NODEMESH_PODTOOL_BIN")?)?,
+        loadgen: env_path("NODEMESH_LOADGEN_BIN")?,
+        plan: Plan::new(cli.quick),
+    };
+    let started = Instant::now();
+
+    let mut local = Node::with_index(0)?;
+    let mut remote = Node::with_index(1)?;
+    local.link(&remote)?;
+    let client = local.add_pod("client", "bench")?;
+    let server = local.add_pod("server", "bench")?;
+    let far = remote.add_pod("far-server", "bench")?;
+    let mut servers: Vec<Process> = Vec::new();
+    for pod in [&server, &far] {
+        servers.push(pod.serve(
+            &bench.tools,
+            &["http", "--listen", &pod.addr(HTTP_PORT).to_string()],
+        )?);
+        servers.push(pod.serve(
+            &bench.tools,
+            &["sink", "--listen", &pod.addr(SINK_PORT).to_string()],
+        )?);
+    }
+    // Each agent enrolls only its own node's pods.
+    let unmeshed_client = yaml_docs(&[server.workload_yaml()]);
+    let meshed_client = yaml_docs(&[client.workload_yaml(), server.workload_yaml()]);
+    let agent = Agent::start(&bench.tools, &local, &unmeshed_client)?;
+    let remote_agent = Agent::start(&bench.tools, &remote, &yaml_docs(&[far.workload_yaml()]))?;
+    let agents = vec![agent.pid(), remote_agent.pid()];
+    let to = |pod: &Pod, proxies: &[u32]| Target {
+        http: pod.addr(HTTP_PORT),
+        sink: pod.addr(SINK_PORT),
+        proxies: proxies.to_vec(),
+    };
+
+    let mut paths = Vec::new();
+    const DIRECT_SAME: &str = "direct, same node";
+    const DIRECT_CROSS: &str = "direct, cross node";
+    paths.push(bench.measure(DIRECT_SAME, None, &client, &to(&server, &[]))?);
+    paths.push(bench.measure(DIRECT_CROSS, None, &client, &to(&far, &[]))?);
+
+    agent.reconfigure(&meshed_client)?;
+    let memory_idle = agent.rss_kib()?;
+    paths.push(bench.measure(
+        "mesh, same node",
+        Some(DIRECT_SAME),
+        &client,
+        &to(&server, &agents),
+    )?);
+    paths.push(bench.measure(
+        "mesh, cross node",
+        Some(DIRECT_CROSS),
+        &client,
+        &to(&far, &agents),
+    )?);
+    let peak = proc_status_kib(agent.pid(), "VmHWM")?;
+
+    agent.reconfigure(&unmeshed_client)?;
+    {
+        let pair = sidecar::SidecarPair::start(&client, &server, HTTP_PORT, SINK_PORT)?;
+        let target = Target {
+            http: SocketAddr::from(([127, 0, 0, 1], sidecar::HTTP_PORT)),
+            sink: SocketAddr::from(([127, 0, 0, 1], sidecar::BULK_PORT)),
+            proxies: pair.pids().to_vec(),
+        };
+        paths.push(bench.measure(
+            "sidecar pair (HAProxy, mTLS), same node",
+            Some(DIRECT_SAME),
+            &client,
+            &target,
+        )?);
+    }
+
+    eprintln!("bench: enrolling {WORKLOADS_FOR_MEMORY} more workloads for the memory figure");
+    let mut extra = Vec::new();
+    for i in 0..WORKLOADS_FOR_MEMORY {
+        extra.push(local.add_pod(&format!("idle-{i}"), "bench")?);
+    }
+    let mut docs = vec![client.workload_yaml(), server.workload_yaml()];
+    docs.extend(extra.iter().map(Pod::workload_yaml));
+    agent.reconfigure(&yaml_docs(&docs))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let memory = Memory {
+        idle_kib: memory_idle,
+        peak_under_load_kib: peak,
+        with_workloads_kib: agent.rss_kib()?,
+        workloads: WORKLOADS_FOR_MEMORY + 2,
+    };
+
+    let results = report::Results::new(
+        bench.plan.clone(),
+        cli.quick,
+        paths,
+        memory,
+        started.elapsed(),
+    );
+    let written = results.write(&cli.out)?;
+    println!("{}", results.markdown());
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

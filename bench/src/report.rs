@@ -1,0 +1,273 @@
+//! Benchmark output: JSON for machines, a markdown table for people, and a
+//! latency plot, all stamped with the kernel, core count and git revision.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use plotters::prelude::*;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{Memory, PathResult, Plan};
+
+/// Where and when the numbers were taken.
+#[derive(Debug, Serialize)]
+pub struct Meta {
+    /// `uname -r`.
+    pub kernel: String,
+    /// CPUs available to the run.
+    pub cores: usize,
+    /// `git describe --always --dirty`.
+    pub git_revision: String,
+    /// Seconds since the Unix epoch.
+    pub unix_time: u64,
+    /// The command that produced these numbers.
+    pub command: String,
+    /// Wall time of the whole run.
+    pub seconds: f64,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    /// Where and when.
+    pub meta: Meta,
+    /// Durations and rates.
+    pub plan: Plan,
+    /// One entry per path.
+    pub paths: Vec<PathResult>,
+    /// Agent memory.
+    pub memory: Memory,
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+const PERCENTILES: [(&str, &str); 4] = [
+    ("p50", "p50_us"),
+    ("p90", "p90_us"),
+    ("p99", "p99_us"),
+    ("p99.9", "p999_us"),
+];
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+impl Results {
+    /// Stamps the measurements.
+    pub fn new(
+        plan: Plan,
+        quick: bool,
+        paths: Vec<PathResult>,
+        memory: Memory,
+        took: Duration,
+    ) -> Self {
+        Results {
+            meta: Meta {
+                kernel: command_output("uname", &["-r"]),
+                cores: std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(0),
+                git_revision: command_output("git", &["describe", "--always", "--dirty"]),
+                unix_time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                command: if quick {
+                    "cargo xtask bench --quick"
+                } else {
+                    "cargo xtask bench"
+                }
+                .into(),
+                seconds: took.as_secs_f64(),
+            },
+            plan,
+            paths,
+            memory,
+        }
+    }
+
+    fn path(&self, name: &str) -> Option<&PathResult> {
+        self.paths.iter().find(|p| p.name == name)
+    }
+
+    /// The markdown report.
+    pub fn markdown(&self) -> String {
+        let m = &self.meta;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "Measured with `{}` at revision `{}` on Linux {} with {} cores ({:.0} s).\n",
+            m.command, m.git_revision, m.kernel, m.cores, m.seconds
+        );
+        for (i, rps) in self.plan.rates.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "**HTTP/1.1 keep-alive, 1 KiB responses, {rps} requests/s open loop** (latency in µs from the scheduled send time; \"added\" is over the direct path on the same topology):\n"
+            );
+            out.push_str("| path | p50 | p90 | p99 | p99.9 | added p50 | added p99 | errors | proxy vCPU per 1,000 rps | loadgen CPU s |\n");
+            out.push_str(
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            );
+            for p in &self.paths {
+                let r = &p.rates[i];
+                let base = p
+                    .baseline
+                    .as_deref()
+                    .and_then(|b| self.path(b))
+                    .map(|b| &b.rates[i].load);
+                let added = |key: &str| match base {
+                    Some(b) => format!("{:+.0}", num(&r.load, key) - num(b, key)),
+                    None => "-".into(),
+                };
+                let vcpu = if p.baseline.is_some() {
+                    format!("{:.3}", r.proxy_vcpu_per_1000_rps)
+                } else {
+                    "-".into()
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2} |",
+                    p.name,
+                    num(&r.load, "p50_us"),
+                    num(&r.load, "p90_us"),
+                    num(&r.load, "p99_us"),
+                    num(&r.load, "p999_us"),
+                    added("p50_us"),
+                    added("p99_us"),
+                    r.load["errors"],
+                    vcpu,
+                    num(&r.load, "loadgen_cpu_seconds"),
+                );
+            }
+            out.push('\n');
+        }
+        out.push_str("**Capacity**:\n\n");
+        out.push_str("| path | max requests/s (64 conns) | p99 at max (µs) | bulk Gbit/s, 1 stream | bulk Gbit/s, 8 streams | new connections/s |\n");
+        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: |\n");
+        for p in &self.paths {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} |",
+                p.name,
+                num(&p.max, "rps"),
+                num(&p.max, "p99_us"),
+                num(&p.bulk_1, "gbit_per_s"),
+                num(&p.bulk_8, "gbit_per_s"),
+                num(&p.connect, "connections_per_s"),
+            );
+        }
+        let mem = &self.memory;
+        let _ = writeln!(
+            out,
+            "\n**Node agent memory (RSS)**: {:.1} MB idle with 2 workloads, {:.1} MB peak under load, {:.1} MB idle with {} workloads.",
+            mem.idle_kib as f64 / 1024.0,
+            mem.peak_under_load_kib as f64 / 1024.0,
+            mem.with_workloads_kib as f64 / 1024.0,
+            mem.workloads
+        );
+        out
+    }
+
+    /// Writes `<stamp>.json`, `<stamp>.md`, `latest.*` and the latency plot into `dir`.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir)?;
+        let stamp = format!("{}-{}", self.meta.unix_time, self.meta.git_revision);
+        let json = serde_json::to_string_pretty(self)?;
+        let md = self.markdown();
+        let mut written = Vec::new();
+        for name in [stamp.as_str(), "latest"] {
+            let (j, m) = (
+                dir.join(format!("{name}.json")),
+                dir.join(format!("{name}.md")),
+            );
+            std::fs::write(&j, &json)?;
+            std::fs::write(&m, &md)?;
+            written.extend([j, m]);
+        }
+        let svg = dir.join("latest-latency.svg");
+        self.plot(&svg)?;
+        written.push(svg);
+        Ok(written)
+    }
+
+    /// Latency by percentile at the first rate, one line per path.
+    fn plot(&self, file: &Path) -> anyhow::Result<()> {
+        let rps = self.plan.rates.first().copied().unwrap_or(0);
+        let series: Vec<(String, Vec<f64>)> = self
+            .paths
+            .iter()
+            .map(|p| {
+                let load = &p.rates[0].load;
+                (
+                    p.name.clone(),
+                    PERCENTILES.iter().map(|(_, k)| num(load, k)).collect(),
+                )
+            })
+            .collect();
+        let top = series
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
+            .filter(|v| v.is_finite())
+            .fold(1.0, f64::max)
+            * 1.15;
+        let root = SVGBackend::new(file, (900, 540)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!(
+                    "Latency at {rps} requests/s, HTTP/1.1, 1 KiB ({})",
+                    self.meta.git_revision
+                ),
+                ("sans-serif", 20),
+            )
+            .margin(20)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..3.0, 0f64..top)?;
+        chart
+            .configure_mesh()
+            .x_labels(4)
+            .x_label_formatter(&|x| {
+                PERCENTILES
+                    .get(x.round() as usize)
+                    .map(|p| p.0.to_owned())
+                    .unwrap_or_default()
+            })
+            .y_desc("latency (µs)")
+            .draw()?;
+        for (i, (name, values)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let points: Vec<(f64, f64)> = values
+                .iter()
+                .enumerate()
+                .map(|(x, y)| (x as f64, *y))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                .label(name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+}
