@@ -218,7 +218,7 @@ impl Bench {
 /// Agent memory figures, KiB.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Memory {
-    /// Node agent RSS with the benchmark's workloads enrolled, before any load.
+    /// Node agent RSS with the benchmark's three workloads enrolled, before any load.
     pub idle_kib: u64,
     /// Peak RSS (VmHWM) after all mesh load.
     pub peak_under_load_kib: u64,
@@ -240,9 +240,12 @@ fn main() -> anyhow::Result<()> {
     let mut local = Node::with_index(0)?;
     let mut remote = Node::with_index(1)?;
     local.link(&remote)?;
-    let client = local.add_pod("client", "bench")?;
     let server = local.add_pod("server", "bench")?;
     let far = remote.add_pod("far-server", "bench")?;
+    // Whichever side closes first holds TIME_WAIT; servers get the same setting as clients.
+    for pod in [&server, &far] {
+        pod.sysctl("net/ipv4/tcp_tw_reuse", "1")?;
+    }
     let mut servers: Vec<Process> = Vec::new();
     for pod in [&server, &far] {
         servers.push(pod.serve(
@@ -254,43 +257,57 @@ fn main() -> anyhow::Result<()> {
             &["sink", "--listen", &pod.addr(SINK_PORT).to_string()],
         )?);
     }
-    // Each agent enrolls only its own node's pods.
-    let unmeshed_client = yaml_docs(&[server.workload_yaml()]);
-    let meshed_client = yaml_docs(&[client.workload_yaml(), server.workload_yaml()]);
-    let agent = Agent::start(&bench.tools, &local, &unmeshed_client)?;
+    // A fresh client pod per path, so no path inherits another's TIME_WAIT sockets.
+    // tcp_tw_reuse=1 keeps the connection-rate test measuring the path rather than
+    // ephemeral-port exhaustion, which caps direct and meshed clients alike at
+    // ~1,000 connections/s to one destination once TIME_WAIT fills the port range.
+    let mut client = |name: &str| -> anyhow::Result<Pod> {
+        let pod = local.add_pod(name, "bench")?;
+        pod.sysctl("net/ipv4/tcp_tw_reuse", "1")?;
+        Ok(pod)
+    };
+    let direct_same = client("direct-same")?;
+    let direct_cross = client("direct-cross")?;
+    let mesh_same = client("mesh-same")?;
+    let mesh_cross = client("mesh-cross")?;
+    let sidecar_client = client("sidecar")?;
+    // Each agent enrolls only its own node's pods; direct and sidecar clients are not meshed.
+    let local_config = vec![
+        server.workload_yaml(),
+        mesh_same.workload_yaml(),
+        mesh_cross.workload_yaml(),
+    ];
+    let agent = Agent::start(&bench.tools, &local, &yaml_docs(&local_config))?;
     let remote_agent = Agent::start(&bench.tools, &remote, &yaml_docs(&[far.workload_yaml()]))?;
     let agents = vec![agent.pid(), remote_agent.pid()];
+    let memory_idle = agent.rss_kib()?;
     let to = |pod: &Pod, proxies: &[u32]| Target {
         http: pod.addr(HTTP_PORT),
         sink: pod.addr(SINK_PORT),
         proxies: proxies.to_vec(),
     };
 
-    let mut paths = Vec::new();
     const DIRECT_SAME: &str = "direct, same node";
     const DIRECT_CROSS: &str = "direct, cross node";
-    paths.push(bench.measure(DIRECT_SAME, None, &client, &to(&server, &[]))?);
-    paths.push(bench.measure(DIRECT_CROSS, None, &client, &to(&far, &[]))?);
-
-    agent.reconfigure(&meshed_client)?;
-    let memory_idle = agent.rss_kib()?;
-    paths.push(bench.measure(
-        "mesh, same node",
-        Some(DIRECT_SAME),
-        &client,
-        &to(&server, &agents),
-    )?);
-    paths.push(bench.measure(
-        "mesh, cross node",
-        Some(DIRECT_CROSS),
-        &client,
-        &to(&far, &agents),
-    )?);
+    let mut paths = vec![
+        bench.measure(DIRECT_SAME, None, &direct_same, &to(&server, &[]))?,
+        bench.measure(DIRECT_CROSS, None, &direct_cross, &to(&far, &[]))?,
+        bench.measure(
+            "mesh, same node",
+            Some(DIRECT_SAME),
+            &mesh_same,
+            &to(&server, &agents),
+        )?,
+        bench.measure(
+            "mesh, cross node",
+            Some(DIRECT_CROSS),
+            &mesh_cross,
+            &to(&far, &agents),
+        )?,
+    ];
     let peak = proc_status_kib(agent.pid(), "VmHWM")?;
-
-    agent.reconfigure(&unmeshed_client)?;
     {
-        let pair = sidecar::SidecarPair::start(&client, &server, HTTP_PORT, SINK_PORT)?;
+        let pair = sidecar::SidecarPair::start(&sidecar_client, &server, HTTP_PORT, SINK_PORT)?;
         let target = Target {
             http: SocketAddr::from(([127, 0, 0, 1], sidecar::HTTP_PORT)),
             sink: SocketAddr::from(([127, 0, 0, 1], sidecar::BULK_PORT)),
@@ -299,7 +316,7 @@ fn main() -> anyhow::Result<()> {
         paths.push(bench.measure(
             "sidecar pair (HAProxy, mTLS), same node",
             Some(DIRECT_SAME),
-            &client,
+            &sidecar_client,
             &target,
         )?);
     }
@@ -309,7 +326,7 @@ fn main() -> anyhow::Result<()> {
     for i in 0..WORKLOADS_FOR_MEMORY {
         extra.push(local.add_pod(&format!("idle-{i}"), "bench")?);
     }
-    let mut docs = vec![client.workload_yaml(), server.workload_yaml()];
+    let mut docs = local_config.clone();
     docs.extend(extra.iter().map(Pod::workload_yaml));
     agent.reconfigure(&yaml_docs(&docs))?;
     std::thread::sleep(Duration::from_secs(1));
@@ -317,7 +334,7 @@ fn main() -> anyhow::Result<()> {
         idle_kib: memory_idle,
         peak_under_load_kib: peak,
         with_workloads_kib: agent.rss_kib()?,
-        workloads: WORKLOADS_FOR_MEMORY + 2,
+        workloads: docs.len(),
     };
 
     let results = report::Results::new(

@@ -170,7 +170,7 @@ impl Results {
         let mem = &self.memory;
         let _ = writeln!(
             out,
-            "\n**Node agent memory (RSS)**: {:.1} MB idle with 2 workloads, {:.1} MB peak under load, {:.1} MB idle with {} workloads.",
+            "\n**Node agent memory (RSS)**: {:.1} MB idle with 3 workloads, {:.1} MB peak under load, {:.1} MB idle with {} workloads.",
             mem.idle_kib as f64 / 1024.0,
             mem.peak_under_load_kib as f64 / 1024.0,
             mem.with_workloads_kib as f64 / 1024.0,

@@ -536,6 +536,13 @@ impl Pod {
         command_in(program, &self.netns.path(), Some(&self.cgroup.path))
     }
 
+    /// Sets a network sysctl inside this pod's namespace (e.g. `net/ipv4/tcp_tw_reuse`).
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        let mut cmd = command_in(Path::new("/bin/sh"), &self.netns.path(), None)?;
+        cmd.args(["-c", &format!("echo {value} > /proc/sys/{key}")]);
+        run(&mut cmd).map(|_| ())
+    }
+
     /// An IPv4 address of this pod.
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip, port))
