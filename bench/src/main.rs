@@ -34,6 +34,10 @@ struct Cli {
     /// Where results go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// Run only the paths whose name contains this text (repeatable), e.g. for
+    /// profiling one path. Partial runs do not replace `latest.*`.
+    #[arg(long)]
+    only: Vec<String>,
 }
 
 /// How long each measurement runs.
@@ -289,36 +293,39 @@ fn main() -> anyhow::Result<()> {
 
     const DIRECT_SAME: &str = "direct, same node";
     const DIRECT_CROSS: &str = "direct, cross node";
-    let mut paths = vec![
-        bench.measure(DIRECT_SAME, None, &direct_same, &to(&server, &[]))?,
-        bench.measure(DIRECT_CROSS, None, &direct_cross, &to(&far, &[]))?,
-        bench.measure(
+    const SIDECAR: &str = "sidecar pair (HAProxy, mTLS), same node";
+    let selected = |name: &str| cli.only.is_empty() || cli.only.iter().any(|o| name.contains(o));
+    let mut paths = Vec::new();
+    let runs: [(&str, Option<&str>, &Pod, Target); 4] = [
+        (DIRECT_SAME, None, &direct_same, to(&server, &[])),
+        (DIRECT_CROSS, None, &direct_cross, to(&far, &[])),
+        (
             "mesh, same node",
             Some(DIRECT_SAME),
             &mesh_same,
-            &to(&server, &agents),
-        )?,
-        bench.measure(
+            to(&server, &agents),
+        ),
+        (
             "mesh, cross node",
             Some(DIRECT_CROSS),
             &mesh_cross,
-            &to(&far, &agents),
-        )?,
+            to(&far, &agents),
+        ),
     ];
+    for (name, baseline, client, target) in runs {
+        if selected(name) {
+            paths.push(bench.measure(name, baseline, client, &target)?);
+        }
+    }
     let peak = proc_status_kib(agent.pid(), "VmHWM")?;
-    {
+    if selected(SIDECAR) {
         let pair = sidecar::SidecarPair::start(&sidecar_client, &server, HTTP_PORT, SINK_PORT)?;
         let target = Target {
             http: SocketAddr::from(([127, 0, 0, 1], sidecar::HTTP_PORT)),
             sink: SocketAddr::from(([127, 0, 0, 1], sidecar::BULK_PORT)),
             proxies: pair.pids().to_vec(),
         };
-        paths.push(bench.measure(
-            "sidecar pair (HAProxy, mTLS), same node",
-            Some(DIRECT_SAME),
-            &sidecar_client,
-            &target,
-        )?);
+        paths.push(bench.measure(SIDECAR, Some(DIRECT_SAME), &sidecar_client, &target)?);
     }
 
     eprintln!("bench: enrolling {WORKLOADS_FOR_MEMORY} more workloads for the memory figure");
@@ -344,7 +351,7 @@ fn main() -> anyhow::Result<()> {
         memory,
         started.elapsed(),
     );
-    let written = results.write(&cli.out)?;
+    let written = results.write(&cli.out, cli.only.is_empty())?;
     println!("{}", results.markdown());
     for path in written {
         println!("wrote {}", path.display());

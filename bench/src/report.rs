@@ -180,13 +180,18 @@ impl Results {
     }
 
     /// Writes `<stamp>.json`, `<stamp>.md`, `latest.*` and the latency plot into `dir`.
-    pub fn write(&self, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    pub fn write(&self, dir: &Path, as_latest: bool) -> anyhow::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(dir)?;
         let stamp = format!("{}-{}", self.meta.unix_time, self.meta.git_revision);
         let json = serde_json::to_string_pretty(self)?;
         let md = self.markdown();
         let mut written = Vec::new();
-        for name in [stamp.as_str(), "latest"] {
+        let names: &[&str] = if as_latest {
+            &[stamp.as_str(), "latest"]
+        } else {
+            &[stamp.as_str()]
+        };
+        for name in names {
             let (j, m) = (
                 dir.join(format!("{name}.json")),
                 dir.join(format!("{name}.md")),
@@ -195,9 +200,11 @@ impl Results {
             std::fs::write(&m, &md)?;
             written.extend([j, m]);
         }
-        let svg = dir.join("latest-latency.svg");
-        self.plot(&svg)?;
-        written.push(svg);
+        if as_latest {
+            let svg = dir.join("latest-latency.svg");
+            self.plot(&svg)?;
+            written.push(svg);
+        }
         Ok(written)
     }
 

@@ -110,7 +110,12 @@ pub struct ByteCounter<'a> {
     metric: Counter,
 }
 
-impl ByteCounter<'_> {
+impl<'a> ByteCounter<'a> {
+    /// Counts into `live` and `metric`.
+    pub(crate) fn new(live: &'a AtomicU64, metric: Counter) -> Self {
+        ByteCounter { live, metric }
+    }
+
     /// Records `n` bytes carried.
     pub fn add(&self, n: usize) {
         self.live.fetch_add(n as u64, Ordering::Relaxed);
@@ -180,18 +185,12 @@ impl ConnectionGuard {
 
     /// Counter for client-to-server bytes.
     pub fn received(&self) -> ByteCounter<'_> {
-        ByteCounter {
-            live: &self.info.bytes_received,
-            metric: self.received.clone(),
-        }
+        ByteCounter::new(&self.info.bytes_received, self.received.clone())
     }
 
     /// Counter for server-to-client bytes.
     pub fn sent(&self) -> ByteCounter<'_> {
-        ByteCounter {
-            live: &self.info.bytes_sent,
-            metric: self.sent.clone(),
-        }
+        ByteCounter::new(&self.info.bytes_sent, self.sent.clone())
     }
 }
 

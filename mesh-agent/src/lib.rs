@@ -15,4 +15,5 @@ pub mod debug;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;
+pub mod relay;
 pub mod workload;

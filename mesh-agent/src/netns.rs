@@ -7,16 +7,24 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use nix::sched::{CloneFlags, setns};
+use socket2::Domain;
 use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Upstream sockets kept ready per address family once a namespace has made its
+/// first outbound connection; enough to absorb a burst between refills.
+const SPARE_SOCKETS: usize = 8;
+
 /// A handle on one pod network namespace; its helper thread exits when the last handle drops.
 pub struct NetnsHandle {
     jobs: mpsc::Sender<Job>,
+    /// Ready TCP sockets made in the namespace, so a new connection does not wait
+    /// for a round trip to the helper thread. Index 0: IPv4, 1: IPv6.
+    spare: Arc<[Mutex<SparePool>; 2]>,
     /// The kernel's netns cookie, as the eBPF programs see it.
     pub cookie: u64,
     /// Inode of the namespace file; identifies the namespace across opens.
@@ -49,6 +57,7 @@ impl NetnsHandle {
             .map_err(|e| io::Error::new(e.kind(), format!("entering network namespace: {e}")))?;
         let mut handle = NetnsHandle {
             jobs,
+            spare: Arc::default(),
             cookie: 0,
             inode,
         };
@@ -60,6 +69,48 @@ impl NetnsHandle {
             })
             .await??;
         Ok(handle)
+    }
+
+    /// A non-blocking TCP socket (with `TCP_NODELAY`) that lives in this namespace.
+    /// Usually taken from the spare pool; the pool is topped up in the background.
+    pub async fn tcp_socket(&self, domain: Domain) -> io::Result<std::net::TcpStream> {
+        let slot = usize::from(domain == Domain::IPV6);
+        let (taken, refill) = {
+            let mut pool = self.spare[slot].lock().expect("spare socket lock");
+            let taken = pool.sockets.pop();
+            let refill = !pool.refilling && pool.sockets.len() < SPARE_SOCKETS / 2;
+            pool.refilling |= refill;
+            (taken, refill)
+        };
+        if refill {
+            let spare = self.spare.clone();
+            let job: Job = Box::new(move || {
+                let mut made = Vec::with_capacity(SPARE_SOCKETS);
+                for _ in 0..SPARE_SOCKETS {
+                    match new_tcp_socket(domain) {
+                        Ok(s) => made.push(s),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "could not pre-create a socket");
+                            break;
+                        }
+                    }
+                }
+                let mut pool = spare[slot].lock().expect("spare socket lock");
+                let room = SPARE_SOCKETS.saturating_sub(pool.sockets.len());
+                pool.sockets.extend(made.into_iter().take(room));
+                pool.refilling = false;
+            });
+            if self.jobs.send(job).is_err() {
+                self.spare[slot]
+                    .lock()
+                    .expect("spare socket lock")
+                    .refilling = false;
+            }
+        }
+        match taken {
+            Some(socket) => Ok(socket),
+            None => self.run(move || new_tcp_socket(domain)).await?,
+        }
     }
 
     /// Runs `job` on the helper thread, inside the namespace.
@@ -77,6 +128,19 @@ impl NetnsHandle {
         rx.await
             .map_err(|_| io::Error::other("netns helper thread dropped the job"))
     }
+}
+
+#[derive(Default)]
+struct SparePool {
+    sockets: Vec<std::net::TcpStream>,
+    refilling: bool,
+}
+
+fn new_tcp_socket(domain: Domain) -> io::Result<std::net::TcpStream> {
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s.into())
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14): the same value `bpf_get_netns_cookie` returns.

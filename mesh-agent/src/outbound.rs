@@ -10,19 +10,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use mesh_common::{ConnKey, OrigDst};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::{Capture, orig_dst_addr};
-use crate::connections::{ByteCounter, ConnectionGuard, ConnectionTable};
+use crate::connections::{ConnectionGuard, ConnectionTable};
 use crate::metrics::Metrics;
 use crate::netns::NetnsHandle;
+use crate::relay::relay;
 use crate::workload::{Directory, WorkloadMeta};
-
-/// Per-direction relay buffer. 32 KiB keeps loopback copies efficient while an
-/// idle connection costs little.
-const RELAY_BUFFER: usize = 32 * 1024;
 
 /// Everything an in-pod listener needs to serve its workload's connections.
 pub struct OutboundContext {
@@ -157,7 +153,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<Outbo
             return;
         }
     };
-    if let Err(e) = relay(client, upstream, &guard).await {
+    let _ = client.set_nodelay(true);
+    if let Err(e) = relay(&client, &upstream, guard.received(), guard.sent()).await {
         tracing::debug!(destination = %route.destination, error = %e, "connection ended with error");
     }
 }
@@ -175,16 +172,7 @@ async fn connect_upstream(ctx: &OutboundContext, destination: SocketAddr) -> io:
     };
     // Created inside the pod, so it leaves with the pod's IP and routes; created by the
     // agent's process, so its cgroup is not enrolled and it is never captured again.
-    let socket = ctx
-        .netns
-        .run(move || -> io::Result<std::net::TcpStream> {
-            let s =
-                socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-            s.set_nonblocking(true)?;
-            s.set_tcp_nodelay(true)?;
-            Ok(s.into())
-        })
-        .await??;
+    let socket = ctx.netns.tcp_socket(domain).await?;
     let socket = TcpSocket::from_std_stream(socket);
     match tokio::time::timeout(ctx.connect_timeout, socket.connect(destination)).await {
         Ok(result) => result,
@@ -192,46 +180,6 @@ async fn connect_upstream(ctx: &OutboundContext, destination: SocketAddr) -> io:
             io::ErrorKind::TimedOut,
             format!("no answer within {:?}", ctx.connect_timeout),
         )),
-    }
-}
-
-/// Copies both ways until both sides have finished. A FIN is passed on as a
-/// half-close; an error on either side resets both.
-async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    guard: &ConnectionGuard,
-) -> io::Result<()> {
-    let _ = client.set_nodelay(true);
-    let result = {
-        let (mut client_read, mut client_write) = client.split();
-        let (mut upstream_read, mut upstream_write) = upstream.split();
-        tokio::try_join!(
-            pump(&mut client_read, &mut upstream_write, guard.received()),
-            pump(&mut upstream_read, &mut client_write, guard.sent()),
-        )
-    };
-    if result.is_err() {
-        let _ = client.set_zero_linger();
-        let _ = upstream.set_zero_linger();
-    }
-    result.map(|_| ())
-}
-
-async fn pump<R, W>(reader: &mut R, writer: &mut W, counter: ByteCounter<'_>) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; RELAY_BUFFER];
-    loop {
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            writer.shutdown().await?;
-            return Ok(());
-        }
-        writer.write_all(&buf[..n]).await?;
-        counter.add(n);
     }
 }
 

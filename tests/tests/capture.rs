@@ -348,7 +348,10 @@ fn connection_churn_leaves_no_residue() {
     let fds = mesh.agent.fd_count().unwrap();
     let rss = mesh.agent.rss_kib().unwrap();
     eprintln!("agent fds {base_fds} -> {fds}, RSS {base_rss} KiB -> {rss} KiB");
-    assert!(fds <= base_fds + 2, "fds grew from {base_fds} to {fds}");
+    // The agent keeps up to 8 spare upstream sockets per pod and family, refilled
+    // below 4, so its count moves by a few between two idle moments; a leak of
+    // 2,400 connections would not.
+    assert!(fds <= base_fds + 6, "fds grew from {base_fds} to {fds}");
     assert!(
         rss <= base_rss + 8 * 1024,
         "RSS grew from {base_rss} KiB to {rss} KiB"

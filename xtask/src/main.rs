@@ -52,6 +52,9 @@ enum Cmd {
         /// Shorter runs (under two minutes) for quick comparisons.
         #[arg(long)]
         quick: bool,
+        /// Only the paths whose name contains this text (repeatable).
+        #[arg(long)]
+        only: Vec<String>,
     },
 }
 
@@ -75,7 +78,7 @@ fn run() -> anyhow::Result<()> {
         Cmd::Build => build(&root).map(|_| ()),
         Cmd::Test { args } => test(&root, &args),
         Cmd::Demo => demo(&root),
-        Cmd::Bench { quick } => bench(&root, quick),
+        Cmd::Bench { quick, only } => bench(&root, quick, &only),
     }
 }
 
@@ -253,11 +256,14 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     Some((count(" passed")?, count(" failed")?))
 }
 
-fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
+fn bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()> {
     let built = build(root)?;
     let mut cmd = Command::new(built.release_dir.join("nodemesh-bench"));
     if quick {
         cmd.arg("--quick");
+    }
+    for path in only {
+        cmd.args(["--only", path]);
     }
     status(
         cmd.current_dir(root)
