@@ -101,6 +101,8 @@ fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The channel is allocated up front: 128,000 lines by default is ~4 MB of RSS.
+        .buffered_lines_limit(4096)
         .thread_name("log-writer")
         .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
