@@ -201,6 +201,12 @@ impl Results {
             written.extend([j, m]);
         }
         if as_latest {
+            let doc = Path::new(PERFORMANCE_DOC);
+            if doc.exists() {
+                let text = std::fs::read_to_string(doc)?;
+                std::fs::write(doc, with_results(&text, &md)?)?;
+                written.push(doc.to_path_buf());
+            }
             let svg = dir.join("latest-latency.svg");
             self.plot(&svg)?;
             written.push(svg);
@@ -276,5 +282,48 @@ impl Results {
             .draw()?;
         root.present()?;
         Ok(())
+    }
+}
+
+/// The page that keeps the latest table, so the docs always show a real run.
+const PERFORMANCE_DOC: &str = "docs/performance.md";
+const RESULTS_BEGIN: &str = "<!-- results:begin -->";
+const RESULTS_END: &str = "<!-- results:end -->";
+
+/// `doc` with the text between the results markers replaced by `results`.
+fn with_results(doc: &str, results: &str) -> anyhow::Result<String> {
+    let (Some(begin), Some(end)) = (doc.find(RESULTS_BEGIN), doc.find(RESULTS_END)) else {
+        anyhow::bail!("{PERFORMANCE_DOC} lacks the {RESULTS_BEGIN} / {RESULTS_END} markers");
+    };
+    anyhow::ensure!(
+        begin < end,
+        "{PERFORMANCE_DOC}: results markers out of order"
+    );
+    Ok(format!(
+        "{}{RESULTS_BEGIN}\n{}\n{}",
+        &doc[..begin],
+        results.trim_end(),
+        &doc[end..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_replace_only_the_marked_part() {
+        let doc = format!("intro\n{RESULTS_BEGIN}\nold table\n{RESULTS_END}\nafter\n");
+        let once = with_results(&doc, "new table\n").unwrap();
+        assert_eq!(
+            once,
+            format!("intro\n{RESULTS_BEGIN}\nnew table\n{RESULTS_END}\nafter\n")
+        );
+        assert_eq!(
+            with_results(&once, "new table").unwrap(),
+            once,
+            "idempotent"
+        );
+        assert!(with_results("no markers", "x").is_err());
     }
 }
