@@ -21,10 +21,16 @@ use crate::capture::{Capture, Exclusions, MapOccupancy, ProgramSummary};
 use crate::cgroup::{Cgroup2, cgroup_id};
 use crate::config::{self, ConfigError, MeshConfig, Workload};
 use crate::connections::ConnectionTable;
+use crate::identity::TrustBundle;
+use crate::identity::ca::{CaError, Signer, load_trust_bundle};
+use crate::identity::manager::{CertManager, CertPolicy, CertView};
 use crate::metrics::Metrics;
 use crate::netns::NetnsHandle;
 use crate::outbound::{self, OutboundContext};
-use crate::workload::{Directory, WorkloadMeta};
+use crate::tunnel::pool::{PoolSettings, PoolView, TunnelPool};
+use crate::tunnel::server::InboundContext;
+use crate::tunnel::{self, HBONE_PORT};
+use crate::workload::{Directory, TRUST_DOMAIN, WorkloadMeta};
 
 /// Agent settings that come from flags, not from the config file.
 #[derive(Debug, Clone)]
@@ -39,6 +45,60 @@ pub struct Settings {
     pub drain: Duration,
     /// Cgroup the programs are attached to.
     pub attach_cgroup: PathBuf,
+    /// Mesh CA and certificate settings; `None` runs without mTLS.
+    pub identity: Option<IdentitySettings>,
+    /// This node's name: workloads with another `spec.nodeName` are only looked up, never enrolled.
+    pub node_name: Option<String>,
+}
+
+/// Where the mesh CA lives and how workload certificates are made.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// Directory in Istio's `cacerts` layout.
+    pub ca_dir: PathBuf,
+    /// Requested certificate lifetime and retry policy.
+    pub policy: CertPolicy,
+}
+
+/// The node's identity machinery: certificates and the roots peers must chain to.
+pub struct IdentityState {
+    /// Owns every workload certificate.
+    pub certs: CertManager,
+    /// Current trust bundle; replaced when `root-cert.pem` changes.
+    pub trust: RwLock<TrustBundle>,
+    /// Where the CA files are, for reloads.
+    pub ca_dir: PathBuf,
+}
+
+impl IdentityState {
+    /// Loads the CA and trust bundle and starts the certificate manager.
+    pub fn start(settings: &IdentitySettings, metrics: Arc<Metrics>) -> Result<Self, CaError> {
+        let signer = Signer::load(&settings.ca_dir, TRUST_DOMAIN)?;
+        let trust = load_trust_bundle(&settings.ca_dir, TRUST_DOMAIN)?;
+        Ok(IdentityState {
+            certs: CertManager::spawn(Arc::new(signer), settings.policy.clone(), metrics),
+            trust: RwLock::new(trust),
+            ca_dir: settings.ca_dir.clone(),
+        })
+    }
+
+    /// Re-reads the trust bundle; a bad file is logged and the previous bundle kept.
+    pub fn reload_trust(&self) {
+        match load_trust_bundle(&self.ca_dir, TRUST_DOMAIN) {
+            Ok(bundle) => {
+                tracing::info!(roots = bundle.roots.len(), "trust bundle reloaded");
+                *self.trust.write().expect("trust lock") = bundle;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "trust bundle not reloaded; keeping the previous one")
+            }
+        }
+    }
+
+    /// The current trust bundle.
+    pub fn trust(&self) -> TrustBundle {
+        self.trust.read().expect("trust lock").clone()
+    }
 }
 
 /// Outcome of the last config loads, for `/config_dump`.
@@ -91,11 +151,21 @@ pub struct Agent {
     settings: Settings,
     state: tokio::sync::Mutex<State>,
     ready: AtomicBool,
+    /// Certificates and trust; `None` when the agent runs without a CA.
+    pub identity: Option<Arc<IdentityState>>,
+    /// Client tunnel connections, shared by all workloads.
+    pub pool: Arc<TunnelPool>,
 }
 
 impl Agent {
     /// Wraps loaded capture programs; call [`Agent::reload`] to apply the config.
-    pub fn new(capture: Capture, cgroup2: Cgroup2, settings: Settings) -> Self {
+    pub fn new(
+        capture: Capture,
+        cgroup2: Cgroup2,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        identity: Option<Arc<IdentityState>>,
+    ) -> Self {
         let own_cgroup = cgroup2.own_cgroup().ok();
         let state = State {
             next_workload_id: 1,
@@ -105,9 +175,29 @@ impl Agent {
             },
             ..State::default()
         };
+        let pool = Arc::new(TunnelPool::new(PoolSettings {
+            connect_timeout: settings.connect_timeout,
+            ..PoolSettings::default()
+        }));
+        // Closes idle tunnel connections; stops when the agent is gone.
+        let weak = Arc::downgrade(&pool);
+        let pool_metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            while let Some(pool) = {
+                tick.tick().await;
+                weak.upgrade()
+            } {
+                pool.reap_idle();
+                let open: usize = pool.views().iter().map(|v| v.connections).sum();
+                pool_metrics.tunnel_pool_connections.set(open as i64);
+            }
+        });
         Agent {
+            pool,
+            identity,
             capture: Arc::new(capture),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             connections: Arc::new(ConnectionTable::default()),
             directory: Arc::new(Directory::default()),
             cgroup2,
@@ -157,8 +247,13 @@ impl Agent {
     }
 
     async fn apply(&self, state: &mut State, config: MeshConfig) {
-        let desired: BTreeMap<String, Workload> =
-            config.workloads.into_iter().map(|w| (w.key(), w)).collect();
+        let node = self.settings.node_name.as_deref();
+        let all: Vec<Workload> = config.workloads;
+        let desired: BTreeMap<String, Workload> = all
+            .iter()
+            .filter(|w| w.is_local_to(node))
+            .map(|w| (w.key(), w.clone()))
+            .collect();
 
         let leaving: Vec<String> = state
             .enrolled
@@ -206,13 +301,22 @@ impl Agent {
         }
 
         let mut by_ip = HashMap::new();
-        for w in desired.values() {
+        for w in &all {
             let meta = Arc::new(WorkloadMeta::from_config(w));
             for ip in &w.ips {
                 by_ip.insert(*ip, meta.clone());
             }
         }
         self.directory.replace(by_ip);
+        if let Some(identity) = &self.identity {
+            identity.certs.set_identities(
+                state
+                    .enrolled
+                    .values()
+                    .map(|e| WorkloadMeta::from_config(&e.workload).identity())
+                    .collect(),
+            );
+        }
         self.metrics
             .enrolled_workloads
             .set(state.enrolled.len() as i64);
@@ -220,7 +324,10 @@ impl Agent {
     }
 
     async fn enroll(&self, state: &mut State, w: &Workload) -> anyhow::Result<Enrollment> {
-        let cgroup_path = self.cgroup2.resolve(&w.cgroup_path);
+        let placement = w.placement.as_ref().ok_or_else(|| {
+            anyhow!("spec.cgroupPath and spec.netns are required for a pod on this node")
+        })?;
+        let cgroup_path = self.cgroup2.resolve(&placement.cgroup_path);
         if let Some(own) = &self.own_cgroup
             && own.starts_with(&cgroup_path)
         {
@@ -231,10 +338,10 @@ impl Agent {
         }
         let cgroup_id = cgroup_id(&cgroup_path)
             .with_context(|| format!("spec.cgroupPath {}", cgroup_path.display()))?;
-        let ns_file = w.netns.file();
+        let ns_file = placement.netns.file();
         let netns = NetnsHandle::open(&ns_file, &w.name)
             .await
-            .with_context(|| format!("spec.netns {}", w.netns))?;
+            .with_context(|| format!("spec.netns {}", placement.netns))?;
         // A listener of this pod may still be draining after a recent unenroll.
         if let Some(tasks) = state.draining.remove(&netns.inode) {
             for task in tasks {
@@ -268,6 +375,8 @@ impl Agent {
             connections: self.connections.clone(),
             directory: self.directory.clone(),
             connect_timeout: self.settings.connect_timeout,
+            identity: self.identity.clone(),
+            pool: self.pool.clone(),
         });
         let cancel = CancellationToken::new();
         let mut listeners = vec![v4_addr];
@@ -277,6 +386,31 @@ impl Agent {
             listeners.push(v6_addr);
             tasks.push(self.spawn_listener(v6, FAMILY_V6, &ctx, &cancel)?);
             flags |= WORKLOAD_FLAG_V6_LISTENER;
+        }
+        if let Some(identity) = &self.identity {
+            let inbound = Arc::new(InboundContext::new(
+                ctx.clone(),
+                identity.clone(),
+                WorkloadMeta::from_config(w).identity(),
+                w.ips.clone(),
+            ));
+            for ip in &w.ips {
+                let addr = SocketAddr::new(*ip, HBONE_PORT);
+                let listener = match ctx.netns.run(move || bind_listener(addr)).await? {
+                    Ok(l) => TcpListener::from_std(l)?,
+                    Err(e) => {
+                        cancel.cancel();
+                        return Err(e)
+                            .with_context(|| format!("binding tunnel listener {addr} in the pod"));
+                    }
+                };
+                listeners.push(addr);
+                tasks.push(tokio::spawn(tunnel::server::serve(
+                    listener,
+                    inbound.clone(),
+                    cancel.clone(),
+                )));
+            }
         }
         let exclusions = exclusions_for(w);
         let entry = WorkloadEntry {
@@ -370,6 +504,12 @@ impl Agent {
             listeners,
             programs: self.capture.programs().to_vec(),
             maps,
+            tunnel_pool: self.pool.views(),
+            certificates: self
+                .identity
+                .as_ref()
+                .map(|i| i.certs.views())
+                .unwrap_or_default(),
             capture_decisions: mesh_common::stat::NAMES
                 .iter()
                 .zip(stats)
@@ -390,6 +530,14 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     }
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // A pod address may still be in IPv6 duplicate-address detection.
+    if !addr.ip().is_loopback() {
+        if addr.is_ipv6() {
+            socket.set_freebind_v6(true)?;
+        } else {
+            socket.set_freebind_v4(true)?;
+        }
+    }
     socket.bind(&addr.into())?;
     // A deep backlog so a burst of connects waits for accept instead of SYN retries.
     socket.listen(4096)?;
@@ -429,6 +577,10 @@ pub struct ConfigDump {
     pub programs: Vec<ProgramSummary>,
     /// Capture maps and their occupancy.
     pub maps: Vec<MapOccupancy>,
+    /// Client tunnel connections by key.
+    pub tunnel_pool: Vec<PoolView>,
+    /// Workload certificates: identity, serial, expiry, state.
+    pub certificates: Vec<CertView>,
     /// Kernel decision counters.
     pub capture_decisions: BTreeMap<String, u64>,
 }

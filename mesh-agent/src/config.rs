@@ -57,10 +57,10 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Kubernetes service account; part of the workload's identity.
     pub service_account: String,
-    /// The pod's cgroup v2 directory, absolute or relative to the cgroup2 mount.
-    pub cgroup_path: PathBuf,
-    /// The pod's network namespace.
-    pub netns: NetnsRef,
+    /// The node the pod runs on. Absent: the node of whichever agent reads it.
+    pub node_name: Option<String>,
+    /// Where the pod lives on its node; needed only by that node's agent.
+    pub placement: Option<Placement>,
     /// Pod IPs; connections to them from the pod itself are never captured.
     pub ips: Vec<IpAddr>,
     /// Destination ports this workload reaches directly, bypassing the agent.
@@ -69,7 +69,26 @@ pub struct Workload {
     pub excluded_cidrs: Vec<IpNet>,
 }
 
+/// A pod's cgroup and network namespace on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// The pod's cgroup v2 directory, absolute or relative to the cgroup2 mount.
+    pub cgroup_path: PathBuf,
+    /// The pod's network namespace.
+    pub netns: NetnsRef,
+}
+
 impl Workload {
+    /// Whether the agent of node `node` (None: a node-agnostic agent) serves this pod.
+    pub fn is_local_to(&self, node: Option<&str>) -> bool {
+        match (&self.node_name, node) {
+            (None, _) => true,
+            (Some(theirs), Some(ours)) => theirs == ours,
+            (Some(_), None) => false,
+        }
+    }
+
     /// `namespace/name`, the workload's unique key on a node.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -78,7 +97,7 @@ impl Workload {
     /// Whether `other` differs only in fields that can be updated in place
     /// (labels, identity, IPs, exclusions), keeping the listener and cgroup.
     pub fn same_placement(&self, other: &Workload) -> bool {
-        self.cgroup_path == other.cgroup_path && self.netns == other.netns
+        self.placement == other.placement
     }
 }
 
@@ -128,8 +147,12 @@ struct RawMetadata {
 struct RawWorkloadSpec {
     #[serde(default)]
     service_account: Option<String>,
-    cgroup_path: PathBuf,
-    netns: RawNetns,
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    cgroup_path: Option<PathBuf>,
+    #[serde(default)]
+    netns: Option<RawNetns>,
     #[serde(default)]
     ips: Vec<IpAddr>,
     #[serde(default)]
@@ -272,19 +295,50 @@ fn build_workload(
     labels: BTreeMap<String, String>,
     spec: RawWorkloadSpec,
 ) -> Result<Workload, (String, String)> {
-    let netns = match (spec.netns.path, spec.netns.pid) {
-        (Some(path), None) => NetnsRef::Path(path),
-        (None, Some(pid)) if pid > 0 => NetnsRef::Pid(pid),
-        _ => {
+    let netns = match spec.netns.map(|n| (n.path, n.pid)) {
+        None => None,
+        Some((Some(path), None)) => Some(NetnsRef::Path(path)),
+        Some((None, Some(pid))) if pid > 0 => Some(NetnsRef::Pid(pid)),
+        Some(_) => {
             return Err((
                 "spec.netns".into(),
                 "set exactly one of `path` or `pid` (a positive pid)".into(),
             ));
         }
     };
-    if spec.cgroup_path.as_os_str().is_empty() {
+    if spec
+        .cgroup_path
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
         return Err(("spec.cgroupPath".into(), "must not be empty".into()));
     }
+    if let Some(node) = &spec.node_name
+        && !is_dns_name(node)
+    {
+        return Err((
+            "spec.nodeName".into(),
+            format!("{node:?} is not a DNS-1123 name"),
+        ));
+    }
+    // A pod on a named node may be described without its placement, for the other
+    // nodes' agents; a pod with no node is local to every agent and needs both.
+    let placement = match (spec.cgroup_path, netns) {
+        (Some(cgroup_path), Some(netns)) => Some(Placement { cgroup_path, netns }),
+        (None, None) if spec.node_name.is_some() => None,
+        (None, _) => {
+            return Err((
+                "spec.cgroupPath".into(),
+                "missing (required unless spec.nodeName is set)".into(),
+            ));
+        }
+        (Some(_), None) => {
+            return Err((
+                "spec.netns".into(),
+                "missing (required with spec.cgroupPath)".into(),
+            ));
+        }
+    };
     if let Some(i) = spec.excluded_ports.iter().position(|p| *p == 0) {
         return Err((
             format!("spec.excludedPorts[{i}]"),
@@ -311,8 +365,8 @@ fn build_workload(
         namespace,
         labels,
         service_account,
-        cgroup_path: spec.cgroup_path,
-        netns,
+        node_name: spec.node_name,
+        placement,
         ips: spec.ips,
         excluded_ports: spec.excluded_ports,
         excluded_cidrs,
@@ -333,11 +387,12 @@ fn validate_unique(config: &MeshConfig) -> Result<(), ConfigError> {
         if !keys.insert(w.key()) {
             return Err(dup("metadata.name", w.key()));
         }
-        if !cgroups.insert(w.cgroup_path.clone()) {
-            return Err(dup("spec.cgroupPath", w.cgroup_path.display().to_string()));
+        let Some(p) = &w.placement else { continue };
+        if !cgroups.insert(p.cgroup_path.clone()) {
+            return Err(dup("spec.cgroupPath", p.cgroup_path.display().to_string()));
         }
-        if !netns.insert(w.netns.clone()) {
-            return Err(dup("spec.netns", w.netns.to_string()));
+        if !netns.insert(p.netns.clone()) {
+            return Err(dup("spec.netns", p.netns.to_string()));
         }
     }
     Ok(())
@@ -391,7 +446,7 @@ spec:
         let server = &config.workloads[1];
         assert_eq!(server.namespace, "default");
         assert_eq!(server.service_account, "default");
-        assert_eq!(server.netns, NetnsRef::Pid(42));
+        assert_eq!(server.placement.as_ref().unwrap().netns, NetnsRef::Pid(42));
     }
 
     #[test]
@@ -401,6 +456,16 @@ spec:
     }
 
     /// Each bad input must name the document number and the field at fault.
+    #[test]
+    fn pods_on_other_nodes_need_no_placement() {
+        let text = "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: far}\nspec: {nodeName: node-b, ips: [10.1.0.5]}\n";
+        let w = &parse(text).unwrap().workloads[0];
+        assert_eq!(w.placement, None);
+        assert!(w.is_local_to(Some("node-b")));
+        assert!(!w.is_local_to(Some("node-a")));
+        assert!(!w.is_local_to(None));
+    }
+
     #[test]
     fn errors_name_document_and_field() {
         let base = "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: a}\n";
@@ -441,7 +506,15 @@ spec:
             ),
             (
                 &format!("{base}spec: {{netns: {{path: /n}}}}\n"),
-                "missing field `cgroupPath`",
+                "spec.cgroupPath: missing (required unless spec.nodeName is set)",
+            ),
+            (
+                &format!("{base}spec: {{cgroupPath: x}}\n"),
+                "spec.netns: missing",
+            ),
+            (
+                &format!("{base}spec: {{nodeName: Node_1}}\n"),
+                "spec.nodeName",
             ),
             (
                 "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {name: Bad_Name}\nspec: {}\n",

@@ -15,15 +15,48 @@ use serde::Serialize;
 use crate::metrics::{Metrics, TcpLabels};
 use crate::workload::WorkloadMeta;
 
+/// Who is on each end of a connection, as far as this agent can prove it.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    /// `source` when this agent serves the client, `destination` when it serves the server.
+    pub reporter: &'static str,
+    /// The client workload, when known.
+    pub source: Option<Arc<WorkloadMeta>>,
+    /// The client's SPIFFE ID: from its certificate under mTLS, else from config.
+    pub source_principal: Option<String>,
+    /// The server workload, when known.
+    pub destination: Option<Arc<WorkloadMeta>>,
+    /// Whether the hop between the agents is mutual TLS.
+    pub mutual_tls: bool,
+}
+
+impl Peers {
+    /// A connection this agent carries for its local client `source`.
+    pub fn outbound(source: Arc<WorkloadMeta>, destination: Option<Arc<WorkloadMeta>>) -> Self {
+        Peers {
+            reporter: "source",
+            source_principal: Some(source.principal()),
+            source: Some(source),
+            destination,
+            mutual_tls: false,
+        }
+    }
+
+    fn source_principal(&self) -> String {
+        self.source_principal
+            .clone()
+            .unwrap_or_else(|| "unknown".to_owned())
+    }
+}
+
 /// One live connection as shown by `/connections`.
 pub struct ConnectionInfo {
     id: u64,
-    source: Arc<WorkloadMeta>,
+    peers: Peers,
     /// The client's address as the agent's listener sees it (loopback in the pod).
     pub client: SocketAddr,
     /// Where the application wanted to go, from the kernel.
     pub original_destination: SocketAddr,
-    destination_workload: Option<Arc<WorkloadMeta>>,
     started: Instant,
     started_wall: SystemTime,
     /// Client to server bytes so far.
@@ -38,7 +71,11 @@ pub struct ConnectionInfo {
 pub struct ConnectionView {
     /// Agent-local connection id.
     pub id: u64,
-    /// `namespace/name` of the client workload.
+    /// `source` (this agent serves the client) or `destination`.
+    pub reporter: String,
+    /// `mutual_tls` or `none`.
+    pub security: String,
+    /// `namespace/name` of the client workload, or `unknown`.
     pub source_workload: String,
     /// Client's SPIFFE identity.
     pub source_principal: String,
@@ -87,11 +124,18 @@ impl ConnectionInfo {
     fn view(&self) -> ConnectionView {
         ConnectionView {
             id: self.id,
-            source_workload: self.source.key(),
-            source_principal: self.source.principal(),
+            reporter: self.peers.reporter.to_owned(),
+            security: security(self.peers.mutual_tls).to_owned(),
+            source_workload: self
+                .peers
+                .source
+                .as_ref()
+                .map(|w| w.key())
+                .unwrap_or_else(|| "unknown".to_owned()),
+            source_principal: self.peers.source_principal(),
             client: self.client.to_string(),
             original_destination: self.original_destination.to_string(),
-            destination_workload: self.destination_workload.as_ref().map(|w| w.key()),
+            destination_workload: self.peers.destination.as_ref().map(|w| w.key()),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             age_seconds: self.started.elapsed().as_secs_f64(),
@@ -139,22 +183,16 @@ impl ConnectionGuard {
     pub fn open(
         table: &Arc<ConnectionTable>,
         metrics: &Arc<Metrics>,
-        source: Arc<WorkloadMeta>,
+        peers: Peers,
         client: SocketAddr,
         original_destination: SocketAddr,
-        destination_workload: Option<Arc<WorkloadMeta>>,
     ) -> Self {
-        let labels = tcp_labels(
-            &source,
-            original_destination,
-            destination_workload.as_deref(),
-        );
+        let labels = tcp_labels(&peers, original_destination);
         let info = Arc::new(ConnectionInfo {
             id: table.next_id.fetch_add(1, Ordering::Relaxed),
-            source,
+            peers,
             client,
             original_destination,
-            destination_workload,
             started: Instant::now(),
             started_wall: SystemTime::now(),
             bytes_received: AtomicU64::new(0),
@@ -210,6 +248,8 @@ impl Drop for ConnectionGuard {
         let view = self.info.view();
         tracing::info!(
             target: "access",
+            reporter = view.reporter,
+            security = view.security,
             source_workload = %view.source_workload,
             source_principal = %view.source_principal,
             client = %view.client,
@@ -224,20 +264,24 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Istio label set for a connection this agent carries for its client.
-fn tcp_labels(
-    source: &WorkloadMeta,
-    dst: SocketAddr,
-    dst_workload: Option<&WorkloadMeta>,
-) -> TcpLabels {
+fn security(mutual_tls: bool) -> &'static str {
+    if mutual_tls { "mutual_tls" } else { "none" }
+}
+
+/// Istio's label set for a connection.
+fn tcp_labels(peers: &Peers, dst: SocketAddr) -> TcpLabels {
     let unknown = || "unknown".to_owned();
+    let source = peers.source.as_deref();
+    let dst_workload = peers.destination.as_deref();
     TcpLabels {
-        reporter: "source",
-        source_workload: source.name.clone(),
-        source_workload_namespace: source.namespace.clone(),
-        source_principal: source.principal(),
-        source_app: source.app().unwrap_or_else(unknown),
-        source_version: source.version().unwrap_or_else(unknown),
+        reporter: peers.reporter,
+        source_workload: source.map(|w| w.name.clone()).unwrap_or_else(unknown),
+        source_workload_namespace: source.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
+        source_principal: peers.source_principal(),
+        source_app: source.and_then(WorkloadMeta::app).unwrap_or_else(unknown),
+        source_version: source
+            .and_then(WorkloadMeta::version)
+            .unwrap_or_else(unknown),
         destination_workload: dst_workload.map(|w| w.name.clone()).unwrap_or_else(unknown),
         destination_workload_namespace: dst_workload
             .map(|w| w.namespace.clone())
@@ -248,6 +292,6 @@ fn tcp_labels(
         destination_service_namespace: unknown(),
         request_protocol: "tcp",
         response_flags: "-",
-        connection_security_policy: "none",
+        connection_security_policy: security(peers.mutual_tls),
     }
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_agent::agent::{Agent, Settings};
+use mesh_agent::agent::{Agent, IdentitySettings, IdentityState, Settings};
 use mesh_agent::capture::Capture;
+use mesh_agent::identity::manager::CertPolicy;
 use mesh_agent::{admin, cgroup, debug};
 use notify::Watcher;
 use tokio::signal::unix::{SignalKind, signal};
@@ -32,6 +33,9 @@ struct Cli {
 enum Command {
     /// Load the eBPF programs and run the agent.
     Run(RunArgs),
+    /// Manage the mesh CA files.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Print the running agent's state as tables.
     Debug {
         /// What to show.
@@ -43,8 +47,26 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root and an intermediate CA (Istio `cacerts` layout) for local and
+    /// development use. Production meshes mount their own CA instead.
+    Init {
+        /// Directory to write ca-cert.pem, ca-key.pem, root-cert.pem, root-key.pem, cert-chain.pem.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Mesh CA directory (Istio `cacerts` layout: ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem). Without it the agent runs without mTLS.
+    #[arg(long, env = "NODEMESH_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of the workload certificates the agent mints; renewed at half of it.
+    #[arg(long, env = "NODEMESH_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_lifetime: Duration,
     /// YAML file of Workload documents; reloaded on change and on SIGHUP.
     #[arg(long, env = "NODEMESH_CONFIG")]
     config: PathBuf,
@@ -63,6 +85,10 @@ struct RunArgs {
     /// How long an unenrolled pod's listener still accepts already-captured connections.
     #[arg(long, env = "NODEMESH_DRAIN", default_value = "200ms", value_parser = humantime::parse_duration)]
     drain: Duration,
+    /// This node's name (Kubernetes: the downward API's spec.nodeName). Workloads
+    /// whose spec.nodeName differs are known for attribution but not enrolled.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// Log format.
     #[arg(long, env = "NODEMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -78,6 +104,14 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Ca(CaCommand::Init { dir }) => {
+                for path in
+                    mesh_agent::identity::ca::init(&dir, mesh_agent::workload::TRUST_DOMAIN)?
+                {
+                    println!("wrote {}", path.display());
+                }
+                Ok(())
+            }
             Command::Debug { what, admin_addr } => {
                 print!("{}", debug::render(admin_addr, what).await?);
                 Ok(())
@@ -129,14 +163,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_listener = admin::bind(args.admin_addr).await?;
     let capture = Capture::load(&attach_cgroup)?;
     tracing::info!(cgroup = %attach_cgroup.display(), programs = ?capture.programs().iter().map(|p| p.id).collect::<Vec<_>>(), "eBPF programs attached");
+    let identity_settings = args.ca_dir.as_ref().map(|dir| IdentitySettings {
+        ca_dir: dir.clone(),
+        policy: CertPolicy {
+            lifetime: args.cert_lifetime,
+            ..CertPolicy::default()
+        },
+    });
     let settings = Settings {
         config_path: args.config.clone(),
         outbound_port: args.outbound_port,
         connect_timeout: args.connect_timeout,
         drain: args.drain,
         attach_cgroup,
+        node_name: args.node_name.clone(),
+        identity: identity_settings.clone(),
     };
-    let agent = Arc::new(Agent::new(capture, cgroup2, settings));
+    let metrics = Arc::new(mesh_agent::metrics::Metrics::new());
+    let identity = match &identity_settings {
+        Some(s) => Some(Arc::new(
+            IdentityState::start(s, metrics.clone()).context("mesh CA")?,
+        )),
+        None => {
+            tracing::warn!("no --ca-dir: running without workload identities or mTLS");
+            None
+        }
+    };
+    let agent = Arc::new(Agent::new(capture, cgroup2, settings, metrics, identity));
     agent.reload(true).await.context("initial config")?;
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
     tracing::info!(admin = %args.admin_addr, "agent ready");
@@ -161,6 +214,22 @@ async fn watch(agent: Arc<Agent>, config: &Path) -> anyhow::Result<()> {
     watcher
         .watch(&dir, notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
+    // The trust bundle is reloaded when the CA directory changes (a Secret update).
+    let (ca_tx, mut ca_changes) = tokio::sync::mpsc::channel::<()>(1);
+    let _ca_watcher = match &agent.identity {
+        Some(identity) => {
+            let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = ca_tx.try_send(());
+                }
+            })
+            .context("creating the CA directory watcher")?;
+            w.watch(&identity.ca_dir, notify::RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", identity.ca_dir.display()))?;
+            Some(w)
+        }
+        None => None,
+    };
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -172,7 +241,20 @@ async fn watch(agent: Arc<Agent>, config: &Path) -> anyhow::Result<()> {
                 while changes.try_recv().is_ok() {}
                 false
             }
-            _ = hangup.recv() => true,
+            Some(()) = ca_changes.recv() => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while ca_changes.try_recv().is_ok() {}
+                if let Some(identity) = &agent.identity {
+                    identity.reload_trust();
+                }
+                continue;
+            }
+            _ = hangup.recv() => {
+                if let Some(identity) = &agent.identity {
+                    identity.reload_trust();
+                }
+                true
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         };

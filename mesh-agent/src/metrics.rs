@@ -59,6 +59,17 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -86,6 +97,11 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     capture_decisions: Family<DecisionLabels, Counter>,
+    cert_expiry: Family<IdentityLabels, Gauge>,
+    cert_failures: Family<IdentityLabels, Counter>,
+    tunnel_refusals: Family<RefusalLabels, Counter>,
+    /// Tunnel connections open in the client pool.
+    pub tunnel_pool_connections: Gauge,
     /// Last kernel counter values, so Prometheus counters advance by the delta.
     last_decisions: Mutex<[u64; mesh_common::stat::COUNT as usize]>,
 }
@@ -113,6 +129,10 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             capture_decisions: Family::default(),
+            cert_expiry: Family::default(),
+            cert_failures: Family::default(),
+            tunnel_refusals: Family::default(),
+            tunnel_pool_connections: Gauge::default(),
             last_decisions: Mutex::new([0; mesh_common::stat::COUNT as usize]),
             registry: Registry::default(),
         };
@@ -176,7 +196,68 @@ impl Metrics {
             "Decisions of the connect hooks for enrolled workloads",
             m.capture_decisions.clone(),
         );
+        registry.register(
+            "nodemesh_certificate_expiry_timestamp_seconds",
+            "Expiry of the workload certificate being served, per identity",
+            m.cert_expiry.clone(),
+        );
+        registry.register(
+            "nodemesh_certificate_rotation_failures",
+            "Failed certificate requests, per identity",
+            m.cert_failures.clone(),
+        );
+        registry.register(
+            "nodemesh_tunnel_refusals",
+            "Tunnel connections or streams refused, by direction and reason",
+            m.tunnel_refusals.clone(),
+        );
+        registry.register(
+            "nodemesh_tunnel_pool_connections",
+            "mTLS tunnel connections open in the client pool",
+            m.tunnel_pool_connections.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts a refused tunnel (`inbound`: at our listener, `outbound`: by or toward a peer).
+    pub fn tunnel_refused(&self, direction: &'static str, reason: &'static str) {
+        self.tunnel_refusals
+            .get_or_create(&RefusalLabels { direction, reason })
+            .inc();
+    }
+
+    /// Records a newly served certificate's expiry.
+    pub fn certificate_issued(&self, identity: &str, not_after_unix: u64) {
+        self.cert_expiry
+            .get_or_create(&IdentityLabels {
+                identity: identity.to_owned(),
+            })
+            .set(not_after_unix as i64);
+    }
+
+    /// Counts a failed certificate request.
+    pub fn certificate_failed(&self, identity: &str) {
+        self.cert_failures
+            .get_or_create(&IdentityLabels {
+                identity: identity.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Failed certificate requests so far for `identity`.
+    pub fn certificate_failures(&self, identity: &str) -> u64 {
+        self.cert_failures
+            .get_or_create(&IdentityLabels {
+                identity: identity.to_owned(),
+            })
+            .get()
+    }
+
+    /// Drops the expiry series of an identity no longer on this node.
+    pub fn forget_certificate(&self, identity: &str) {
+        self.cert_expiry.remove(&IdentityLabels {
+            identity: identity.to_owned(),
+        });
     }
 
     /// Counts one config load attempt.

@@ -13,12 +13,17 @@ use mesh_common::{ConnKey, OrigDst};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::IdentityState;
 use crate::capture::{Capture, orig_dst_addr};
-use crate::connections::{ConnectionGuard, ConnectionTable};
+use crate::connections::{ConnectionGuard, ConnectionTable, Peers};
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::netns::NetnsHandle;
-use crate::relay::relay;
+use crate::relay::{relay, relay_tunnel};
+use crate::tunnel::pool::{PoolKey, StreamLease, TunnelPool};
+use crate::tunnel::{self, HBONE_PORT, TunnelError};
 use crate::workload::{Directory, WorkloadMeta};
+use hyper_util::rt::TokioIo;
 
 /// Everything an in-pod listener needs to serve its workload's connections.
 pub struct OutboundContext {
@@ -38,6 +43,10 @@ pub struct OutboundContext {
     pub directory: Arc<Directory>,
     /// Upper bound on an upstream connect before the client is reset.
     pub connect_timeout: Duration,
+    /// Certificates and trust; `None` when the agent runs without mTLS.
+    pub identity: Option<Arc<IdentityState>>,
+    /// The node's tunnel connections.
+    pub pool: Arc<TunnelPool>,
 }
 
 /// Where a captured connection goes, decided from kernel facts only.
@@ -131,15 +140,41 @@ async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<Outbo
         }
     };
     let destination_workload = ctx.directory.lookup(route.destination.ip());
+    let transport = transport(destination_workload.as_deref(), ctx.identity.is_some());
+    let mut peers = Peers::outbound(source.clone(), destination_workload);
+    peers.mutual_tls = matches!(transport, Transport::Tunnel { .. });
     let mut guard = ConnectionGuard::open(
         &ctx.connections,
         &ctx.metrics,
-        source.clone(),
+        peers,
         peer,
         route.destination,
-        destination_workload,
     );
-    let upstream = match connect_upstream(&ctx, route.destination).await {
+    let _ = client.set_nodelay(true);
+    if let Transport::Tunnel { peer_identity } = transport {
+        let opened = open_tunnel(&ctx, &source, peer_identity, route.destination).await;
+        match opened {
+            Ok((stream, _lease)) => {
+                if let Err(e) = relay_tunnel(&client, stream, guard.received(), guard.sent()).await
+                {
+                    tracing::debug!(destination = %route.destination, error = %e, "tunnelled connection ended with error");
+                }
+            }
+            Err(e) => {
+                guard.fail(e.response_flags());
+                ctx.metrics.tunnel_refused("outbound", e.reason());
+                tracing::warn!(
+                    workload = %source.key(),
+                    destination = %route.destination,
+                    error = %e,
+                    "tunnel to the destination failed; resetting client"
+                );
+                reset(client);
+            }
+        }
+        return;
+    }
+    let upstream = match connect_in_pod(&ctx, route.destination).await {
         Ok(upstream) => upstream,
         Err(e) => {
             guard.fail("CONNECT");
@@ -153,7 +188,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<Outbo
             return;
         }
     };
-    let _ = client.set_nodelay(true);
     if let Err(e) = relay(&client, &upstream, guard.received(), guard.sent()).await {
         tracing::debug!(destination = %route.destination, error = %e, "connection ended with error");
     }
@@ -165,13 +199,72 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-async fn connect_upstream(ctx: &OutboundContext, destination: SocketAddr) -> io::Result<TcpStream> {
+/// How a routed connection reaches its destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain TCP from the source pod: the destination is not a meshed workload, or
+    /// the agent has no CA.
+    Direct,
+    /// mTLS HBONE tunnel to the destination pod's port 15008, which must prove `peer_identity`.
+    Tunnel {
+        /// The destination workload's identity.
+        peer_identity: Identity,
+    },
+}
+
+/// Meshed destinations get the tunnel whenever the agent can mint identities.
+pub fn transport(destination: Option<&WorkloadMeta>, mtls_enabled: bool) -> Transport {
+    match destination {
+        Some(w) if mtls_enabled => Transport::Tunnel {
+            peer_identity: w.identity(),
+        },
+        _ => Transport::Direct,
+    }
+}
+
+async fn open_tunnel(
+    ctx: &OutboundContext,
+    source: &WorkloadMeta,
+    peer_identity: Identity,
+    destination: SocketAddr,
+) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamLease), TunnelError> {
+    let identity = ctx.identity.as_ref().expect("tunnel chosen only with a CA");
+    let source_identity = source.identity();
+    let cert = identity.certs.certificate(&source_identity).await?;
+    let trust = identity.trust();
+    let key = PoolKey {
+        source_workload: source.key(),
+        source: source_identity,
+        destination: peer_identity.clone(),
+        address: SocketAddr::new(destination.ip(), HBONE_PORT),
+    };
+    let address = key.address;
+    ctx.pool
+        .connect(
+            &key,
+            destination,
+            || connect_in_pod(ctx, address),
+            || {
+                tunnel::client_config(&cert, peer_identity, &trust).map_err(|e| TunnelError::Tls {
+                    addr: address,
+                    source: io::Error::other(e),
+                })
+            },
+        )
+        .await
+}
+
+/// A TCP connection to `destination` made from inside the workload's pod: it leaves
+/// with the pod's address and routes. The socket belongs to the agent's process, so
+/// its cgroup is not enrolled and the kernel never captures it again.
+pub async fn connect_in_pod(
+    ctx: &OutboundContext,
+    destination: SocketAddr,
+) -> io::Result<TcpStream> {
     let domain = match destination.ip() {
         IpAddr::V4(_) => socket2::Domain::IPV4,
         IpAddr::V6(_) => socket2::Domain::IPV6,
     };
-    // Created inside the pod, so it leaves with the pod's IP and routes; created by the
-    // agent's process, so its cgroup is not enrolled and it is never captured again.
     let socket = ctx.netns.tcp_socket(domain).await?;
     let socket = TcpSocket::from_std_stream(socket);
     match tokio::time::timeout(ctx.connect_timeout, socket.connect(destination)).await {

@@ -43,6 +43,51 @@ pub async fn relay(
     result.map(|_| ())
 }
 
+/// Relays between a TCP socket and a tunnel stream (an HTTP/2 CONNECT stream over
+/// TLS). The tunnel side needs user-space copies anyway, so no splice here.
+/// On error the TCP side is reset; dropping the tunnel resets its stream.
+pub async fn relay_tunnel<T>(
+    tcp: &TcpStream,
+    tunnel: T,
+    from_tcp: ByteCounter<'_>,
+    to_tcp: ByteCounter<'_>,
+) -> io::Result<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut tunnel_read, mut tunnel_write) = tokio::io::split(tunnel);
+    let up = async {
+        let mut buf = Vec::with_capacity(COPY_BUFFER);
+        loop {
+            buf.clear();
+            let n = read_some(tcp, &mut buf).await?;
+            if n == 0 {
+                // END_STREAM on the tunnel: the peer sees a half-close.
+                return tunnel_write.shutdown().await;
+            }
+            tunnel_write.write_all(&buf).await?;
+            from_tcp.add(n);
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; COPY_BUFFER];
+        loop {
+            let n = tunnel_read.read(&mut buf).await?;
+            if n == 0 {
+                return shutdown_write(tcp);
+            }
+            write_all(tcp, &buf[..n]).await?;
+            to_tcp.add(n);
+        }
+    };
+    let result = tokio::try_join!(up, down);
+    if result.is_err() {
+        let _ = tcp.set_zero_linger();
+    }
+    result.map(|_| ())
+}
+
 /// One direction: `from` until EOF, then a write shutdown on `to`.
 async fn pump(from: &TcpStream, to: &TcpStream, counter: ByteCounter<'_>) -> io::Result<()> {
     // No zeroing: `try_read_buf` fills spare capacity.

@@ -47,6 +47,11 @@ impl WorkloadMeta {
         )
     }
 
+    /// The identity this workload's certificate carries.
+    pub fn identity(&self) -> crate::identity::Identity {
+        crate::identity::Identity::new(TRUST_DOMAIN, &self.namespace, &self.service_account)
+    }
+
     /// Istio's canonical `app` label lookup.
     pub fn app(&self) -> Option<String> {
         [

@@ -228,6 +228,11 @@ impl Process {
         self.child.id()
     }
 
+    /// The exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits for exit, at most `timeout` (then kills it and fails).
     pub fn wait(mut self, timeout: Duration) -> anyhow::Result<Finished> {
         let deadline = Instant::now() + timeout;
@@ -311,6 +316,30 @@ pub struct Tools {
     pub agent: PathBuf,
     /// `podtool`.
     pub podtool: PathBuf,
+}
+
+/// A mesh CA made by `mesh-agent ca init` in a temporary directory, removed on drop.
+pub struct MeshCa {
+    /// The directory to pass as `--ca-dir`.
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl MeshCa {
+    /// Runs `mesh-agent ca init`.
+    pub fn init(tools: &Tools) -> anyhow::Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("cacerts");
+        run(Command::new(&tools.agent)
+            .args(["ca", "init", "--dir"])
+            .arg(&dir))?;
+        Ok(MeshCa { dir, _tmp: tmp })
+    }
+
+    /// `--ca-dir <dir>` for [`Agent::start_with`].
+    pub fn args(&self) -> [&str; 2] {
+        ["--ca-dir", self.dir.to_str().expect("utf-8 temp path")]
+    }
 }
 
 impl Tools {
@@ -497,11 +526,17 @@ impl Node {
         Ok(Pod {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
+            node_name: self.name(),
             netns,
             cgroup,
             ip,
             ip6,
         })
+    }
+
+    /// The node's name, as its agent's `--node-name` and its pods' `spec.nodeName`.
+    pub fn name(&self) -> String {
+        format!("node-{}", self.index)
     }
 
     /// A command in the node's namespace but outside any pod cgroup: a non-meshed process.
@@ -518,6 +553,8 @@ fn node_gateway6(index: u8) -> Ipv6Addr {
 pub struct Pod {
     /// Pod name.
     pub name: String,
+    /// The node it runs on, as its agent's `--node-name`.
+    pub node_name: String,
     /// Kubernetes namespace it claims.
     pub namespace: String,
     /// Its network namespace.
@@ -561,11 +598,12 @@ impl Pod {
     /// This pod as a Workload document with extra `spec` lines (indented two spaces).
     pub fn workload_yaml_with(&self, extra_spec: &str) -> String {
         format!(
-            "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{app: {}}}\nspec:\n  serviceAccount: {}-sa\n  cgroupPath: {}\n  netns: {{path: {}}}\n  ips: [{}, \"{}\"]\n{}",
+            "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{app: {}}}\nspec:\n  serviceAccount: {}-sa\n  nodeName: {}\n  cgroupPath: {}\n  netns: {{path: {}}}\n  ips: [{}, \"{}\"]\n{}",
             self.name,
             self.namespace,
             self.name,
             self.name,
+            self.node_name,
             self.cgroup.path.display(),
             self.netns.path().display(),
             self.ip,
@@ -614,6 +652,16 @@ fn free_port() -> anyhow::Result<u16> {
 impl Agent {
     /// Starts an agent attached to `node`'s cgroup and waits until it is ready.
     pub fn start(tools: &Tools, node: &Node, config: &str) -> anyhow::Result<Self> {
+        Self::start_with(tools, node, config, &[])
+    }
+
+    /// [`Agent::start`] with extra `mesh-agent run` arguments.
+    pub fn start_with(
+        tools: &Tools,
+        node: &Node,
+        config: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("mesh.yaml");
         std::fs::write(&config_path, config)?;
@@ -628,20 +676,31 @@ impl Agent {
             .arg(admin.to_string())
             .arg("--attach-cgroup")
             .arg(&node.cgroup.path)
+            .arg("--node-name")
+            .arg(node.name())
+            .args(args)
             .env("NODEMESH_LOG", "info")
             .stderr(log);
         let process = Process::spawn(&mut cmd, "mesh-agent")?;
-        let agent = Agent {
+        let mut agent = Agent {
             process,
             admin,
             config_path,
             log_path,
             _dir: dir,
         };
+        let mut died = None;
         wait_until("agent readiness", Duration::from_secs(15), || {
-            Ok(agent.get("/healthz/ready").is_ok())
+            died = agent.process.exited();
+            Ok(died.is_some() || agent.get("/healthz/ready").is_ok())
         })
         .map_err(|e| anyhow!("{e}\nagent log:\n{}", agent.log()))?;
+        if let Some(status) = died {
+            bail!(
+                "agent exited ({status}) before becoming ready\nagent log:\n{}",
+                agent.log()
+            );
+        }
         Ok(agent)
     }
 

@@ -522,7 +522,7 @@ fn startup_errors_are_clear() {
         ),
         (
             &bad,
-            "document 1 (Workload default/x): spec: missing field `cgroupPath`".to_owned(),
+            "document 1 (Workload default/x): spec.cgroupPath: missing (required unless spec.nodeName is set)".to_owned(),
         ),
     ] {
         let mut cmd = Command::new(&tools.agent);

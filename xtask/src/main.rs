@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 
 /// Debian packages: Debian's rustc with `core` for bpfel-unknown-none (rustup has no
 /// rust-src here, so `-Z build-std` is impossible), LLVM 22 for bpf-linker, the
-/// tools the tests drive (ip, curl) and the benchmark's sidecar baseline (haproxy, openssl).
+/// tools the tests drive (ip, curl, tcpdump, openssl) and the benchmark's sidecar
+/// baseline (haproxy).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -23,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "haproxy",
     "openssl",
+    "tcpdump",
 ];
 const BPF_RUSTC: &str = "/usr/bin/rustc";
 const BPF_LINKER_VERSION: &str = "0.13.0";

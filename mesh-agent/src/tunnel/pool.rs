@@ -1,0 +1,288 @@
+//! Client side of the tunnel: pooled mTLS HTTP/2 connections, many CONNECT
+//! streams each.
+//!
+//! Connections are keyed by (source workload, source identity, destination
+//! identity, peer address): a connection proves one identity pair, and leaves
+//! from its source pod's address. The pool is bounded per key. Once every
+//! connection of a key carries its share of streams and the key has its maximum of
+//! connections, new streams go to the least loaded one, where HTTP/2 flow control
+//! queues them. Idle connections are closed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use super::TunnelError;
+use crate::identity::Identity;
+
+/// Bounds of the pool.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Most connections per key.
+    pub max_connections_per_key: usize,
+    /// Streams a connection takes before another connection is opened.
+    pub streams_per_connection: usize,
+    /// A connection with no stream for this long is closed.
+    pub idle_timeout: Duration,
+    /// Bound on TCP connect plus TLS handshake plus HTTP/2 setup.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            max_connections_per_key: 8,
+            streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a pooled connection proves and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// `namespace/name` of the source workload (its pod is where the connection leaves from).
+    pub source_workload: String,
+    /// The identity presented.
+    pub source: Identity,
+    /// The identity required of the server.
+    pub destination: Identity,
+    /// The peer's tunnel address (`pod ip:15008`).
+    pub address: SocketAddr,
+}
+
+struct Pooled {
+    id: u64,
+    sender: SendRequest<Empty<Bytes>>,
+    streams: AtomicUsize,
+    last_used: Mutex<Instant>,
+}
+
+#[derive(Default)]
+struct Entry {
+    conns: Vec<Arc<Pooled>>,
+    dialing: usize,
+}
+
+/// The node's tunnel connections.
+pub struct TunnelPool {
+    settings: PoolSettings,
+    entries: Mutex<HashMap<PoolKey, Entry>>,
+    next_id: AtomicUsize,
+}
+
+/// One open CONNECT stream's claim on its connection; released on drop.
+pub struct StreamLease {
+    conn: Arc<Pooled>,
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.conn.streams.fetch_sub(1, Ordering::Relaxed);
+        *self.conn.last_used.lock().expect("pool lock") = Instant::now();
+    }
+}
+
+/// One key of the pool in `/config_dump`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolView {
+    /// Source workload.
+    pub source_workload: String,
+    /// Identity presented.
+    pub source: String,
+    /// Identity required of the peer.
+    pub destination: String,
+    /// Peer tunnel address.
+    pub address: String,
+    /// Open connections.
+    pub connections: usize,
+    /// Open streams over all of them.
+    pub streams: usize,
+}
+
+impl TunnelPool {
+    /// An empty pool; call [`TunnelPool::reap_idle`] periodically.
+    pub fn new(settings: PoolSettings) -> Self {
+        TunnelPool {
+            settings,
+            entries: Mutex::default(),
+            next_id: AtomicUsize::new(1),
+        }
+    }
+
+    /// Opens a CONNECT stream to `authority` over a pooled connection for `key`,
+    /// dialling a new connection with `dial` and `tls` when the pool has room.
+    pub async fn connect<D, F>(
+        &self,
+        key: &PoolKey,
+        authority: SocketAddr,
+        dial: D,
+        tls: impl FnOnce() -> Result<rustls::ClientConfig, TunnelError>,
+    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamLease), TunnelError>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
+        let conn = match self.pick(key) {
+            Some(conn) => conn,
+            None => {
+                let made =
+                    tokio::time::timeout(self.settings.connect_timeout, self.dial(key, dial, tls))
+                        .await
+                        .unwrap_or(Err(TunnelError::Timeout("tunnel connection setup")));
+                let mut entries = self.entries.lock().expect("pool lock");
+                let entry = entries.entry(key.clone()).or_default();
+                entry.dialing -= 1;
+                let conn = made?;
+                conn.streams.fetch_add(1, Ordering::Relaxed);
+                entry.conns.push(conn.clone());
+                conn
+            }
+        };
+        let lease = StreamLease { conn: conn.clone() };
+        let request = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(authority.to_string())
+            .body(Empty::<Bytes>::new())
+            .expect("CONNECT request from a socket address");
+        let mut sender = conn.sender.clone();
+        let response = tokio::time::timeout(
+            self.settings.connect_timeout * 2,
+            sender.send_request(request),
+        )
+        .await
+        .map_err(|_| TunnelError::Timeout("CONNECT response"))??;
+        if response.status() != hyper::StatusCode::OK {
+            return Err(TunnelError::Refused {
+                authority: authority.to_string(),
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response).await?;
+        Ok((TokioIo::new(upgraded), lease))
+    }
+
+    /// A live connection with room, or `None` when the caller should dial one
+    /// (the dial is then already counted against the key's bound).
+    fn pick(&self, key: &PoolKey) -> Option<Arc<Pooled>> {
+        let mut entries = self.entries.lock().expect("pool lock");
+        let entry = entries.entry(key.clone()).or_default();
+        entry.conns.retain(|c| !c.sender.is_closed());
+        let least = entry
+            .conns
+            .iter()
+            .min_by_key(|c| c.streams.load(Ordering::Relaxed))
+            .cloned();
+        let has_room = least.as_ref().is_some_and(|c| {
+            c.streams.load(Ordering::Relaxed) < self.settings.streams_per_connection
+        });
+        let may_dial = entry.conns.len() + entry.dialing < self.settings.max_connections_per_key;
+        match least {
+            Some(c) if has_room || !may_dial => {
+                c.streams.fetch_add(1, Ordering::Relaxed);
+                Some(c)
+            }
+            _ => {
+                entry.dialing += 1;
+                None
+            }
+        }
+    }
+
+    async fn dial<D, F>(
+        &self,
+        key: &PoolKey,
+        dial: D,
+        tls: impl FnOnce() -> Result<rustls::ClientConfig, TunnelError>,
+    ) -> Result<Arc<Pooled>, TunnelError>
+    where
+        D: FnOnce() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
+        let config = Arc::new(tls()?);
+        let tcp = dial().await.map_err(|source| TunnelError::Connect {
+            addr: key.address,
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let server_name = rustls::pki_types::ServerName::IpAddress(key.address.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name, tcp)
+            .await
+            .map_err(|source| TunnelError::Tls {
+                addr: key.address,
+                source,
+            })?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tls))
+            .await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let peer = key.address;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "tunnel connection ended with error");
+            }
+        });
+        tracing::debug!(%peer, id, source = %key.source, destination = %key.destination, "tunnel connection opened");
+        Ok(Arc::new(Pooled {
+            id,
+            sender,
+            streams: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+        }))
+    }
+
+    /// Closes connections idle longer than the idle timeout, and forgets closed ones.
+    pub fn reap_idle(&self) {
+        let mut entries = self.entries.lock().expect("pool lock");
+        for entry in entries.values_mut() {
+            entry.conns.retain(|c| {
+                let idle = c.streams.load(Ordering::Relaxed) == 0
+                    && c.last_used.lock().expect("pool lock").elapsed()
+                        >= self.settings.idle_timeout;
+                if idle {
+                    tracing::debug!(id = c.id, "closing idle tunnel connection");
+                }
+                !idle && !c.sender.is_closed()
+            });
+        }
+        entries.retain(|_, e| !e.conns.is_empty() || e.dialing > 0);
+    }
+
+    /// `/config_dump` view.
+    pub fn views(&self) -> Vec<PoolView> {
+        let entries = self.entries.lock().expect("pool lock");
+        let mut views: Vec<PoolView> = entries
+            .iter()
+            .filter(|(_, e)| !e.conns.is_empty())
+            .map(|(k, e)| PoolView {
+                source_workload: k.source_workload.clone(),
+                source: k.source.to_string(),
+                destination: k.destination.to_string(),
+                address: k.address.to_string(),
+                connections: e.conns.iter().filter(|c| !c.sender.is_closed()).count(),
+                streams: e
+                    .conns
+                    .iter()
+                    .map(|c| c.streams.load(Ordering::Relaxed))
+                    .sum(),
+            })
+            .collect();
+        views.sort_by(|a, b| {
+            (&a.source_workload, &a.address).cmp(&(&b.source_workload, &b.address))
+        });
+        views
+    }
+}

@@ -1,0 +1,204 @@
+//! Server side of the tunnel: the in-pod listener on port 15008.
+//!
+//! Each accepted connection must complete a TLS 1.3 handshake with a client
+//! certificate that chains to the trust bundle and carries a SPIFFE ID. Then each
+//! HTTP/2 CONNECT stream names a destination on this pod, which the agent dials
+//! from inside the pod and relays to. Anything else (garbage, plain HTTP, TLS
+//! without a certificate, a foreign CA) is refused at the handshake, logged and
+//! counted, and never reaches the application.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::{ServingCert, server_config};
+use crate::agent::IdentityState;
+use crate::connections::{ConnectionGuard, Peers};
+use crate::identity::{Identity, identity_of};
+use crate::outbound::OutboundContext;
+use crate::relay::relay_tunnel;
+
+/// Bound on the TLS handshake of an inbound tunnel connection (slowloris guard).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one client connection may have open at once.
+const MAX_STREAMS: u32 = 100;
+
+/// What the listener of one workload needs.
+pub struct InboundContext {
+    /// The workload's shared state (identity, netns, metrics, connection table).
+    pub workload: Arc<OutboundContext>,
+    /// Certificates and trust.
+    pub identity: Arc<IdentityState>,
+    /// The pod's IPs; a CONNECT to any other address is refused.
+    pub ips: Vec<IpAddr>,
+    /// The TLS config, rebuilt when the trust bundle changes.
+    tls: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
+    serving: Arc<ServingCert>,
+}
+
+impl InboundContext {
+    /// The listener context of `workload`, serving the certificate of `identity`.
+    pub fn new(
+        workload: Arc<OutboundContext>,
+        identity_state: Arc<IdentityState>,
+        identity: Identity,
+        ips: Vec<IpAddr>,
+    ) -> Self {
+        let serving = Arc::new(ServingCert::new(identity, identity_state.certs.clone()));
+        InboundContext {
+            workload,
+            identity: identity_state,
+            ips,
+            tls: Mutex::new(None),
+            serving,
+        }
+    }
+
+    fn tls_config(&self) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let trust = self.identity.trust();
+        let mut cached = self.tls.lock().expect("tls config lock");
+        if let Some((roots, config)) = cached.as_ref()
+            && Arc::ptr_eq(roots, &trust.roots)
+        {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(server_config(self.serving.clone(), &trust)?);
+        *cached = Some((trust.roots.clone(), config.clone()));
+        Ok(config)
+    }
+}
+
+/// Accepts tunnel connections until `cancel`.
+pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(handle_connection(stream, peer, ctx.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<InboundContext>) {
+    let workload = ctx.workload.meta.read().expect("meta lock").key();
+    let refuse = |reason: &'static str, detail: String| {
+        tracing::warn!(%workload, %peer, reason, error = %detail, "tunnel connection refused");
+        ctx.workload.metrics.tunnel_refused("inbound", reason);
+    };
+    let config = match ctx.tls_config() {
+        Ok(c) => c,
+        Err(e) => return refuse("tls_config", e.to_string()),
+    };
+    let _ = stream.set_nodelay(true);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return refuse("handshake", e.to_string()),
+        Err(_) => return refuse("handshake_timeout", format!("{HANDSHAKE_TIMEOUT:?}")),
+    };
+    let source = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(identity_of)
+    {
+        Some(Ok(id)) => id,
+        Some(Err(e)) => return refuse("peer_identity", e.to_string()),
+        None => return refuse("peer_identity", "no client certificate".into()),
+    };
+    let service = hyper::service::service_fn({
+        let ctx = ctx.clone();
+        let source = source.clone();
+        move |req| handle_stream(req, peer, source.clone(), ctx.clone())
+    });
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%workload, %peer, error = %e, "tunnel connection ended with error");
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
+
+async fn handle_stream(
+    mut req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+    source: Identity,
+    ctx: Arc<InboundContext>,
+) -> Result<Response<Empty<Bytes>>, Infallible> {
+    if req.method() != Method::CONNECT {
+        return Ok(status(StatusCode::METHOD_NOT_ALLOWED));
+    }
+    let Some(destination) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return Ok(status(StatusCode::BAD_REQUEST));
+    };
+    if !ctx.ips.contains(&destination.ip()) {
+        tracing::warn!(%peer, %destination, "CONNECT to an address that is not this pod's; refused");
+        return Ok(status(StatusCode::BAD_REQUEST));
+    }
+    let w = &ctx.workload;
+    let local = w.meta.read().expect("meta lock").clone();
+    // The client pod, when known and when its configured identity is the proven one.
+    let source_workload = w
+        .directory
+        .lookup(peer.ip())
+        .filter(|m| m.identity() == source);
+    let peers = Peers {
+        reporter: "destination",
+        source: source_workload,
+        source_principal: Some(source.to_string()),
+        destination: Some(local),
+        mutual_tls: true,
+    };
+    let mut guard = ConnectionGuard::open(&w.connections, &w.metrics, peers, peer, destination);
+    let app = match crate::outbound::connect_in_pod(w, destination).await {
+        Ok(app) => app,
+        Err(e) => {
+            guard.fail("UF");
+            tracing::warn!(%destination, error = %e, "delivery to the application failed");
+            return Ok(status(StatusCode::SERVICE_UNAVAILABLE));
+        }
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let tunnel = TokioIo::new(upgraded);
+                if let Err(e) = relay_tunnel(&app, tunnel, guard.sent(), guard.received()).await {
+                    tracing::debug!(%destination, error = %e, "tunnel stream ended with error");
+                }
+            }
+            Err(e) => {
+                guard.fail("UF");
+                tracing::debug!(%destination, error = %e, "CONNECT stream never opened");
+            }
+        }
+    });
+    Ok(status(StatusCode::OK))
+}
