@@ -24,13 +24,17 @@ use crate::connections::ConnectionTable;
 use crate::identity::TrustBundle;
 use crate::identity::ca::{CaError, Signer, load_trust_bundle};
 use crate::identity::manager::{CertManager, CertPolicy, CertView};
+use crate::inbound;
 use crate::metrics::Metrics;
 use crate::netns::NetnsHandle;
 use crate::outbound::{self, OutboundContext};
+use crate::policy::{Policies, PolicyStore};
 use crate::tunnel::pool::{PoolSettings, PoolView, TunnelPool};
 use crate::tunnel::server::InboundContext;
 use crate::tunnel::{self, HBONE_PORT};
 use crate::workload::{Directory, TRUST_DOMAIN, WorkloadMeta};
+use aya::programs::sk_lookup::SkLookupLink;
+use mesh_common::INBOUND_PORT;
 
 /// Agent settings that come from flags, not from the config file.
 #[derive(Debug, Clone)]
@@ -116,6 +120,10 @@ pub struct ConfigStatus {
 }
 
 struct Enrollment {
+    /// Keeps inbound steering attached to the pod's netns; detached on drop.
+    inbound_link: Option<SkLookupLink>,
+    /// Pod addresses whose inbound TCP is steered to the agent.
+    steered: Vec<IpAddr>,
     workload: Workload,
     workload_id: u32,
     cgroup_id: u64,
@@ -155,6 +163,8 @@ pub struct Agent {
     pub identity: Option<Arc<IdentityState>>,
     /// Client tunnel connections, shared by all workloads.
     pub pool: Arc<TunnelPool>,
+    /// Peer authentication and authorization in force.
+    pub policies: Arc<PolicyStore>,
 }
 
 impl Agent {
@@ -194,6 +204,7 @@ impl Agent {
             }
         });
         Agent {
+            policies: Arc::new(PolicyStore::default()),
             pool,
             identity,
             capture: Arc::new(capture),
@@ -248,6 +259,14 @@ impl Agent {
 
     async fn apply(&self, state: &mut State, config: MeshConfig) {
         let node = self.settings.node_name.as_deref();
+        let changed = self.policies.replace(Policies {
+            peer_authentications: config.peer_authentications,
+            authorization_policies: config.authorization_policies,
+        });
+        if changed {
+            let closed = self.connections.revoke_disallowed(&self.policies.get());
+            tracing::info!(closed, "policies applied");
+        }
         let all: Vec<Workload> = config.workloads;
         let desired: BTreeMap<String, Workload> = all
             .iter()
@@ -387,12 +406,15 @@ impl Agent {
             tasks.push(self.spawn_listener(v6, FAMILY_V6, &ctx, &cancel)?);
             flags |= WORKLOAD_FLAG_V6_LISTENER;
         }
+        let mut steered = Vec::new();
+        let mut inbound_link = None;
         if let Some(identity) = &self.identity {
             let inbound = Arc::new(InboundContext::new(
                 ctx.clone(),
                 identity.clone(),
                 WorkloadMeta::from_config(w).identity(),
                 w.ips.clone(),
+                self.policies.clone(),
             ));
             for ip in &w.ips {
                 let addr = SocketAddr::new(*ip, HBONE_PORT);
@@ -411,6 +433,55 @@ impl Agent {
                     cancel.clone(),
                 )));
             }
+            // Inbound plaintext: listeners on the pod's loopback, reached only through
+            // kernel steering from the pod's addresses.
+            let mut by_family: Vec<(bool, TcpListener)> = Vec::new();
+            for addr in [
+                SocketAddr::from(([127, 0, 0, 1], INBOUND_PORT)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, INBOUND_PORT)),
+            ] {
+                match ctx.netns.run(move || bind_listener(addr)).await? {
+                    Ok(l) => {
+                        listeners.push(addr);
+                        by_family.push((addr.is_ipv6(), TcpListener::from_std(l)?));
+                    }
+                    Err(e) if addr.is_ipv6() => {
+                        tracing::info!(workload = %w.key(), error = %e, "no IPv6 inbound listener; inbound IPv6 is not steered");
+                    }
+                    Err(e) => {
+                        cancel.cancel();
+                        return Err(e).with_context(|| {
+                            format!("binding inbound listener {addr} in the pod")
+                        });
+                    }
+                }
+            }
+            for ip in &w.ips {
+                if let Some((_, l)) = by_family.iter().find(|(v6, _)| *v6 == ip.is_ipv6()) {
+                    self.capture
+                        .steer_inbound(*ip, l)
+                        .context("writing the inbound steering map")?;
+                    steered.push(*ip);
+                }
+            }
+            for (_, l) in by_family {
+                tasks.push(tokio::spawn(inbound::serve(
+                    l,
+                    inbound.clone(),
+                    cancel.clone(),
+                )));
+            }
+            let ns = std::fs::File::open(&ns_file)?;
+            match self.capture.attach_inbound(&ns) {
+                Ok(link) => inbound_link = Some(link),
+                Err(e) => {
+                    cancel.cancel();
+                    for ip in &steered {
+                        self.capture.unsteer_inbound(*ip);
+                    }
+                    return Err(e).context("attaching inbound steering (sk_lookup) to the pod");
+                }
+            }
         }
         let exclusions = exclusions_for(w);
         let entry = WorkloadEntry {
@@ -421,10 +492,15 @@ impl Agent {
         // Capture starts only now, with the listeners already accepting.
         if let Err(e) = self.capture.enroll(cgroup_id, entry, &exclusions) {
             cancel.cancel();
+            for ip in &steered {
+                self.capture.unsteer_inbound(*ip);
+            }
             self.capture.unenroll(cgroup_id, workload_id, &exclusions);
             return Err(e).context("writing capture maps");
         }
         Ok(Enrollment {
+            inbound_link,
+            steered,
             workload: w.clone(),
             workload_id,
             cgroup_id,
@@ -456,6 +532,10 @@ impl Agent {
     fn unenroll(&self, state: &mut State, e: Enrollment) {
         self.capture
             .unenroll(e.cgroup_id, e.workload_id, &e.exclusions);
+        for ip in &e.steered {
+            self.capture.unsteer_inbound(*ip);
+        }
+        drop(e.inbound_link);
         e.cancel.cancel();
         state
             .draining

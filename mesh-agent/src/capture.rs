@@ -8,13 +8,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, PerCpuArray};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
+use aya::programs::sk_lookup::SkLookupLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use mesh_common::{
-    CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, MAX_EXCLUSIONS, MAX_PENDING_CONNECTIONS,
-    MAX_WORKLOADS, OrigDst, PortKey, V4_MAPPED_PREFIX_BITS, WorkloadEntry, stat, v4_mapped,
+    CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, InboundKey, MAX_EXCLUSIONS,
+    MAX_INBOUND_ADDRS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OrigDst, PortKey,
+    V4_MAPPED_PREFIX_BITS, WorkloadEntry, stat, v4_mapped,
 };
 use serde::Serialize;
 
@@ -70,6 +72,7 @@ const SOCK_ADDR_PROGRAMS: [(&str, &str); 2] = [
     ("capture_connect6", "cgroup/connect6"),
 ];
 const SOCK_OPS_PROGRAM: &str = "track_captured_sockets";
+const SK_LOOKUP_PROGRAM: &str = "steer_inbound";
 
 /// Cgroup bpf_links (5.7+, always used on our minimum kernel) coexist with other
 /// programs by construction and reject attach flags, so the mode must be `Single`
@@ -117,8 +120,9 @@ struct ConfigMaps {
 
 /// The loaded kernel side. Dropping it detaches every program (bpf_link).
 pub struct Capture {
-    /// Keeps programs and their links alive.
-    _ebpf: Ebpf,
+    /// Keeps programs and their links alive; per-pod `sk_lookup` links are made from it.
+    ebpf: Mutex<Ebpf>,
+    inbound: Mutex<SockHash<MapData, InboundKey>>,
     config: Mutex<ConfigMaps>,
     pending: Mutex<HashMap<MapData, u64, OrigDst>>,
     orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
@@ -179,6 +183,22 @@ impl Capture {
             cgroup: attach_cgroup.to_owned(),
         });
 
+        let program = ebpf
+            .program_mut(SK_LOOKUP_PROGRAM)
+            .ok_or(CaptureError::MissingProgram(SK_LOOKUP_PROGRAM))?;
+        let sk_lookup: &mut SkLookup =
+            program.try_into().map_err(program_err(SK_LOOKUP_PROGRAM))?;
+        sk_lookup.load().map_err(program_err(SK_LOOKUP_PROGRAM))?;
+        programs.push(ProgramSummary {
+            name: SK_LOOKUP_PROGRAM,
+            hook: "sk_lookup (per meshed pod netns)",
+            id: sk_lookup
+                .info()
+                .map_err(program_err(SK_LOOKUP_PROGRAM))?
+                .id(),
+            cgroup: PathBuf::new(),
+        });
+
         let config = ConfigMaps {
             workloads: take_map(&mut ebpf, "WORKLOADS")?,
             excluded_ports: take_map(&mut ebpf, "EXCLUDED_PORTS")?,
@@ -189,8 +209,9 @@ impl Capture {
             pending: Mutex::new(take_map(&mut ebpf, "PENDING")?),
             orig_dst: Mutex::new(take_map(&mut ebpf, "ORIG_DST")?),
             stats: take_map(&mut ebpf, "STATS")?,
+            inbound: Mutex::new(take_map(&mut ebpf, "INBOUND_LISTENERS")?),
             programs,
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
         })
     }
 
@@ -251,6 +272,49 @@ impl Capture {
         maps.remove_exclusions(workload_id, exclusions);
     }
 
+    /// Attaches inbound steering to a pod's network namespace. It stays attached
+    /// while the returned link lives.
+    pub fn attach_inbound(&self, netns: &File) -> Result<SkLookupLink, CaptureError> {
+        let err = |source| CaptureError::Program {
+            name: SK_LOOKUP_PROGRAM,
+            source,
+        };
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let program: &mut SkLookup = ebpf
+            .program_mut(SK_LOOKUP_PROGRAM)
+            .ok_or(CaptureError::MissingProgram(SK_LOOKUP_PROGRAM))?
+            .try_into()
+            .map_err(err)?;
+        let id = program.attach(netns).map_err(err)?;
+        program.take_link(id).map_err(err)
+    }
+
+    /// Steers inbound TCP for pod address `ip` to `listener` (the agent's inbound
+    /// listener in that pod).
+    pub fn steer_inbound(
+        &self,
+        ip: IpAddr,
+        listener: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), CaptureError> {
+        self.inbound
+            .lock()
+            .expect("inbound map lock")
+            .insert(inbound_key(ip), listener.as_raw_fd(), 0)
+            .map_err(|source| CaptureError::Map {
+                name: "INBOUND_LISTENERS",
+                source,
+            })
+    }
+
+    /// Stops steering `ip`.
+    pub fn unsteer_inbound(&self, ip: IpAddr) {
+        let _ = self
+            .inbound
+            .lock()
+            .expect("inbound map lock")
+            .remove(&inbound_key(ip));
+    }
+
     /// Takes the original destination of a captured connection, as recorded by the kernel.
     pub fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
         let mut map = self.orig_dst.lock().expect("orig dst lock");
@@ -299,11 +363,25 @@ impl Capture {
                 capacity: MAX_PENDING_CONNECTIONS.into(),
             },
             MapOccupancy {
+                name: "INBOUND_LISTENERS",
+                entries: self.inbound_entries(),
+                capacity: MAX_INBOUND_ADDRS.into(),
+            },
+            MapOccupancy {
                 name: "ORIG_DST",
                 entries: orig_dst,
                 capacity: MAX_PENDING_CONNECTIONS.into(),
             },
         ]
+    }
+
+    /// Steered pod addresses now.
+    pub fn inbound_entries(&self) -> u64 {
+        self.inbound
+            .lock()
+            .expect("inbound map lock")
+            .keys()
+            .count() as u64
     }
 
     /// The attached programs.
@@ -367,6 +445,15 @@ fn cidr_key(workload_id: u32, cidr: &IpNet) -> Key<CidrKey> {
             addr,
         },
     )
+}
+
+fn inbound_key(ip: IpAddr) -> InboundKey {
+    InboundKey {
+        addr: match ip {
+            IpAddr::V4(v4) => v4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        },
+    }
 }
 
 /// The socket address the application originally connected to.

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+
 /// The API group/version of nodemesh's own kinds.
 pub const API_VERSION: &str = "nodemesh.io/v1alpha1";
 
@@ -43,6 +45,20 @@ pub enum ConfigError {
 pub struct MeshConfig {
     /// Workloads on this node to enroll in the mesh.
     pub workloads: Vec<Workload>,
+    /// `PeerAuthentication` documents.
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// `AuthorizationPolicy` documents.
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+}
+
+/// Istio's security API versions, accepted as-is.
+const ISTIO_SECURITY: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+
+/// One parsed document.
+enum Document {
+    Workload(Workload),
+    PeerAuthentication(PeerAuthentication),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 /// A pod on this node: who it is, and where its cgroup and network namespace are.
@@ -192,8 +208,10 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
         }
-        if let Some(workload) = parse_document(index, value)? {
-            config.workloads.push(workload);
+        match parse_document(index, value)? {
+            Document::Workload(w) => config.workloads.push(w),
+            Document::PeerAuthentication(p) => config.peer_authentications.push(p),
+            Document::AuthorizationPolicy(p) => config.authorization_policies.push(p),
         }
     }
     validate_unique(&config)?;
@@ -204,10 +222,7 @@ fn str_field<'a>(value: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> 
     value.get(key).and_then(|v| v.as_str())
 }
 
-fn parse_document(
-    index: usize,
-    value: serde_yaml_ng::Value,
-) -> Result<Option<Workload>, ConfigError> {
+fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document, ConfigError> {
     let kind = str_field(&value, "kind").unwrap_or("").to_owned();
     let invalid = |subject: &str, field: &str, message: String| ConfigError::Invalid {
         index,
@@ -230,12 +245,16 @@ fn parse_document(
     if kind.is_empty() {
         return Err(invalid(&unnamed, "kind", "missing".into()));
     }
-    let api_version = str_field(&value, "apiVersion").unwrap_or("");
-    if api_version != API_VERSION {
+    let api_version = str_field(&value, "apiVersion").unwrap_or("").to_owned();
+    let expected: &[&str] = match kind.as_str() {
+        "PeerAuthentication" | "AuthorizationPolicy" => &ISTIO_SECURITY,
+        _ => &[API_VERSION],
+    };
+    if !expected.contains(&api_version.as_str()) {
         return Err(invalid(
             &unnamed,
             "apiVersion",
-            format!("expected {API_VERSION:?}, got {api_version:?}"),
+            format!("expected {}, got {api_version:?}", expected.join(" or ")),
         ));
     }
     if let Some(extra) = value
@@ -278,13 +297,35 @@ fn parse_document(
             let spec: RawWorkloadSpec = serde_yaml_ng::from_value(spec_value)
                 .map_err(|e| invalid(&subject, "spec", e.to_string()))?;
             build_workload(name, namespace, meta.labels, spec)
-                .map(Some)
+                .map(Document::Workload)
+                .map_err(|(field, message)| invalid(&subject, &field, message))
+        }
+        "PeerAuthentication" => {
+            let spec = serde_yaml_ng::from_value(value.get("spec").cloned().unwrap_or_default())
+                .map_err(|e| invalid(&subject, "spec", e.to_string()))?;
+            Ok(Document::PeerAuthentication(PeerAuthentication::from_raw(
+                name, namespace, spec,
+            )))
+        }
+        "AuthorizationPolicy" => {
+            let spec = serde_yaml_ng::from_value(value.get("spec").cloned().unwrap_or_default())
+                .map_err(|e| {
+                    invalid(
+                        &subject,
+                        "spec",
+                        format!("{e} (only L4 fields are supported: principals, namespaces, ipBlocks, ports)"),
+                    )
+                })?;
+            AuthorizationPolicy::from_raw(name, namespace, spec)
+                .map(Document::AuthorizationPolicy)
                 .map_err(|(field, message)| invalid(&subject, &field, message))
         }
         other => Err(invalid(
             &subject,
             "kind",
-            format!("unsupported kind {other:?} (supported: Workload)"),
+            format!(
+                "unsupported kind {other:?} (supported: Workload, PeerAuthentication, AuthorizationPolicy)"
+            ),
         )),
     }
 }

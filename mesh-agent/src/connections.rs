@@ -13,7 +13,9 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use crate::metrics::{Metrics, TcpLabels};
+use crate::policy::{self, Decision, Policies};
 use crate::workload::WorkloadMeta;
+use tokio_util::sync::CancellationToken;
 
 /// Who is on each end of a connection, as far as this agent can prove it.
 #[derive(Debug, Clone)]
@@ -63,6 +65,11 @@ pub struct ConnectionInfo {
     pub bytes_received: AtomicU64,
     /// Server to client bytes so far.
     pub bytes_sent: AtomicU64,
+    /// For inbound connections: what policy was checked, and how to close it if a
+    /// later policy no longer allows it.
+    authz: Mutex<Option<(policy::Connection, CancellationToken)>>,
+    /// Set when a policy change closed the connection.
+    revoked: std::sync::atomic::AtomicBool,
 }
 
 /// Serializable snapshot of a [`ConnectionInfo`].
@@ -112,6 +119,41 @@ impl ConnectionTable {
     /// Number of live connections.
     pub fn len(&self) -> usize {
         self.live.lock().expect("connection table lock").len()
+    }
+
+    /// Re-checks every live inbound connection against `policies` and closes those no
+    /// longer allowed. Returns how many were closed.
+    pub fn revoke_disallowed(&self, policies: &Policies) -> usize {
+        let live: Vec<Arc<ConnectionInfo>> = self
+            .live
+            .lock()
+            .expect("connection table lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut closed = 0;
+        for info in live {
+            let Some(destination) = info.peers.destination.as_deref() else {
+                continue;
+            };
+            let authz = info.authz.lock().expect("authz lock");
+            let Some((conn, cancel)) = authz.as_ref() else {
+                continue;
+            };
+            if let Decision::Deny(why) = policies.decide(destination, conn) {
+                tracing::info!(
+                    id = info.id,
+                    source = ?conn.source.as_ref().map(|s| s.to_string()),
+                    destination = %info.original_destination,
+                    reason = %why,
+                    "closing a live connection the new policy no longer allows"
+                );
+                info.revoked.store(true, Ordering::Relaxed);
+                cancel.cancel();
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Whether no connection is live.
@@ -197,6 +239,8 @@ impl ConnectionGuard {
             started_wall: SystemTime::now(),
             bytes_received: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
+            authz: Mutex::new(None),
+            revoked: std::sync::atomic::AtomicBool::new(false),
         });
         table
             .live
@@ -214,6 +258,12 @@ impl ConnectionGuard {
             labels,
             outcome: "-",
         }
+    }
+
+    /// Records the policy attributes of an inbound connection; `cancel` fires if a
+    /// later policy denies it.
+    pub fn authorized(&self, conn: policy::Connection, cancel: CancellationToken) {
+        *self.info.authz.lock().expect("authz lock") = Some((conn, cancel));
     }
 
     /// Marks why the connection failed (an Istio `response_flags` value).
@@ -240,6 +290,9 @@ impl Drop for ConnectionGuard {
             .expect("connection table lock")
             .remove(&self.info.id);
         self.metrics.open_connections.dec();
+        if self.info.revoked.load(Ordering::Relaxed) {
+            self.outcome = "DENY";
+        }
         let closed = TcpLabels {
             response_flags: self.outcome,
             ..self.labels.clone()

@@ -22,6 +22,21 @@ pub const FAMILY_V6: u16 = 6;
 /// The workload has an IPv6 loopback listener, so IPv6 connects may be redirected.
 pub const WORKLOAD_FLAG_V6_LISTENER: u16 = 1;
 
+/// The agent's mTLS tunnel port on every meshed pod (HBONE); never steered.
+pub const HBONE_PORT: u16 = 15008;
+/// The agent's in-pod listener for inbound plaintext; never steered itself.
+pub const INBOUND_PORT: u16 = 15006;
+/// Upper bound on steered pod addresses (a few per workload).
+pub const MAX_INBOUND_ADDRS: u32 = MAX_WORKLOADS * 4;
+
+/// A pod address whose inbound TCP the `sk_lookup` program steers to the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    /// IPv6 bytes; IPv4 stored IPv4-mapped.
+    pub addr: [u8; 16],
+}
+
 /// Why an enrolled workload's cgroup maps to capture settings in the kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,4 +147,5 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::InboundKey {}
 }

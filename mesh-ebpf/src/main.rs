@@ -8,11 +8,19 @@
 //!   the ephemeral port, re-key that record by (netns cookie, family, port),
 //!   which is what the agent can see on `accept`; delete it when the socket
 //!   closes, so the map never outlives the connection.
+//! * `steer_inbound` (`sk_lookup`, attached to each meshed pod's network
+//!   namespace): a TCP connection arriving from outside the pod for one of its
+//!   addresses is handed to the agent's inbound listener in that pod, whatever
+//!   the port. The tunnel port, the listener's own port and anything the pod
+//!   sends to itself (including the agent delivering to the app from inside the
+//!   pod) are left to the normal socket lookup.
 //!
 //! Everything is decided from kernel state (cgroup id, socket cookie, netns
 //! cookie); nothing the application sends is trusted.
 #![no_std]
 #![no_main]
+
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
     EbpfContext,
@@ -24,14 +32,14 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, FAMILY_V6, MAX_CGROUP_ANCESTORS,
-    MAX_EXCLUSIONS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OrigDst, PortKey,
-    WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry, stat, v4_mapped,
+    CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, FAMILY_V6, HBONE_PORT, INBOUND_PORT,
+    InboundKey, MAX_CGROUP_ANCESTORS, MAX_EXCLUSIONS, MAX_INBOUND_ADDRS, MAX_PENDING_CONNECTIONS,
+    MAX_WORKLOADS, OrigDst, PortKey, WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry, stat, v4_mapped,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -64,6 +72,91 @@ static ORIG_DST: LruHashMap<ConnKey, OrigDst> =
 /// Decision counters, indexed by `mesh_common::stat`.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// The agent's inbound listener in each meshed pod, by pod address (filled by the agent).
+#[map]
+static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::with_max_entries(MAX_INBOUND_ADDRS, 0);
+
+/// `sk_lookup` verdict: continue (with or without a selected socket).
+const SK_PASS: u32 = 1;
+/// Every network namespace numbers its loopback device 1.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+#[sk_lookup]
+pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+    // Never drop: a miss or a failed assignment falls back to the normal lookup.
+    let _ = steer(&ctx);
+    SK_PASS
+}
+
+fn steer(ctx: &SkLookupContext) -> Option<()> {
+    // SAFETY: the kernel passes a valid bpf_sk_lookup for the program's lifetime.
+    let l = unsafe { &*ctx.lookup };
+    // Every field is read up front, each with its own constant offset from the
+    // context: if the compiler chose between field addresses by branch, the
+    // verifier would reject the load through a moved context pointer.
+    // SAFETY (all reads): fields of the live context.
+    let (protocol, ifindex, port, family) = unsafe {
+        (
+            read_volatile(&l.protocol),
+            read_volatile(&l.ingress_ifindex),
+            read_volatile(&l.local_port),
+            read_volatile(&l.family),
+        )
+    };
+    let ip4 = unsafe { read_volatile(&l.local_ip4) };
+    let remote4 = unsafe { read_volatile(&l.remote_ip4) };
+    let remote6 = unsafe {
+        [
+            read_volatile(&l.remote_ip6[0]),
+            read_volatile(&l.remote_ip6[1]),
+            read_volatile(&l.remote_ip6[2]),
+            read_volatile(&l.remote_ip6[3]),
+        ]
+    };
+    let ip6 = unsafe {
+        [
+            read_volatile(&l.local_ip6[0]),
+            read_volatile(&l.local_ip6[1]),
+            read_volatile(&l.local_ip6[2]),
+            read_volatile(&l.local_ip6[3]),
+        ]
+    };
+    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
+        return None;
+    }
+    // From the pod's own address to itself: the pod talking to itself, or the agent
+    // delivering to the application from inside the pod. Loopback routing reports
+    // the address's device here, not `lo`, so the addresses decide.
+    let own = if family == AF_INET {
+        remote4 == ip4
+    } else {
+        remote6 == ip6
+    };
+    if own {
+        return None;
+    }
+    if port == u32::from(HBONE_PORT) || port == u32::from(INBOUND_PORT) {
+        return None;
+    }
+    let addr = if family == AF_INET {
+        v4_mapped(ip4.to_ne_bytes())
+    } else {
+        let (a, b, c, d) = (
+            ip6[0].to_ne_bytes(),
+            ip6[1].to_ne_bytes(),
+            ip6[2].to_ne_bytes(),
+            ip6[3].to_ne_bytes(),
+        );
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ]
+    };
+    INBOUND_LISTENERS
+        .redirect_sk_lookup(ctx, InboundKey { addr }, 0)
+        .ok()
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn capture_connect4(ctx: SockAddrContext) -> i32 {

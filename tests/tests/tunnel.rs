@@ -22,9 +22,11 @@ struct TwoNodes {
     far: Agent,
     a: Pod,
     b: Pod,
+    /// A second client on node 0, in namespace `other`.
+    c: Pod,
     _servers: Vec<Process>,
     node0: Node,
-    _node1: Node,
+    node1: Node,
     _ca: MeshCa,
 }
 
@@ -36,6 +38,7 @@ impl TwoNodes {
         let mut node1 = Node::with_index(1).unwrap();
         node0.link(&node1).unwrap();
         let a = node0.add_pod("a", "shop").unwrap();
+        let c = node0.add_pod("c", "other").unwrap();
         let b = node1.add_pod("b", "backend").unwrap();
         let servers = vec![
             b.serve(
@@ -49,7 +52,7 @@ impl TwoNodes {
             )
             .unwrap(),
         ];
-        let config = yaml_docs(&[a.workload_yaml(), b.workload_yaml()]);
+        let config = yaml_docs(&[a.workload_yaml(), b.workload_yaml(), c.workload_yaml()]);
         let near = Agent::start_with(&tools, &node0, &config, &ca.args()).unwrap();
         let far = Agent::start_with(&tools, &node1, &config, &ca.args()).unwrap();
         TwoNodes {
@@ -58,15 +61,36 @@ impl TwoNodes {
             far,
             a,
             b,
+            c,
             _servers: servers,
             node0,
-            _node1: node1,
+            node1,
             _ca: ca,
         }
     }
 
     fn podtool(&self, pod: &Pod, args: &[&str]) -> serde_json::Value {
         let mut cmd = pod.command(&self.tools.podtool).unwrap();
+        cmd.args(args);
+        run_json(&mut cmd, RUN).unwrap()
+    }
+
+    /// Applies the pods plus `extra` documents on both agents.
+    fn apply(&self, extra: &[&str]) {
+        let mut docs = vec![
+            self.a.workload_yaml(),
+            self.b.workload_yaml(),
+            self.c.workload_yaml(),
+        ];
+        docs.extend(extra.iter().map(|d| d.to_string()));
+        for agent in [&self.near, &self.far] {
+            agent.reconfigure(&yaml_docs(&docs)).unwrap();
+        }
+    }
+
+    /// A process on node 1 outside every pod: a client that is not in the mesh.
+    fn outsider(&self, args: &[&str]) -> serde_json::Value {
+        let mut cmd = self.node1.command(&self.tools.podtool).unwrap();
         cmd.args(args);
         run_json(&mut cmd, RUN).unwrap()
     }
@@ -80,6 +104,15 @@ impl TwoNodes {
                     .is_some_and(|c| c.iter().any(|c| c["state"] == "available")))
             })
             .unwrap();
+        }
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- node 0 agent log ---\n{}", self.near.log());
+            eprintln!("--- node 1 agent log ---\n{}", self.far.log());
         }
     }
 }
@@ -377,5 +410,173 @@ fn strangers_at_the_tunnel_port_are_refused() {
     assert_eq!(
         streamed["sent_sha256"], streamed["received_sha256"],
         "{streamed}"
+    );
+}
+
+const STRICT_BACKEND: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: backend}
+spec:
+  mtls: {mode: STRICT}
+";
+
+/// Acceptance 4: inbound plaintext from outside the mesh is steered to the agent
+/// by `sk_lookup`. PERMISSIVE serves it, counted as `none`; STRICT refuses it,
+/// while meshed clients keep working over mTLS.
+#[test]
+fn inbound_plaintext_is_permissive_by_default_and_refused_when_strict() {
+    let mesh = TwoNodes::new();
+    mesh.wait_ready_certs();
+    let echo = mesh.b.addr(ECHO_PORT).to_string();
+    let plain = || {
+        mesh.far.metric(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "none"),
+                ("destination_workload", "b"),
+                ("source_principal", "unknown"),
+            ],
+        )
+    };
+
+    let streamed = mesh.outsider(&["stream", "--to", &echo, "--bytes", "100000"]);
+    assert_eq!(
+        streamed["sent_sha256"], streamed["received_sha256"],
+        "{streamed}"
+    );
+    wait_until("plaintext counted", Duration::from_secs(5), || {
+        Ok(plain()? == 1.0)
+    })
+    .unwrap();
+
+    mesh.apply(&[STRICT_BACKEND]);
+    let probe = mesh.outsider(&["probe", "--to", &echo]);
+    assert_ne!(probe["outcome"], "data", "STRICT served plaintext: {probe}");
+    assert!(probe["elapsed_ms"].as_f64().unwrap() < 2000.0, "{probe}");
+    wait_until("refusal counted", Duration::from_secs(5), || {
+        Ok(mesh.far.metric(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("connection_security_policy", "none"),
+                ("response_flags", "DENY"),
+            ],
+        )? == 1.0)
+    })
+    .unwrap();
+    assert!(mesh.far.log().contains("PeerAuthentication mode is STRICT"));
+
+    // The meshed client is unaffected.
+    let streamed = mesh.podtool(&mesh.a, &["stream", "--to", &echo, "--bytes", "100000"]);
+    assert_eq!(
+        streamed["sent_sha256"], streamed["received_sha256"],
+        "{streamed}"
+    );
+}
+
+/// Acceptance 5: an ALLOW policy for namespace `shop` admits `a` and denies `c`
+/// (namespace `other`); adding a DENY live closes `a`'s long-lived connection.
+#[test]
+fn authorization_allows_by_namespace_and_live_deny_closes_connections() {
+    let mesh = TwoNodes::new();
+    mesh.wait_ready_certs();
+    let echo = mesh.b.addr(ECHO_PORT).to_string();
+    let allow_shop = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-shop, namespace: backend}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source: {namespaces: [shop]}
+";
+    mesh.apply(&[allow_shop]);
+
+    let streamed = mesh.podtool(&mesh.a, &["stream", "--to", &echo, "--bytes", "100000"]);
+    assert_eq!(
+        streamed["sent_sha256"], streamed["received_sha256"],
+        "{streamed}"
+    );
+    let probe = mesh.podtool(&mesh.c, &["probe", "--to", &echo]);
+    assert_ne!(probe["outcome"], "data", "c was let through: {probe}");
+    let c_principal = principal("other", "c-sa");
+    wait_until("denials counted", Duration::from_secs(5), || {
+        let far = mesh.far.metric(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("response_flags", "DENY"),
+                ("source_principal", &c_principal),
+                ("reporter", "destination"),
+            ],
+        )?;
+        let near = mesh.near.metric(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("response_flags", "DENY"),
+                ("source_principal", &c_principal),
+                ("reporter", "source"),
+            ],
+        )?;
+        Ok(far == 1.0 && near == 1.0)
+    })
+    .unwrap();
+
+    // A long-lived connection from a, then a DENY for it, applied live.
+    let mut hold = mesh.a.command(&mesh.tools.podtool).unwrap();
+    hold.args([
+        "hold",
+        "--to",
+        &echo,
+        "--seconds",
+        "30",
+        "--interval-ms",
+        "100",
+    ]);
+    let hold = Process::spawn(&mut hold, "hold").unwrap();
+    wait_until("a's connection is open", Duration::from_secs(10), || {
+        Ok(mesh
+            .far
+            .connections()?
+            .iter()
+            .any(|c| c.source_workload == "shop/a"))
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let deny_shop = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-shop-echo, namespace: backend}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {namespaces: [shop]}
+    to:
+    - operation: {ports: [\"9000\"]}
+";
+    mesh.apply(&[allow_shop, deny_shop]);
+    let report = hold.wait(RUN).unwrap().report().unwrap();
+    assert!(
+        !report["error"].is_null(),
+        "the connection survived the DENY: {report}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    wait_until("revocation counted", Duration::from_secs(5), || {
+        Ok(mesh.far.metric(
+            "istio_tcp_connections_closed_total",
+            &[
+                ("response_flags", "DENY"),
+                ("source_principal", &principal("shop", "a-sa")),
+            ],
+        )? == 1.0)
+    })
+    .unwrap();
+    assert!(
+        mesh.far
+            .log()
+            .contains("closing a live connection the new policy no longer allows")
     );
 }

@@ -24,6 +24,7 @@ use crate::agent::IdentityState;
 use crate::connections::{ConnectionGuard, Peers};
 use crate::identity::{Identity, identity_of};
 use crate::outbound::OutboundContext;
+use crate::policy::{self, Decision, PolicyStore};
 use crate::relay::relay_tunnel;
 
 /// Bound on the TLS handshake of an inbound tunnel connection (slowloris guard).
@@ -39,6 +40,8 @@ pub struct InboundContext {
     pub identity: Arc<IdentityState>,
     /// The pod's IPs; a CONNECT to any other address is refused.
     pub ips: Vec<IpAddr>,
+    /// Peer authentication and authorization in force.
+    pub policies: Arc<PolicyStore>,
     /// The TLS config, rebuilt when the trust bundle changes.
     tls: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
     serving: Arc<ServingCert>,
@@ -51,12 +54,14 @@ impl InboundContext {
         identity_state: Arc<IdentityState>,
         identity: Identity,
         ips: Vec<IpAddr>,
+        policies: Arc<PolicyStore>,
     ) -> Self {
         let serving = Arc::new(ServingCert::new(identity, identity_state.certs.clone()));
         InboundContext {
             workload,
             identity: identity_state,
             ips,
+            policies,
             tls: Mutex::new(None),
             serving,
         }
@@ -177,6 +182,19 @@ async fn handle_stream(
         mutual_tls: true,
     };
     let mut guard = ConnectionGuard::open(&w.connections, &w.metrics, peers, peer, destination);
+    let attrs = policy::Connection {
+        source: Some(source.clone()),
+        source_ip: peer.ip(),
+        destination_port: destination.port(),
+    };
+    let local = w.meta.read().expect("meta lock").clone();
+    if let Decision::Deny(why) = ctx.policies.get().decide(&local, &attrs) {
+        guard.fail("DENY");
+        tracing::info!(source = %source, %destination, reason = %why, "connection denied by policy");
+        return Ok(status(StatusCode::FORBIDDEN));
+    }
+    let cancel = CancellationToken::new();
+    guard.authorized(attrs, cancel.clone());
     let app = match crate::outbound::connect_in_pod(w, destination).await {
         Ok(app) => app,
         Err(e) => {
@@ -190,8 +208,17 @@ async fn handle_stream(
         match upgrade.await {
             Ok(upgraded) => {
                 let tunnel = TokioIo::new(upgraded);
-                if let Err(e) = relay_tunnel(&app, tunnel, guard.sent(), guard.received()).await {
-                    tracing::debug!(%destination, error = %e, "tunnel stream ended with error");
+                tokio::select! {
+                    result = relay_tunnel(&app, tunnel, guard.sent(), guard.received()) => {
+                        if let Err(e) = result {
+                            tracing::debug!(%destination, error = %e, "tunnel stream ended with error");
+                        }
+                    }
+                    _ = cancel.cancelled() => {
+                        // Revoked by a policy change: reset the app side; dropping the
+                        // stream resets the tunnel side.
+                        let _ = app.set_zero_linger();
+                    }
                 }
             }
             Err(e) => {
