@@ -25,6 +25,10 @@ pub enum View {
     Maps,
     /// Live connections.
     Connections,
+    /// Workload certificates: identity, serial, expiry, state.
+    Certificates,
+    /// Tunnel connection pool: connections and streams per peer.
+    Pool,
     /// Raw Prometheus metrics.
     Metrics,
     /// The whole config dump as JSON.
@@ -64,6 +68,8 @@ pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
                 .iter()
                 .map(|c| {
                     vec![
+                        c.reporter.clone(),
+                        c.security.clone(),
                         c.source_workload.clone(),
                         c.original_destination.clone(),
                         c.destination_workload.clone().unwrap_or_else(|| "-".into()),
@@ -75,6 +81,8 @@ pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
                 .collect();
             Ok(table(
                 &[
+                    "REPORTER",
+                    "SECURITY",
                     "SOURCE",
                     "ORIGINAL DST",
                     "DST WORKLOAD",
@@ -145,6 +153,54 @@ fn render_dump(dump: &Value, view: View) -> String {
             list("maps")
                 .iter()
                 .map(|m| vec![s(&m["name"]), s(&m["entries"]), s(&m["capacity"])])
+                .collect(),
+        ),
+        View::Certificates => table(
+            &[
+                "IDENTITY",
+                "STATE",
+                "SERIAL",
+                "EXPIRES (UNIX)",
+                "NEXT ATTEMPT",
+                "FAILURES",
+                "ERROR",
+            ],
+            list("certificates")
+                .iter()
+                .map(|c| {
+                    vec![
+                        s(&c["identity"]),
+                        s(&c["state"]),
+                        s(&c["serial"]),
+                        s(&c["notAfterUnix"]),
+                        format!("{:.0}s", c["nextAttemptInSeconds"].as_f64().unwrap_or(0.0)),
+                        s(&c["failures"]),
+                        s(&c["lastError"]),
+                    ]
+                })
+                .collect(),
+        ),
+        View::Pool => table(
+            &[
+                "SOURCE WORKLOAD",
+                "SOURCE",
+                "DESTINATION",
+                "PEER",
+                "CONNECTIONS",
+                "STREAMS",
+            ],
+            list("tunnelPool")
+                .iter()
+                .map(|p| {
+                    vec![
+                        s(&p["sourceWorkload"]),
+                        s(&p["source"]),
+                        s(&p["destination"]),
+                        s(&p["address"]),
+                        s(&p["connections"]),
+                        s(&p["streams"]),
+                    ]
+                })
                 .collect(),
         ),
         View::Config | View::Metrics | View::Connections => {

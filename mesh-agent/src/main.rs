@@ -139,8 +139,11 @@ fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
         .buffered_lines_limit(4096)
         .thread_name("log-writer")
         .finish(std::io::stderr());
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, never in collected logs.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
     if format == "json" {
         builder.json().init();

@@ -65,6 +65,11 @@ struct RefusalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IdentityLabels {
     identity: String,
 }
@@ -100,6 +105,7 @@ pub struct Metrics {
     cert_expiry: Family<IdentityLabels, Gauge>,
     cert_failures: Family<IdentityLabels, Counter>,
     tunnel_refusals: Family<RefusalLabels, Counter>,
+    tunnel_connections: Family<DirectionLabels, Counter>,
     /// Tunnel connections open in the client pool.
     pub tunnel_pool_connections: Gauge,
     /// Last kernel counter values, so Prometheus counters advance by the delta.
@@ -132,6 +138,7 @@ impl Metrics {
             cert_expiry: Family::default(),
             cert_failures: Family::default(),
             tunnel_refusals: Family::default(),
+            tunnel_connections: Family::default(),
             tunnel_pool_connections: Gauge::default(),
             last_decisions: Mutex::new([0; mesh_common::stat::COUNT as usize]),
             registry: Registry::default(),
@@ -212,6 +219,11 @@ impl Metrics {
             m.tunnel_refusals.clone(),
         );
         registry.register(
+            "nodemesh_tunnel_connections",
+            "mTLS tunnel connections established (outbound: dialled by the pool; inbound: accepted)",
+            m.tunnel_connections.clone(),
+        );
+        registry.register(
             "nodemesh_tunnel_pool_connections",
             "mTLS tunnel connections open in the client pool",
             m.tunnel_pool_connections.clone(),
@@ -223,6 +235,13 @@ impl Metrics {
     pub fn tunnel_refused(&self, direction: &'static str, reason: &'static str) {
         self.tunnel_refusals
             .get_or_create(&RefusalLabels { direction, reason })
+            .inc();
+    }
+
+    /// Counts an established tunnel connection.
+    pub fn tunnel_established(&self, direction: &'static str) {
+        self.tunnel_connections
+            .get_or_create(&DirectionLabels { direction })
             .inc();
     }
 

@@ -239,11 +239,16 @@ async fn open_tunnel(
         address: SocketAddr::new(destination.ip(), HBONE_PORT),
     };
     let address = key.address;
+    let metrics = ctx.metrics.clone();
     ctx.pool
         .connect(
             &key,
             destination,
-            || connect_in_pod(ctx, address),
+            || async move {
+                let stream = connect_in_pod(ctx, address).await?;
+                metrics.tunnel_established("outbound");
+                Ok(stream)
+            },
             || {
                 tunnel::client_config(&cert, peer_identity, &trust).map_err(|e| TunnelError::Tls {
                     addr: address,

@@ -32,6 +32,11 @@ struct TwoNodes {
 
 impl TwoNodes {
     fn new() -> Self {
+        Self::with_args(&[])
+    }
+
+    /// Both agents get `args` besides the CA.
+    fn with_args(args: &[&str]) -> Self {
         let tools = Tools::new(env!("CARGO_BIN_EXE_podtool")).unwrap();
         let ca = MeshCa::init(&tools).unwrap();
         let mut node0 = Node::with_index(0).unwrap();
@@ -53,8 +58,10 @@ impl TwoNodes {
             .unwrap(),
         ];
         let config = yaml_docs(&[a.workload_yaml(), b.workload_yaml(), c.workload_yaml()]);
-        let near = Agent::start_with(&tools, &node0, &config, &ca.args()).unwrap();
-        let far = Agent::start_with(&tools, &node1, &config, &ca.args()).unwrap();
+        let mut agent_args = ca.args().to_vec();
+        agent_args.extend(args);
+        let near = Agent::start_with(&tools, &node0, &config, &agent_args).unwrap();
+        let far = Agent::start_with(&tools, &node1, &config, &agent_args).unwrap();
         TwoNodes {
             tools,
             near,
@@ -244,6 +251,26 @@ fn cross_node_traffic_is_mutual_tls_and_byte_exact() {
     // One tunnel connection carried both streams.
     let pool = &mesh.near.config_dump().unwrap()["tunnelPool"];
     assert_eq!(pool[0]["connections"], 1, "{pool}");
+
+    // The same state as tables.
+    let debug = |view: &str| {
+        let mut cmd = std::process::Command::new(&mesh.tools.agent);
+        cmd.args(["debug", view, "--admin-addr", &mesh.near.admin.to_string()]);
+        nodemesh_testkit::run(&mut cmd).unwrap()
+    };
+    let certs = debug("certificates");
+    assert!(
+        certs
+            .lines()
+            .any(|l| l.contains(&a_id) && l.contains("available")),
+        "{certs}"
+    );
+    let pool = debug("pool");
+    assert!(
+        pool.lines()
+            .any(|l| l.contains(&b_id) && l.contains("198.18.1.2:15008")),
+        "{pool}"
+    );
 }
 
 /// Acceptance 3 (identity mismatch): when the client side expects another identity
@@ -578,5 +605,111 @@ spec:
         mesh.far
             .log()
             .contains("closing a live connection the new policy no longer allows")
+    );
+}
+
+fn serial(agent: &Agent, identity: &str) -> Option<String> {
+    agent.config_dump().ok()?["certificates"]
+        .as_array()?
+        .iter()
+        .find(|c| c["identity"] == identity)?["serial"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Acceptance 6: both sides' certificates rotate (20 s lifetime, renewed every
+/// 10 s) during a 60 s echo stream over the tunnel; the stream never breaks and
+/// the new serials show in `/config_dump`.
+#[test]
+fn certificates_rotate_under_a_long_transfer() {
+    let mesh = TwoNodes::with_args(&["--cert-lifetime", "20s"]);
+    mesh.wait_ready_certs();
+    let (a_id, b_id) = (principal("shop", "a-sa"), principal("backend", "b-sa"));
+    let first = (
+        serial(&mesh.near, &a_id).unwrap(),
+        serial(&mesh.far, &b_id).unwrap(),
+    );
+    let echo = mesh.b.addr(ECHO_PORT).to_string();
+    let mut hold = mesh.a.command(&mesh.tools.podtool).unwrap();
+    hold.args([
+        "hold",
+        "--to",
+        &echo,
+        "--seconds",
+        "60",
+        "--interval-ms",
+        "20",
+    ]);
+    let report = run_json(&mut hold, Duration::from_secs(120)).unwrap();
+    assert!(report["error"].is_null(), "the transfer broke: {report}");
+    assert!(report["pings"].as_u64().unwrap() > 1000, "{report}");
+    let last = (
+        serial(&mesh.near, &a_id).unwrap(),
+        serial(&mesh.far, &b_id).unwrap(),
+    );
+    assert_ne!(first.0, last.0, "a's certificate never rotated");
+    assert_ne!(first.1, last.1, "b's certificate never rotated");
+    let log = mesh.near.log();
+    let a_issued = log
+        .lines()
+        .filter(|l| l.contains("issued workload certificate") && l.contains(&a_id))
+        .count();
+    assert!(
+        a_issued >= 5,
+        "a's certificate was issued {a_issued} times in 60 s"
+    );
+}
+
+/// Acceptance 7: 500 overlapping streams between two nodes all complete over a
+/// bounded number of tunnel connections (8 per identity pair at most; 100
+/// streams fill one).
+#[test]
+fn many_concurrent_streams_share_few_tunnel_connections() {
+    let mesh = TwoNodes::new();
+    mesh.wait_ready_certs();
+    let echo = mesh.b.addr(ECHO_PORT).to_string();
+    let out = mesh.podtool(
+        &mesh.a,
+        &[
+            "connect",
+            "--to",
+            &echo,
+            "--count",
+            "500",
+            "--concurrency",
+            "500",
+            "--hold-ms",
+            "1500",
+        ],
+    );
+    assert_eq!(out["ok"], 500, "{out}");
+    let dialled = mesh
+        .near
+        .metric(
+            "nodemesh_tunnel_connections_total",
+            &[("direction", "outbound")],
+        )
+        .unwrap();
+    let accepted = mesh
+        .far
+        .metric(
+            "nodemesh_tunnel_connections_total",
+            &[("direction", "inbound")],
+        )
+        .unwrap();
+    eprintln!("500 concurrent streams used {dialled} tunnel connections ({accepted} accepted)");
+    assert!(
+        (1.0..=8.0).contains(&dialled),
+        "{dialled} tunnel connections"
+    );
+    assert_eq!(dialled, accepted);
+    assert_eq!(
+        mesh.far
+            .metric(
+                "istio_tcp_connections_opened_total",
+                &[("reporter", "destination")]
+            )
+            .unwrap(),
+        500.0
     );
 }

@@ -69,6 +69,12 @@ struct Pooled {
     last_used: Mutex<Instant>,
 }
 
+enum Pick {
+    Use(Arc<Pooled>),
+    Dial,
+    Wait,
+}
+
 #[derive(Default)]
 struct Entry {
     conns: Vec<Arc<Pooled>>,
@@ -80,6 +86,8 @@ pub struct TunnelPool {
     settings: PoolSettings,
     entries: Mutex<HashMap<PoolKey, Entry>>,
     next_id: AtomicUsize,
+    /// Wakes streams waiting for a connection of a key at its bound.
+    dialled: tokio::sync::Notify,
 }
 
 /// One open CONNECT stream's claim on its connection; released on drop.
@@ -119,6 +127,7 @@ impl TunnelPool {
             settings,
             entries: Mutex::default(),
             next_id: AtomicUsize::new(1),
+            dialled: tokio::sync::Notify::new(),
         }
     }
 
@@ -135,20 +144,31 @@ impl TunnelPool {
         D: FnOnce() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
-        let conn = match self.pick(key) {
-            Some(conn) => conn,
-            None => {
-                let made =
-                    tokio::time::timeout(self.settings.connect_timeout, self.dial(key, dial, tls))
-                        .await
-                        .unwrap_or(Err(TunnelError::Timeout("tunnel connection setup")));
-                let mut entries = self.entries.lock().expect("pool lock");
-                let entry = entries.entry(key.clone()).or_default();
-                entry.dialing -= 1;
-                let conn = made?;
-                conn.streams.fetch_add(1, Ordering::Relaxed);
-                entry.conns.push(conn.clone());
-                conn
+        let conn = loop {
+            // Registered before the pick, so a dial finishing in between still wakes us.
+            let dialled = self.dialled.notified();
+            match self.pick(key) {
+                Pick::Use(conn) => break conn,
+                Pick::Wait => dialled.await,
+                Pick::Dial => {
+                    let made = tokio::time::timeout(
+                        self.settings.connect_timeout,
+                        self.dial(key, dial, tls),
+                    )
+                    .await
+                    .unwrap_or(Err(TunnelError::Timeout("tunnel connection setup")));
+                    let made = {
+                        let mut entries = self.entries.lock().expect("pool lock");
+                        let entry = entries.entry(key.clone()).or_default();
+                        entry.dialing -= 1;
+                        made.inspect(|conn| {
+                            conn.streams.fetch_add(1, Ordering::Relaxed);
+                            entry.conns.push(conn.clone());
+                        })
+                    };
+                    self.dialled.notify_waiters();
+                    break made?;
+                }
             }
         };
         let lease = StreamLease { conn: conn.clone() };
@@ -174,9 +194,9 @@ impl TunnelPool {
         Ok((TokioIo::new(upgraded), lease))
     }
 
-    /// A live connection with room, or `None` when the caller should dial one
-    /// (the dial is then already counted against the key's bound).
-    fn pick(&self, key: &PoolKey) -> Option<Arc<Pooled>> {
+    /// A live connection with room; else a dial (already counted against the key's
+    /// bound); else, with the bound reached and no connection up yet, a wait.
+    fn pick(&self, key: &PoolKey) -> Pick {
         let mut entries = self.entries.lock().expect("pool lock");
         let entry = entries.entry(key.clone()).or_default();
         entry.conns.retain(|c| !c.sender.is_closed());
@@ -192,12 +212,13 @@ impl TunnelPool {
         match least {
             Some(c) if has_room || !may_dial => {
                 c.streams.fetch_add(1, Ordering::Relaxed);
-                Some(c)
+                Pick::Use(c)
             }
-            _ => {
+            _ if may_dial => {
                 entry.dialing += 1;
-                None
+                Pick::Dial
             }
+            _ => Pick::Wait,
         }
     }
 

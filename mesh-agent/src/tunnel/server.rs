@@ -127,6 +127,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Inbound
         Some(Err(e)) => return refuse("peer_identity", e.to_string()),
         None => return refuse("peer_identity", "no client certificate".into()),
     };
+    ctx.workload.metrics.tunnel_established("inbound");
     let service = hyper::service::service_fn({
         let ctx = ctx.clone();
         let source = source.clone();

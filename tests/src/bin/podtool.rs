@@ -55,6 +55,9 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
+        /// Keep each connection open this long after its echo, so they overlap.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
     },
     /// Holds one echo connection for `seconds`, pinging every `interval_ms`.
     Hold {
@@ -96,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
             to,
             count,
             concurrency,
-        } => connect_many(to, count, concurrency).await,
+            hold_ms,
+        } => connect_many(to, count, concurrency, Duration::from_millis(hold_ms)).await,
         Cmd::Hold {
             to,
             seconds,
@@ -209,9 +213,20 @@ async fn stream(to: SocketAddr, total: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn echo_once(to: SocketAddr) -> anyhow::Result<()> {
+async fn echo_once(to: SocketAddr, hold: Duration) -> anyhow::Result<()> {
     let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await??;
     stream.write_all(b"ping\n").await?;
+    if !hold.is_zero() {
+        let mut echoed = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed)).await??;
+        anyhow::ensure!(&echoed == b"ping\n", "bad echo {echoed:?}");
+        tokio::time::sleep(hold).await;
+        stream.shutdown().await?;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await??;
+        anyhow::ensure!(rest.is_empty(), "unexpected bytes after the echo");
+        return Ok(());
+    }
     stream.shutdown().await?;
     let mut reply = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await??;
@@ -219,13 +234,18 @@ async fn echo_once(to: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect_many(to: SocketAddr, count: usize, concurrency: usize) -> anyhow::Result<()> {
+async fn connect_many(
+    to: SocketAddr,
+    count: usize,
+    concurrency: usize,
+    hold: Duration,
+) -> anyhow::Result<()> {
     let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = Vec::with_capacity(count);
     for _ in 0..count {
         let permit = semaphore.clone().acquire_owned().await?;
         tasks.push(tokio::spawn(async move {
-            let result = echo_once(to).await;
+            let result = echo_once(to, hold).await;
             drop(permit);
             result
         }));
