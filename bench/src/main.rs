@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use nodemesh_testkit::{
-    Agent, Node, Pod, Process, Tools, proc_cpu_seconds, proc_status_kib, run_json, yaml_docs,
+    Agent, MeshCa, Node, Pod, Process, Tools, proc_cpu_seconds, proc_status_kib, run_json,
+    yaml_docs,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -275,49 +276,28 @@ fn main() -> anyhow::Result<()> {
     let mesh_same = client("mesh-same")?;
     let mesh_cross = client("mesh-cross")?;
     let sidecar_client = client("sidecar")?;
-    // Each agent enrolls only its own node's pods; direct and sidecar clients are not meshed.
-    let local_config = vec![
-        server.workload_yaml(),
-        mesh_same.workload_yaml(),
-        mesh_cross.workload_yaml(),
-    ];
-    let agent = Agent::start(&bench.tools, &local, &yaml_docs(&local_config))?;
-    let remote_agent = Agent::start(&bench.tools, &remote, &yaml_docs(&[far.workload_yaml()]))?;
-    let agents = vec![agent.pid(), remote_agent.pid()];
-    let memory_idle = agent.rss_kib()?;
     let to = |pod: &Pod, proxies: &[u32]| Target {
         http: pod.addr(HTTP_PORT),
         sink: pod.addr(SINK_PORT),
         proxies: proxies.to_vec(),
     };
-
     const DIRECT_SAME: &str = "direct, same node";
     const DIRECT_CROSS: &str = "direct, cross node";
     const SIDECAR: &str = "sidecar pair (HAProxy, mTLS), same node";
     let selected = |name: &str| cli.only.is_empty() || cli.only.iter().any(|o| name.contains(o));
+
+    // Baselines first, with no agent running: once the server pod is meshed, the
+    // agent steers every inbound connection from outside the mesh to itself.
     let mut paths = Vec::new();
-    let runs: [(&str, Option<&str>, &Pod, Target); 4] = [
-        (DIRECT_SAME, None, &direct_same, to(&server, &[])),
-        (DIRECT_CROSS, None, &direct_cross, to(&far, &[])),
-        (
-            "mesh, same node",
-            Some(DIRECT_SAME),
-            &mesh_same,
-            to(&server, &agents),
-        ),
-        (
-            "mesh, cross node",
-            Some(DIRECT_CROSS),
-            &mesh_cross,
-            to(&far, &agents),
-        ),
-    ];
-    for (name, baseline, client, target) in runs {
+    for (name, client, target) in [
+        (DIRECT_SAME, &direct_same, to(&server, &[])),
+        (DIRECT_CROSS, &direct_cross, to(&far, &[])),
+    ] {
         if selected(name) {
-            paths.push(bench.measure(name, baseline, client, &target)?);
+            paths.push(bench.measure(name, None, client, &target)?);
         }
     }
-    let peak = proc_status_kib(agent.pid(), "VmHWM")?;
+    let mut sidecar_result = None;
     if selected(SIDECAR) {
         let pair = sidecar::SidecarPair::start(&sidecar_client, &server, HTTP_PORT, SINK_PORT)?;
         let target = Target {
@@ -325,15 +305,53 @@ fn main() -> anyhow::Result<()> {
             sink: SocketAddr::from(([127, 0, 0, 1], sidecar::BULK_PORT)),
             proxies: pair.pids().to_vec(),
         };
-        paths.push(bench.measure(SIDECAR, Some(DIRECT_SAME), &sidecar_client, &target)?);
+        sidecar_result =
+            Some(bench.measure(SIDECAR, Some(DIRECT_SAME), &sidecar_client, &target)?);
     }
+
+    // The mesh: both agents share a CA and the whole config (each enrolls only its
+    // node's pods), so meshed traffic takes the full path of the day: capture,
+    // mTLS tunnel to the destination pod's port 15008, delivery in the pod.
+    let ca = MeshCa::init(&bench.tools)?;
+    let local_config = vec![
+        server.workload_yaml(),
+        mesh_same.workload_yaml(),
+        mesh_cross.workload_yaml(),
+    ];
+    let mut all = local_config.clone();
+    all.push(far.workload_yaml());
+    let agent = Agent::start_with(&bench.tools, &local, &yaml_docs(&all), &ca.args())?;
+    let remote_agent = Agent::start_with(&bench.tools, &remote, &yaml_docs(&all), &ca.args())?;
+    let agents = vec![agent.pid(), remote_agent.pid()];
+    std::thread::sleep(Duration::from_secs(1));
+    let memory_idle = agent.rss_kib()?;
+    for (name, baseline, client, target) in [
+        (
+            "mesh (mTLS), same node",
+            DIRECT_SAME,
+            &mesh_same,
+            to(&server, &agents),
+        ),
+        (
+            "mesh (mTLS), cross node",
+            DIRECT_CROSS,
+            &mesh_cross,
+            to(&far, &agents),
+        ),
+    ] {
+        if selected(name) {
+            paths.push(bench.measure(name, Some(baseline), client, &target)?);
+        }
+    }
+    let peak = proc_status_kib(agent.pid(), "VmHWM")?;
+    paths.extend(sidecar_result);
 
     eprintln!("bench: enrolling {WORKLOADS_FOR_MEMORY} more workloads for the memory figure");
     let mut extra = Vec::new();
     for i in 0..WORKLOADS_FOR_MEMORY {
         extra.push(local.add_pod(&format!("idle-{i}"), "bench")?);
     }
-    let mut docs = local_config.clone();
+    let mut docs = all.clone();
     docs.extend(extra.iter().map(Pod::workload_yaml));
     agent.reconfigure(&yaml_docs(&docs))?;
     std::thread::sleep(Duration::from_secs(1));
@@ -341,7 +359,7 @@ fn main() -> anyhow::Result<()> {
         idle_kib: memory_idle,
         peak_under_load_kib: peak,
         with_workloads_kib: agent.rss_kib()?,
-        workloads: docs.len(),
+        workloads: local_config.len() + WORKLOADS_FOR_MEMORY,
     };
 
     let results = report::Results::new(

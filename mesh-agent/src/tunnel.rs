@@ -28,6 +28,12 @@ use crate::identity::{Identity, TrustBundle, WorkloadCert, identity_of};
 
 /// The HBONE port on every meshed pod.
 pub const HBONE_PORT: u16 = 15008;
+/// HTTP/2 flow-control windows: large enough that one bulk stream is not held
+/// back by window updates on a fast link, small enough to bound memory per stream.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Larger DATA frames mean fewer frame headers and wake-ups per byte.
+const MAX_FRAME: u32 = 256 * 1024;
 /// ALPN protocol of the tunnel.
 pub const ALPN_H2: &[u8] = b"h2";
 

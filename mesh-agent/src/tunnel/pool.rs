@@ -247,6 +247,9 @@ impl TunnelPool {
                 source,
             })?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(super::STREAM_WINDOW)
+            .initial_connection_window_size(super::CONNECTION_WINDOW)
+            .max_frame_size(super::MAX_FRAME)
             .handshake(TokioIo::new(tls))
             .await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;

@@ -135,6 +135,9 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Inbound
     });
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONNECTION_WINDOW)
+        .max_frame_size(super::MAX_FRAME)
         .serve_connection(TokioIo::new(tls), service)
         .await;
     if let Err(e) = served {
