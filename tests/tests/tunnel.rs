@@ -713,3 +713,82 @@ fn many_concurrent_streams_share_few_tunnel_connections() {
         500.0
     );
 }
+
+/// Acceptance 3 (expired): a client certificate from the mesh's own CA, for a
+/// real identity, but expired, is refused at 15008 with a log line naming expiry.
+#[test]
+fn an_expired_peer_certificate_is_refused() {
+    let mesh = TwoNodes::new();
+    mesh.wait_ready_certs();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    {
+        let ca_dir = &mesh._ca.dir;
+        let ca_key =
+            rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap())
+                .unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(
+            &std::fs::read_to_string(ca_dir.join("ca-cert.pem")).unwrap(),
+            ca_key,
+        )
+        .unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            principal("shop", "a-sa").try_into().unwrap(),
+        )];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let now = std::time::SystemTime::now();
+        params.not_before = (now - Duration::from_secs(7200)).into();
+        params.not_after = (now - Duration::from_secs(3600)).into();
+        let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
+        let chain = format!(
+            "{}{}",
+            leaf.pem(),
+            std::fs::read_to_string(ca_dir.join("ca-cert.pem")).unwrap()
+        );
+        std::fs::write(&cert, chain).unwrap();
+        std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    }
+    let refusals = || {
+        mesh.far
+            .metric(
+                "nodemesh_tunnel_refusals_total",
+                &[("direction", "inbound")],
+            )
+            .unwrap()
+    };
+    let before = refusals();
+    let mut client = mesh.node0.command(Path::new("/usr/bin/openssl")).unwrap();
+    client
+        .args(["s_client", "-connect", &format!("{}:15008", mesh.b.ip)])
+        .args(["-tls1_3", "-alpn", "h2", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::null());
+    let _ = Process::spawn(&mut client, "expired client")
+        .unwrap()
+        .wait(RUN)
+        .unwrap();
+    wait_until("the refusal", Duration::from_secs(10), || {
+        Ok(refusals() > before)
+    })
+    .unwrap();
+    let log = mesh.far.log();
+    assert!(
+        log.lines().any(
+            |l| l.contains("tunnel connection refused") && l.to_lowercase().contains("expired")
+        ),
+        "{log}"
+    );
+    assert_eq!(
+        mesh.far
+            .metric("istio_tcp_connections_opened_total", &[])
+            .unwrap(),
+        0.0
+    );
+}
