@@ -182,7 +182,9 @@ impl Results {
     /// Writes `<stamp>.json`, `<stamp>.md`, `latest.*` and the latency plot into `dir`.
     pub fn write(&self, dir: &Path, as_latest: bool) -> anyhow::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(dir)?;
-        let stamp = format!("{}-{}", self.meta.unix_time, self.meta.git_revision);
+        // Partial (`--only`) runs are for local comparisons and stay out of git.
+        let prefix = if as_latest { "" } else { "partial-" };
+        let stamp = format!("{prefix}{}-{}", self.meta.unix_time, self.meta.git_revision);
         let json = serde_json::to_string_pretty(self)?;
         let md = self.markdown();
         let mut written = Vec::new();
