@@ -32,7 +32,7 @@ use crate::policy::{Policies, PolicyStore};
 use crate::tunnel::pool::{PoolSettings, PoolView, TunnelPool};
 use crate::tunnel::server::InboundContext;
 use crate::tunnel::{self, HBONE_PORT};
-use crate::workload::{Directory, TRUST_DOMAIN, WorkloadMeta};
+use crate::workload::{Directory, WorkloadMeta};
 use aya::programs::sk_lookup::SkLookupLink;
 use mesh_common::INBOUND_PORT;
 
@@ -77,8 +77,8 @@ pub struct IdentityState {
 impl IdentityState {
     /// Loads the CA and trust bundle and starts the certificate manager.
     pub fn start(settings: &IdentitySettings, metrics: Arc<Metrics>) -> Result<Self, CaError> {
-        let signer = Signer::load(&settings.ca_dir, TRUST_DOMAIN)?;
-        let trust = load_trust_bundle(&settings.ca_dir, TRUST_DOMAIN)?;
+        let signer = Signer::load(&settings.ca_dir)?;
+        let trust = load_trust_bundle(&settings.ca_dir)?;
         Ok(IdentityState {
             certs: CertManager::spawn(Arc::new(signer), settings.policy.clone(), metrics),
             trust: RwLock::new(trust),
@@ -88,7 +88,7 @@ impl IdentityState {
 
     /// Re-reads the trust bundle; a bad file is logged and the previous bundle kept.
     pub fn reload_trust(&self) {
-        match load_trust_bundle(&self.ca_dir, TRUST_DOMAIN) {
+        match load_trust_bundle(&self.ca_dir) {
             Ok(bundle) => {
                 tracing::info!(roots = bundle.roots.len(), "trust bundle reloaded");
                 *self.trust.write().expect("trust lock") = bundle;
@@ -120,10 +120,8 @@ pub struct ConfigStatus {
 }
 
 struct Enrollment {
-    /// Keeps inbound steering attached to the pod's netns; detached on drop.
-    inbound_link: Option<SkLookupLink>,
-    /// Pod addresses whose inbound TCP is steered to the agent.
-    steered: Vec<IpAddr>,
+    /// Inbound steering of the pod; undone when the enrollment is dropped.
+    inbound: Option<InboundSteering>,
     workload: Workload,
     workload_id: u32,
     cgroup_id: u64,
@@ -132,6 +130,23 @@ struct Enrollment {
     listeners: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
     cancel: CancellationToken,
+}
+
+/// A pod's inbound steering: its addresses in the kernel's steering map and the
+/// `sk_lookup` link on its namespace. Dropping it removes both.
+struct InboundSteering {
+    capture: Arc<Capture>,
+    ips: Vec<IpAddr>,
+    link: Option<SkLookupLink>,
+}
+
+impl Drop for InboundSteering {
+    fn drop(&mut self) {
+        for ip in &self.ips {
+            self.capture.unsteer_inbound(*ip);
+        }
+        // The link detaches as its field drops.
+    }
 }
 
 #[derive(Default)]
@@ -198,8 +213,7 @@ impl Agent {
                 tick.tick().await;
                 weak.upgrade()
             } {
-                pool.reap_idle();
-                let open: usize = pool.views().iter().map(|v| v.connections).sum();
+                let open = pool.reap_idle();
                 pool_metrics.tunnel_pool_connections.set(open as i64);
             }
         });
@@ -398,6 +412,8 @@ impl Agent {
             pool: self.pool.clone(),
         });
         let cancel = CancellationToken::new();
+        // Any early return below stops the listeners already spawned.
+        let stop_on_error = cancel.clone().drop_guard();
         let mut listeners = vec![v4_addr];
         let mut tasks = vec![self.spawn_listener(v4, FAMILY_V4, &ctx, &cancel)?];
         let mut flags = 0;
@@ -406,8 +422,7 @@ impl Agent {
             tasks.push(self.spawn_listener(v6, FAMILY_V6, &ctx, &cancel)?);
             flags |= WORKLOAD_FLAG_V6_LISTENER;
         }
-        let mut steered = Vec::new();
-        let mut inbound_link = None;
+        let mut steering = None;
         if let Some(identity) = &self.identity {
             let inbound = Arc::new(InboundContext::new(
                 ctx.clone(),
@@ -418,14 +433,12 @@ impl Agent {
             ));
             for ip in &w.ips {
                 let addr = SocketAddr::new(*ip, HBONE_PORT);
-                let listener = match ctx.netns.run(move || bind_listener(addr)).await? {
-                    Ok(l) => TcpListener::from_std(l)?,
-                    Err(e) => {
-                        cancel.cancel();
-                        return Err(e)
-                            .with_context(|| format!("binding tunnel listener {addr} in the pod"));
-                    }
-                };
+                let listener = ctx
+                    .netns
+                    .run(move || bind_listener(addr))
+                    .await?
+                    .with_context(|| format!("binding tunnel listener {addr} in the pod"))?;
+                let listener = TcpListener::from_std(listener)?;
                 listeners.push(addr);
                 tasks.push(tokio::spawn(tunnel::server::serve(
                     listener,
@@ -449,19 +462,24 @@ impl Agent {
                         tracing::info!(workload = %w.key(), error = %e, "no IPv6 inbound listener; inbound IPv6 is not steered");
                     }
                     Err(e) => {
-                        cancel.cancel();
                         return Err(e).with_context(|| {
                             format!("binding inbound listener {addr} in the pod")
                         });
                     }
                 }
             }
+            // Undone on drop, so an early return below leaves nothing steered.
+            let mut steered = InboundSteering {
+                capture: self.capture.clone(),
+                ips: Vec::new(),
+                link: None,
+            };
             for ip in &w.ips {
                 if let Some((_, l)) = by_family.iter().find(|(v6, _)| *v6 == ip.is_ipv6()) {
                     self.capture
                         .steer_inbound(*ip, l)
                         .context("writing the inbound steering map")?;
-                    steered.push(*ip);
+                    steered.ips.push(*ip);
                 }
             }
             for (_, l) in by_family {
@@ -472,16 +490,12 @@ impl Agent {
                 )));
             }
             let ns = std::fs::File::open(&ns_file)?;
-            match self.capture.attach_inbound(&ns) {
-                Ok(link) => inbound_link = Some(link),
-                Err(e) => {
-                    cancel.cancel();
-                    for ip in &steered {
-                        self.capture.unsteer_inbound(*ip);
-                    }
-                    return Err(e).context("attaching inbound steering (sk_lookup) to the pod");
-                }
-            }
+            steered.link = Some(
+                self.capture
+                    .attach_inbound(&ns)
+                    .context("attaching inbound steering (sk_lookup) to the pod")?,
+            );
+            steering = Some(steered);
         }
         let exclusions = exclusions_for(w);
         let entry = WorkloadEntry {
@@ -491,16 +505,12 @@ impl Agent {
         };
         // Capture starts only now, with the listeners already accepting.
         if let Err(e) = self.capture.enroll(cgroup_id, entry, &exclusions) {
-            cancel.cancel();
-            for ip in &steered {
-                self.capture.unsteer_inbound(*ip);
-            }
             self.capture.unenroll(cgroup_id, workload_id, &exclusions);
             return Err(e).context("writing capture maps");
         }
+        stop_on_error.disarm();
         Ok(Enrollment {
-            inbound_link,
-            steered,
+            inbound: steering,
             workload: w.clone(),
             workload_id,
             cgroup_id,
@@ -532,10 +542,8 @@ impl Agent {
     fn unenroll(&self, state: &mut State, e: Enrollment) {
         self.capture
             .unenroll(e.cgroup_id, e.workload_id, &e.exclusions);
-        for ip in &e.steered {
-            self.capture.unsteer_inbound(*ip);
-        }
-        drop(e.inbound_link);
+        // Stop steering inbound connections before their listeners close.
+        drop(e.inbound);
         e.cancel.cancel();
         state
             .draining

@@ -107,8 +107,6 @@ impl fmt::Debug for WorkloadCert {
 /// The roots every peer certificate must chain to; swapped whole on reload.
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
-    /// Trust domain this mesh issues identities in.
-    pub trust_domain: String,
     /// Root certificates.
     pub roots: Arc<rustls::RootCertStore>,
 }

@@ -7,72 +7,36 @@
 //! `PERMISSIVE` it is authorized (with no peer identity) and delivered to the
 //! application from inside the pod, labelled `connection_security_policy="none"`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::{ConnectionGuard, Peers};
-use crate::outbound::connect_in_pod;
+use crate::identity::Identity;
+use crate::outbound::{accept_until_cancelled, connect_in_pod};
 use crate::policy::{self, Decision};
 use crate::relay::relay;
 use crate::tunnel::server::InboundContext;
+use crate::workload::WorkloadMeta;
 
 /// Accepts steered connections until `cancel`.
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(handle(stream, ctx.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed on inbound listener");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
+    accept_until_cancelled(&listener, &cancel, "inbound", |stream, _| {
+        tokio::spawn(handle(stream, ctx.clone()));
+    })
+    .await;
 }
 
 async fn handle(client: TcpStream, ctx: Arc<InboundContext>) {
     let (Ok(peer), Ok(destination)) = (client.peer_addr(), client.local_addr()) else {
         return;
     };
-    let w = &ctx.workload;
-    let local = w.meta.read().expect("meta lock").clone();
     // Plaintext proves nothing about the client: no source workload or principal.
-    let peers = Peers {
-        reporter: "destination",
-        source: None,
-        source_principal: None,
-        destination: Some(local.clone()),
-        mutual_tls: false,
-    };
-    let mut guard = ConnectionGuard::open(&w.connections, &w.metrics, peers, peer, destination);
-    let attrs = policy::Connection {
-        source: None,
-        source_ip: peer.ip(),
-        destination_port: destination.port(),
-    };
-    if let Decision::Deny(why) = ctx.policies.get().decide(&local, &attrs) {
-        guard.fail("DENY");
-        tracing::info!(workload = %local.key(), client = %peer, %destination, reason = %why, "plaintext connection refused");
+    let Ok((guard, cancel, app)) = admit(&ctx, None, None, peer, destination).await else {
         let _ = client.set_zero_linger();
         return;
-    }
-    let cancel = CancellationToken::new();
-    guard.authorized(attrs, cancel.clone());
-    let app = match connect_in_pod(w, destination).await {
-        Ok(app) => app,
-        Err(e) => {
-            guard.fail("UF");
-            tracing::warn!(%destination, error = %e, "delivery to the application failed");
-            let _ = client.set_zero_linger();
-            return;
-        }
     };
     let _ = client.set_nodelay(true);
     tokio::select! {
@@ -84,6 +48,66 @@ async fn handle(client: TcpStream, ctx: Arc<InboundContext>) {
         _ = cancel.cancelled() => {
             let _ = client.set_zero_linger();
             let _ = app.set_zero_linger();
+        }
+    }
+}
+
+/// Why an inbound connection was not delivered; already logged and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Peer authentication or an authorization policy refused it (`DENY`).
+    Denied,
+    /// The application could not be reached from inside the pod (`UF`).
+    Undeliverable,
+}
+
+/// The checks every inbound connection passes, tunnelled (`source` is the proven
+/// identity) or plaintext (`None`): count it, authorize it against the policies in
+/// force, and dial the application from inside the pod. The returned token fires
+/// if a later policy revokes the connection.
+pub async fn admit(
+    ctx: &InboundContext,
+    source_workload: Option<Arc<WorkloadMeta>>,
+    source: Option<Identity>,
+    peer: SocketAddr,
+    destination: SocketAddr,
+) -> Result<(ConnectionGuard, CancellationToken, TcpStream), Refusal> {
+    let w = &ctx.workload;
+    let local = w.meta.read().expect("meta lock").clone();
+    let peers = Peers {
+        reporter: "destination",
+        source: source_workload,
+        source_principal: source.as_ref().map(Identity::to_string),
+        destination: Some(local.clone()),
+        mutual_tls: source.is_some(),
+    };
+    let mut guard = ConnectionGuard::open(&w.connections, &w.metrics, peers, peer, destination);
+    let attrs = policy::Connection {
+        source,
+        source_ip: peer.ip(),
+        destination_port: destination.port(),
+    };
+    if let Decision::Deny(why) = ctx.policies.get().decide(&local, &attrs) {
+        guard.fail("DENY");
+        tracing::info!(
+            workload = %local.key(),
+            source = attrs.source.as_ref().map_or("plaintext".to_owned(), Identity::to_string),
+            client = %peer,
+            %destination,
+            reason = %why,
+            "inbound connection denied by policy"
+        );
+        return Err(Refusal::Denied);
+    }
+    // Registered before dialling, so a policy change meanwhile still revokes it.
+    let cancel = CancellationToken::new();
+    guard.authorized(attrs, cancel.clone());
+    match connect_in_pod(w, destination).await {
+        Ok(app) => Ok((guard, cancel, app)),
+        Err(e) => {
+            guard.fail("UF");
+            tracing::warn!(%destination, error = %e, "delivery to the application failed");
+            Err(Refusal::Undeliverable)
         }
     }
 }

@@ -201,37 +201,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// Reloads on config file changes and on SIGHUP until SIGTERM or SIGINT.
 async fn watch(agent: Arc<Agent>, config: &Path) -> anyhow::Result<()> {
-    let (tx, mut changes) = tokio::sync::mpsc::channel::<()>(1);
     // Watch the directory: editors and Kubernetes ConfigMaps replace files by rename.
     let dir = config
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_owned();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.try_send(());
-        }
-    })
-    .context("creating the config file watcher")?;
-    watcher
-        .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
+        .unwrap_or(Path::new("."));
+    let (_config_watcher, mut changes) = watch_dir(dir, "config")?;
     // The trust bundle is reloaded when the CA directory changes (a Secret update).
-    let (ca_tx, mut ca_changes) = tokio::sync::mpsc::channel::<()>(1);
-    let _ca_watcher = match &agent.identity {
+    let (_ca_watcher, mut ca_changes) = match &agent.identity {
         Some(identity) => {
-            let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
-                    let _ = ca_tx.try_send(());
-                }
-            })
-            .context("creating the CA directory watcher")?;
-            w.watch(&identity.ca_dir, notify::RecursiveMode::NonRecursive)
-                .with_context(|| format!("watching {}", identity.ca_dir.display()))?;
-            Some(w)
+            let (w, rx) = watch_dir(&identity.ca_dir, "CA")?;
+            (Some(w), rx)
         }
-        None => None,
+        None => (None, tokio::sync::mpsc::channel(1).1),
     };
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -239,14 +221,11 @@ async fn watch(agent: Arc<Agent>, config: &Path) -> anyhow::Result<()> {
     loop {
         let force = tokio::select! {
             Some(()) = changes.recv() => {
-                // Let a burst of writes settle before reading.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                while changes.try_recv().is_ok() {}
+                settle(&mut changes).await;
                 false
             }
             Some(()) = ca_changes.recv() => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                while ca_changes.try_recv().is_ok() {}
+                settle(&mut ca_changes).await;
                 if let Some(identity) = &agent.identity {
                     identity.reload_trust();
                 }
@@ -266,4 +245,28 @@ async fn watch(agent: Arc<Agent>, config: &Path) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down; programs detach as the agent exits");
     Ok(())
+}
+
+/// A watcher on `dir` (kept alive by the caller) and the channel it signals changes on.
+fn watch_dir(
+    dir: &Path,
+    what: &str,
+) -> anyhow::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>)> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.try_send(());
+        }
+    })
+    .with_context(|| format!("creating the {what} directory watcher"))?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    Ok((watcher, rx))
+}
+
+/// Lets a burst of writes settle before reading, and swallows its other events.
+async fn settle(changes: &mut tokio::sync::mpsc::Receiver<()>) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while changes.try_recv().is_ok() {}
 }

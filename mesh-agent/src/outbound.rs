@@ -100,24 +100,36 @@ pub async fn serve(
     cancel: CancellationToken,
     drain: Duration,
 ) {
+    accept_until_cancelled(&listener, &cancel, "outbound", |stream, peer| {
+        tokio::spawn(handle(stream, peer, family, ctx.clone()));
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + drain;
+    while let Ok(Ok((stream, peer))) = tokio::time::timeout_at(deadline, listener.accept()).await {
+        tokio::spawn(handle(stream, peer, family, ctx.clone()));
+    }
+}
+
+/// Hands each accepted connection to `on_accept` until `cancel`. Every in-pod
+/// listener (outbound, inbound, tunnel) accepts this way.
+pub async fn accept_until_cancelled(
+    listener: &TcpListener,
+    cancel: &CancellationToken,
+    listener_kind: &'static str,
+    mut on_accept: impl FnMut(TcpStream, SocketAddr),
+) {
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(handle(stream, peer, family, ctx.clone()));
-                }
+                Ok((stream, peer)) => on_accept(stream, peer),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; the backlog holds.
-                    tracing::warn!(error = %e, "accept failed on outbound listener");
+                    tracing::warn!(listener = listener_kind, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-    }
-    let deadline = tokio::time::Instant::now() + drain;
-    while let Ok(Ok((stream, peer))) = tokio::time::timeout_at(deadline, listener.accept()).await {
-        tokio::spawn(handle(stream, peer, family, ctx.clone()));
     }
 }
 

@@ -93,18 +93,15 @@ async fn pump(from: &TcpStream, to: &TcpStream, counter: ByteCounter<'_>) -> io:
     // No zeroing: `try_read_buf` fills spare capacity.
     let mut buf = Vec::with_capacity(COPY_BUFFER);
     let mut carried = 0u64;
-    let mut pipe = None;
     loop {
-        if pipe.is_none() && carried >= SPLICE_AFTER {
+        if carried >= SPLICE_AFTER {
             match Pipe::new() {
-                Ok(p) => pipe = Some(p),
-                // Out of descriptors or pipe memory: keep copying rather than fail.
+                Ok(pipe) => return pipe.pump(from, to, &counter).await,
+                // Out of descriptors or pipe memory: keep copying rather than fail,
+                // and try again after another SPLICE_AFTER bytes.
                 Err(e) => tracing::debug!(error = %e, "no pipe for splice; copying instead"),
             }
             carried = 0;
-        }
-        if let Some(pipe) = &pipe {
-            return pipe.pump(from, to, &counter).await;
         }
         buf.clear();
         let n = read_some(from, &mut buf).await?;

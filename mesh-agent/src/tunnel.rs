@@ -282,9 +282,3 @@ pub fn certified_key(cert: &WorkloadCert) -> Result<Arc<CertifiedKey>, rustls::E
         .load_private_key(cert.key.clone_key())?;
     Ok(Arc::new(CertifiedKey::new(cert.chain.clone(), key)))
 }
-
-impl std::fmt::Debug for CertManager {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CertManager")
-    }
-}

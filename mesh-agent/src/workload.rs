@@ -41,10 +41,7 @@ impl WorkloadMeta {
 
     /// SPIFFE identity: `spiffe://<td>/ns/<ns>/sa/<sa>`.
     pub fn principal(&self) -> String {
-        format!(
-            "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+        self.identity().to_string()
     }
 
     /// The identity this workload's certificate carries.

@@ -57,15 +57,11 @@ pub struct Signer {
     issuer: Issuer<'static, KeyPair>,
     /// Intermediates to send after the leaf (the chain file without the root).
     intermediates: Vec<CertificateDer<'static>>,
-    /// Trust domain of the identities this CA issues.
-    pub trust_domain: String,
 }
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer")
-            .field("trust_domain", &self.trust_domain)
-            .finish_non_exhaustive()
+        f.debug_struct("Signer").finish_non_exhaustive()
     }
 }
 
@@ -89,7 +85,7 @@ fn certs(dir: &Path, name: &str, pem: &str) -> Result<Vec<CertificateDer<'static
 }
 
 /// Reads the trust bundle (`root-cert.pem`, which may hold several roots during a root rotation).
-pub fn load_trust_bundle(dir: &Path, trust_domain: &str) -> Result<TrustBundle, CaError> {
+pub fn load_trust_bundle(dir: &Path) -> Result<TrustBundle, CaError> {
     let pem = read(dir, ROOT_CERT)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in certs(dir, ROOT_CERT, &pem)? {
@@ -99,14 +95,13 @@ pub fn load_trust_bundle(dir: &Path, trust_domain: &str) -> Result<TrustBundle, 
         })?;
     }
     Ok(TrustBundle {
-        trust_domain: trust_domain.to_owned(),
         roots: Arc::new(roots),
     })
 }
 
 impl Signer {
     /// Loads the signing CA from `dir`.
-    pub fn load(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
         let cert_pem = read(dir, CA_CERT)?;
         let key_pem = read(dir, CA_KEY)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Invalid {
@@ -131,7 +126,6 @@ impl Signer {
         Ok(Signer {
             issuer,
             intermediates,
-            trust_domain: trust_domain.to_owned(),
         })
     }
 
@@ -284,8 +278,8 @@ mod tests {
             init(dir.path(), "cluster.local").is_err(),
             "must not overwrite"
         );
-        let signer = Signer::load(dir.path(), "cluster.local").unwrap();
-        let bundle = load_trust_bundle(dir.path(), "cluster.local").unwrap();
+        let signer = Signer::load(dir.path()).unwrap();
+        let bundle = load_trust_bundle(dir.path()).unwrap();
         let id = Identity::new("cluster.local", "shop", "cart");
         let cert = signer.issue(&id, Duration::from_secs(3600)).unwrap();
         assert_eq!(cert.chain.len(), 2, "leaf and intermediate, no root");
@@ -310,7 +304,7 @@ mod tests {
         // A CA from another `ca init` is not trusted.
         let other = tempfile::tempdir().unwrap();
         init(other.path(), "cluster.local").unwrap();
-        let stranger = Signer::load(other.path(), "cluster.local")
+        let stranger = Signer::load(other.path())
             .unwrap()
             .issue(&id, Duration::from_secs(3600))
             .unwrap();
@@ -328,9 +322,7 @@ mod tests {
     #[test]
     fn missing_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Signer::load(dir.path(), "cluster.local")
-            .unwrap_err()
-            .to_string();
+        let err = Signer::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("ca-cert.pem"), "{err}");
     }
 }

@@ -52,7 +52,7 @@ impl Default for CertPolicy {
 }
 
 /// Where one identity's certificate stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum CertState {
     /// No certificate yet; the first request is in flight or being retried.
@@ -86,8 +86,8 @@ pub struct CertStatus {
 pub struct CertView {
     /// SPIFFE ID.
     pub identity: String,
-    /// `initializing`, `available`, `renewalFailing` or `failed`.
-    pub state: String,
+    /// Where the certificate stands.
+    pub state: CertState,
     /// Hex serial of the served certificate.
     pub serial: Option<String>,
     /// Expiry of the served certificate, seconds since the Unix epoch.
@@ -207,10 +207,7 @@ impl CertManager {
             .iter()
             .map(|(id, s)| CertView {
                 identity: id.to_string(),
-                state: serde_json::to_value(s.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                state: s.state,
                 serial: s.current.as_ref().map(|c| c.serial.clone()),
                 not_after_unix: s.current.as_ref().map(|c| unix(c.not_after)),
                 next_attempt_in_seconds: s
@@ -221,6 +218,12 @@ impl CertManager {
                 last_error: s.last_error.clone(),
             })
             .collect()
+    }
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertManager")
     }
 }
 
@@ -369,7 +372,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         super::super::ca::init(dir.path(), "cluster.local").unwrap();
         Arc::new(FlakyCa {
-            signer: Signer::load(dir.path(), "cluster.local").unwrap(),
+            signer: Signer::load(dir.path()).unwrap(),
             failing: AtomicBool::new(false),
             calls: AtomicU32::new(0),
             _dir: dir,

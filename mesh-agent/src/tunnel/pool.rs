@@ -268,8 +268,9 @@ impl TunnelPool {
         }))
     }
 
-    /// Closes connections idle longer than the idle timeout, and forgets closed ones.
-    pub fn reap_idle(&self) {
+    /// Closes connections idle longer than the idle timeout, forgets closed ones, and
+    /// returns how many stay open.
+    pub fn reap_idle(&self) -> usize {
         let mut entries = self.entries.lock().expect("pool lock");
         for entry in entries.values_mut() {
             entry.conns.retain(|c| {
@@ -283,6 +284,7 @@ impl TunnelPool {
             });
         }
         entries.retain(|_, e| !e.conns.is_empty() || e.dialing > 0);
+        entries.values().map(|e| e.conns.len()).sum()
     }
 
     /// `/config_dump` view.

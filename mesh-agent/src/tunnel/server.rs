@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ServingCert, server_config};
 use crate::agent::IdentityState;
-use crate::connections::{ConnectionGuard, Peers};
 use crate::identity::{Identity, identity_of};
-use crate::outbound::OutboundContext;
-use crate::policy::{self, Decision, PolicyStore};
+use crate::inbound::{Refusal, admit};
+use crate::outbound::{OutboundContext, accept_until_cancelled};
+use crate::policy::PolicyStore;
 use crate::relay::relay_tunnel;
 
 /// Bound on the TLS handshake of an inbound tunnel connection (slowloris guard).
@@ -83,20 +83,10 @@ impl InboundContext {
 
 /// Accepts tunnel connections until `cancel`.
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(handle_connection(stream, peer, ctx.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "tunnel accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
+    accept_until_cancelled(&listener, &cancel, "tunnel", |stream, peer| {
+        tokio::spawn(handle_connection(stream, peer, ctx.clone()));
+    })
+    .await;
 }
 
 async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<InboundContext>) {
@@ -171,42 +161,18 @@ async fn handle_stream(
         tracing::warn!(%peer, %destination, "CONNECT to an address that is not this pod's; refused");
         return Ok(status(StatusCode::BAD_REQUEST));
     }
-    let w = &ctx.workload;
-    let local = w.meta.read().expect("meta lock").clone();
     // The client pod, when known and when its configured identity is the proven one.
-    let source_workload = w
+    let source_workload = ctx
+        .workload
         .directory
         .lookup(peer.ip())
         .filter(|m| m.identity() == source);
-    let peers = Peers {
-        reporter: "destination",
-        source: source_workload,
-        source_principal: Some(source.to_string()),
-        destination: Some(local),
-        mutual_tls: true,
-    };
-    let mut guard = ConnectionGuard::open(&w.connections, &w.metrics, peers, peer, destination);
-    let attrs = policy::Connection {
-        source: Some(source.clone()),
-        source_ip: peer.ip(),
-        destination_port: destination.port(),
-    };
-    let local = w.meta.read().expect("meta lock").clone();
-    if let Decision::Deny(why) = ctx.policies.get().decide(&local, &attrs) {
-        guard.fail("DENY");
-        tracing::info!(source = %source, %destination, reason = %why, "connection denied by policy");
-        return Ok(status(StatusCode::FORBIDDEN));
-    }
-    let cancel = CancellationToken::new();
-    guard.authorized(attrs, cancel.clone());
-    let app = match crate::outbound::connect_in_pod(w, destination).await {
-        Ok(app) => app,
-        Err(e) => {
-            guard.fail("UF");
-            tracing::warn!(%destination, error = %e, "delivery to the application failed");
-            return Ok(status(StatusCode::SERVICE_UNAVAILABLE));
-        }
-    };
+    let (guard, cancel, app) =
+        match admit(&ctx, source_workload, Some(source), peer, destination).await {
+            Ok(admitted) => admitted,
+            Err(Refusal::Denied) => return Ok(status(StatusCode::FORBIDDEN)),
+            Err(Refusal::Undeliverable) => return Ok(status(StatusCode::SERVICE_UNAVAILABLE)),
+        };
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match upgrade.await {
@@ -226,6 +192,7 @@ async fn handle_stream(
                 }
             }
             Err(e) => {
+                let mut guard = guard;
                 guard.fail("UF");
                 tracing::debug!(%destination, error = %e, "CONNECT stream never opened");
             }
