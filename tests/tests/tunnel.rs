@@ -102,6 +102,22 @@ impl TwoNodes {
         run_json(&mut cmd, RUN).unwrap()
     }
 
+    /// `openssl s_client` from node 0, outside every pod, to b's tunnel port,
+    /// presenting `cert_and_key` if given; returns when the server has answered.
+    fn tls_client(&self, cert_and_key: Option<(&Path, &Path)>) -> nodemesh_testkit::Finished {
+        let mut cmd = self.node0.command(Path::new("/usr/bin/openssl")).unwrap();
+        cmd.args(["s_client", "-connect", &format!("{}:15008", self.b.ip)])
+            .args(["-tls1_3", "-alpn", "h2"])
+            .stdin(std::process::Stdio::null());
+        if let Some((cert, key)) = cert_and_key {
+            cmd.arg("-cert").arg(cert).arg("-key").arg(key);
+        }
+        Process::spawn(&mut cmd, "openssl s_client")
+            .unwrap()
+            .wait(RUN)
+            .unwrap()
+    }
+
     fn wait_ready_certs(&self) {
         for agent in [&self.near, &self.far] {
             wait_until("a certificate", Duration::from_secs(10), || {
@@ -154,6 +170,14 @@ impl LinkCapture {
     }
 }
 
+/// A podtool `stream` report whose bytes came back unchanged.
+fn assert_intact(streamed: &serde_json::Value) {
+    assert_eq!(
+        streamed["sent_sha256"], streamed["received_sha256"],
+        "{streamed}"
+    );
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -190,10 +214,7 @@ fn cross_node_traffic_is_mutual_tls_and_byte_exact() {
 
     let echo = mesh.b.addr(ECHO_PORT).to_string();
     let streamed = mesh.podtool(&mesh.a, &["stream", "--to", &echo, "--bytes", "8000000"]);
-    assert_eq!(
-        streamed["sent_sha256"], streamed["received_sha256"],
-        "{streamed}"
-    );
+    assert_intact(&streamed);
     assert_eq!(streamed["received"], 8_000_000, "{streamed}");
 
     let pcap = capture.finish();
@@ -353,13 +374,7 @@ fn strangers_at_the_tunnel_port_are_refused() {
         .unwrap();
     assert!(!finished.status.success(), "plain HTTP was served");
     // TLS without a client certificate.
-    let mut tls = outsider("/usr/bin/openssl");
-    tls.args(["s_client", "-connect", &tunnel, "-tls1_3", "-alpn", "h2"])
-        .stdin(std::process::Stdio::null());
-    let finished = Process::spawn(&mut tls, "openssl s_client")
-        .unwrap()
-        .wait(RUN)
-        .unwrap();
+    let finished = mesh.tls_client(None);
     let out = finished.stdout.clone();
     assert!(
         !out.contains("Verify return code: 0")
@@ -400,19 +415,7 @@ fn strangers_at_the_tunnel_port_are_refused() {
         .arg("-out")
         .arg(&cert);
     nodemesh_testkit::run(&mut issue).unwrap();
-    let mut foreign = outsider("/usr/bin/openssl");
-    foreign
-        .args([
-            "s_client", "-connect", &tunnel, "-tls1_3", "-alpn", "h2", "-cert",
-        ])
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdin(std::process::Stdio::null());
-    let _ = Process::spawn(&mut foreign, "foreign client")
-        .unwrap()
-        .wait(RUN)
-        .unwrap();
+    mesh.tls_client(Some((&cert, &key)));
 
     wait_until("four refusals", Duration::from_secs(10), || {
         Ok(mesh.far.metric(
@@ -434,10 +437,7 @@ fn strangers_at_the_tunnel_port_are_refused() {
     // Meshed traffic still flows.
     let echo = mesh.b.addr(ECHO_PORT).to_string();
     let streamed = mesh.podtool(&mesh.a, &["stream", "--to", &echo, "--bytes", "100000"]);
-    assert_eq!(
-        streamed["sent_sha256"], streamed["received_sha256"],
-        "{streamed}"
-    );
+    assert_intact(&streamed);
 }
 
 const STRICT_BACKEND: &str = "apiVersion: security.istio.io/v1
@@ -468,10 +468,7 @@ fn inbound_plaintext_is_permissive_by_default_and_refused_when_strict() {
     };
 
     let streamed = mesh.outsider(&["stream", "--to", &echo, "--bytes", "100000"]);
-    assert_eq!(
-        streamed["sent_sha256"], streamed["received_sha256"],
-        "{streamed}"
-    );
+    assert_intact(&streamed);
     wait_until("plaintext counted", Duration::from_secs(5), || {
         Ok(plain()? == 1.0)
     })
@@ -495,10 +492,7 @@ fn inbound_plaintext_is_permissive_by_default_and_refused_when_strict() {
 
     // The meshed client is unaffected.
     let streamed = mesh.podtool(&mesh.a, &["stream", "--to", &echo, "--bytes", "100000"]);
-    assert_eq!(
-        streamed["sent_sha256"], streamed["received_sha256"],
-        "{streamed}"
-    );
+    assert_intact(&streamed);
 }
 
 /// Acceptance 5: an ALLOW policy for namespace `shop` admits `a` and denies `c`
@@ -520,10 +514,7 @@ spec:
     mesh.apply(&[allow_shop]);
 
     let streamed = mesh.podtool(&mesh.a, &["stream", "--to", &echo, "--bytes", "100000"]);
-    assert_eq!(
-        streamed["sent_sha256"], streamed["received_sha256"],
-        "{streamed}"
-    );
+    assert_intact(&streamed);
     let probe = mesh.podtool(&mesh.c, &["probe", "--to", &echo]);
     assert_ne!(probe["outcome"], "data", "c was let through: {probe}");
     let c_principal = principal("other", "c-sa");
@@ -762,18 +753,7 @@ fn an_expired_peer_certificate_is_refused() {
             .unwrap()
     };
     let before = refusals();
-    let mut client = mesh.node0.command(Path::new("/usr/bin/openssl")).unwrap();
-    client
-        .args(["s_client", "-connect", &format!("{}:15008", mesh.b.ip)])
-        .args(["-tls1_3", "-alpn", "h2", "-cert"])
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdin(std::process::Stdio::null());
-    let _ = Process::spawn(&mut client, "expired client")
-        .unwrap()
-        .wait(RUN)
-        .unwrap();
+    mesh.tls_client(Some((&cert, &key)));
     wait_until("the refusal", Duration::from_secs(10), || {
         Ok(refusals() > before)
     })
