@@ -10,10 +10,19 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::l7::route::{GATEWAY_V1, HttpRoute};
+use crate::l7::traffic::{
+    BackendTrafficPolicy, DestinationRule, FaultInjection, GATEWAY_X_V1ALPHA1, ISTIO_NETWORKING,
+    LocalRateLimit,
+};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::service::Service;
 
 /// The API group/version of nodemesh's own kinds.
 pub const API_VERSION: &str = "nodemesh.io/v1alpha1";
+
+/// The API group of nodemesh's own kinds, as `ExtensionRef` filters name it.
+pub const API_GROUP: &str = "nodemesh.io";
 
 /// Why a config file was rejected; always names the document and field.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +58,18 @@ pub struct MeshConfig {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// `AuthorizationPolicy` documents.
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// `Service` documents: VIPs the agent balances.
+    pub services: Vec<Service>,
+    /// `HTTPRoute` documents attached to Services.
+    pub http_routes: Vec<HttpRoute>,
+    /// `DestinationRule` documents: per-Service load balancing and outlier detection.
+    pub destination_rules: Vec<DestinationRule>,
+    /// `XBackendTrafficPolicy` documents: per-Service retry budgets.
+    pub backend_traffic_policies: Vec<BackendTrafficPolicy>,
+    /// `FaultInjection` filter documents.
+    pub fault_injections: Vec<FaultInjection>,
+    /// `LocalRateLimit` filter documents.
+    pub local_rate_limits: Vec<LocalRateLimit>,
 }
 
 /// Istio's security API versions, accepted as-is.
@@ -59,6 +80,12 @@ enum Document {
     Workload(Workload),
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
+    Service(Service),
+    HttpRoute(HttpRoute),
+    DestinationRule(DestinationRule),
+    BackendTrafficPolicy(BackendTrafficPolicy),
+    FaultInjection(FaultInjection),
+    LocalRateLimit(LocalRateLimit),
 }
 
 /// A pod on this node: who it is, and where its cgroup and network namespace are.
@@ -212,6 +239,12 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
             Document::Workload(w) => config.workloads.push(w),
             Document::PeerAuthentication(p) => config.peer_authentications.push(p),
             Document::AuthorizationPolicy(p) => config.authorization_policies.push(p),
+            Document::Service(x) => config.services.push(x),
+            Document::HttpRoute(x) => config.http_routes.push(x),
+            Document::DestinationRule(x) => config.destination_rules.push(x),
+            Document::BackendTrafficPolicy(x) => config.backend_traffic_policies.push(x),
+            Document::FaultInjection(x) => config.fault_injections.push(x),
+            Document::LocalRateLimit(x) => config.local_rate_limits.push(x),
         }
     }
     validate_unique(&config)?;
@@ -248,6 +281,10 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document,
     let api_version = str_field(&value, "apiVersion").unwrap_or("").to_owned();
     let expected: &[&str] = match kind.as_str() {
         "PeerAuthentication" | "AuthorizationPolicy" => &ISTIO_SECURITY,
+        "Service" => &["v1"],
+        "HTTPRoute" => &[GATEWAY_V1, "gateway.networking.k8s.io/v1beta1"],
+        "DestinationRule" => &ISTIO_NETWORKING,
+        "XBackendTrafficPolicy" => &[GATEWAY_X_V1ALPHA1],
         _ => &[API_VERSION],
     };
     if !expected.contains(&api_version.as_str()) {
@@ -269,7 +306,6 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document,
     let meta: RawMetadata =
         serde_yaml_ng::from_value(value.get("metadata").cloned().unwrap_or_default())
             .map_err(|e| invalid(&unnamed, "metadata", e.to_string()))?;
-    let _ = meta.annotations;
     let name = meta.name.unwrap_or_default();
     let namespace = meta.namespace.unwrap_or_else(|| "default".to_owned());
     let subject = format!("{kind} {namespace}/{name}");
@@ -320,14 +356,77 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document,
                 .map(Document::AuthorizationPolicy)
                 .map_err(|(field, message)| invalid(&subject, &field, message))
         }
+        "Service" => {
+            let spec = spec_of(&value, &subject, &invalid)?;
+            Service::from_raw(name, namespace, &meta.annotations, spec)
+                .map(Document::Service)
+                .map_err(|(field, message)| invalid(&subject, &field, message))
+        }
+        "HTTPRoute" => {
+            let spec = spec_of(&value, &subject, &invalid)?;
+            HttpRoute::from_raw(name, namespace, spec)
+                .map(Document::HttpRoute)
+                .map_err(|(field, message)| invalid(&subject, &field, message))
+        }
+        "DestinationRule" => {
+            let spec = spec_of(&value, &subject, &invalid)?;
+            DestinationRule::from_raw(name, namespace, spec)
+                .map(Document::DestinationRule)
+                .map_err(|(field, message)| invalid(&subject, &field, message))
+        }
+        "XBackendTrafficPolicy" => {
+            let spec = spec_of(&value, &subject, &invalid)?;
+            BackendTrafficPolicy::from_raw(name, namespace, spec)
+                .map(Document::BackendTrafficPolicy)
+                .map_err(|(field, message)| invalid(&subject, &field, message))
+        }
+        "FaultInjection" => {
+            let spec = spec_of(&value, &subject, &invalid)?;
+            FaultInjection::from_raw(name, namespace, spec)
+                .map(Document::FaultInjection)
+                .map_err(|(field, message)| invalid(&subject, &field, message))
+        }
+        "LocalRateLimit" => {
+            let spec = spec_of(&value, &subject, &invalid)?;
+            LocalRateLimit::from_raw(name, namespace, spec)
+                .map(Document::LocalRateLimit)
+                .map_err(|(field, message)| invalid(&subject, &field, message))
+        }
         other => Err(invalid(
             &subject,
             "kind",
             format!(
-                "unsupported kind {other:?} (supported: Workload, PeerAuthentication, AuthorizationPolicy)"
+                "unsupported kind {other:?} (supported: {})",
+                KINDS.join(", ")
             ),
         )),
     }
+}
+
+/// Every kind the agent reads.
+const KINDS: [&str; 9] = [
+    "Workload",
+    "PeerAuthentication",
+    "AuthorizationPolicy",
+    "Service",
+    "HTTPRoute",
+    "DestinationRule",
+    "XBackendTrafficPolicy",
+    "FaultInjection",
+    "LocalRateLimit",
+];
+
+/// Deserializes a document's required `spec`.
+fn spec_of<T: serde::de::DeserializeOwned>(
+    value: &serde_yaml_ng::Value,
+    subject: &str,
+    invalid: &dyn Fn(&str, &str, String) -> ConfigError,
+) -> Result<T, ConfigError> {
+    let spec = value
+        .get("spec")
+        .cloned()
+        .ok_or_else(|| invalid(subject, "spec", "missing".into()))?;
+    serde_yaml_ng::from_value(spec).map_err(|e| invalid(subject, "spec", e.to_string()))
 }
 
 fn build_workload(
