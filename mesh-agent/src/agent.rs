@@ -25,6 +25,10 @@ use crate::identity::TrustBundle;
 use crate::identity::ca::{CaError, Signer, load_trust_bundle};
 use crate::identity::manager::{CertManager, CertPolicy, CertView};
 use crate::inbound;
+use crate::l7::catalog::{CatalogStore, ServiceEndpointsView, ServiceRoutesView};
+use crate::l7::route::HttpRoute;
+use crate::l7::upstream::Upstreams;
+use crate::l7::{L7, L7Settings};
 use crate::metrics::Metrics;
 use crate::netns::NetnsHandle;
 use crate::outbound::{self, OutboundContext};
@@ -53,6 +57,10 @@ pub struct Settings {
     pub identity: Option<IdentitySettings>,
     /// This node's name: workloads with another `spec.nodeName` are only looked up, never enrolled.
     pub node_name: Option<String>,
+    /// Protocol detection and HTTP limits.
+    pub l7: L7Settings,
+    /// Where JSON request-log lines go, when enabled.
+    pub request_log: Option<tracing_appender::non_blocking::NonBlocking>,
 }
 
 /// Where the mesh CA lives and how workload certificates are made.
@@ -180,6 +188,8 @@ pub struct Agent {
     pub pool: Arc<TunnelPool>,
     /// Peer authentication and authorization in force.
     pub policies: Arc<PolicyStore>,
+    /// Services, routes and endpoint health.
+    pub l7: Arc<L7>,
 }
 
 impl Agent {
@@ -218,6 +228,11 @@ impl Agent {
             }
         });
         Agent {
+            l7: Arc::new(L7 {
+                catalog: CatalogStore::default(),
+                settings: settings.l7.clone(),
+                request_log: settings.request_log.clone(),
+            }),
             policies: Arc::new(PolicyStore::default()),
             pool,
             identity,
@@ -281,6 +296,16 @@ impl Agent {
             let closed = self.connections.revoke_disallowed(&self.policies.get());
             tracing::info!(closed, "policies applied");
         }
+        let config_for_l7 = MeshConfig {
+            workloads: config.workloads.clone(),
+            services: config.services,
+            http_routes: config.http_routes,
+            destination_rules: config.destination_rules,
+            backend_traffic_policies: config.backend_traffic_policies,
+            fault_injections: config.fault_injections,
+            local_rate_limits: config.local_rate_limits,
+            ..MeshConfig::default()
+        };
         let all: Vec<Workload> = config.workloads;
         let desired: BTreeMap<String, Workload> = all
             .iter()
@@ -341,6 +366,7 @@ impl Agent {
             }
         }
         self.directory.replace(by_ip);
+        self.l7.catalog.apply(&config_for_l7);
         if let Some(identity) = &self.identity {
             identity.certs.set_identities(
                 state
@@ -399,7 +425,7 @@ impl Agent {
 
         let workload_id = state.next_workload_id;
         state.next_workload_id += 1;
-        let ctx = Arc::new(OutboundContext {
+        let ctx = Arc::new_cyclic(|weak| OutboundContext {
             meta: RwLock::new(Arc::new(WorkloadMeta::from_config(w))),
             cgroup_id,
             netns,
@@ -410,6 +436,8 @@ impl Agent {
             connect_timeout: self.settings.connect_timeout,
             identity: self.identity.clone(),
             pool: self.pool.clone(),
+            l7: self.l7.clone(),
+            upstreams: Upstreams::new(weak.clone()),
         });
         let cancel = CancellationToken::new();
         // Any early return below stops the listeners already spawned.
@@ -586,6 +614,7 @@ impl Agent {
             workloads.push(WorkloadDump::new(w, "failed", Some(err.clone()), None));
         }
         let stats = self.capture.stats();
+        let catalog = self.l7.catalog.get();
         ConfigDump {
             config: state.status.clone(),
             workloads,
@@ -603,6 +632,9 @@ impl Agent {
                 .zip(stats)
                 .map(|(n, v)| (n.to_string(), v))
                 .collect(),
+            services: catalog.route_views(),
+            routes: catalog.routes().iter().map(|r| (**r).clone()).collect(),
+            endpoints: catalog.endpoint_views(),
         }
     }
 }
@@ -671,6 +703,12 @@ pub struct ConfigDump {
     pub certificates: Vec<CertView>,
     /// Kernel decision counters.
     pub capture_decisions: BTreeMap<String, u64>,
+    /// Service ports: VIPs, protocol, traffic policy and attached routes.
+    pub services: Vec<ServiceRoutesView>,
+    /// HTTPRoutes in force, in precedence order.
+    pub routes: Vec<HttpRoute>,
+    /// Endpoints of each Service port and their health.
+    pub endpoints: Vec<ServiceEndpointsView>,
 }
 
 /// One workload in `/config_dump`.

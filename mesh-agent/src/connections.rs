@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::metrics::{Metrics, TcpLabels};
 use crate::policy::{self, Decision, Policies};
+use crate::service::Service;
 use crate::workload::WorkloadMeta;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +31,8 @@ pub struct Peers {
     pub destination: Option<Arc<WorkloadMeta>>,
     /// Whether the hop between the agents is mutual TLS.
     pub mutual_tls: bool,
+    /// The Service the client addressed, when it connected to a VIP.
+    pub service: Option<Arc<Service>>,
 }
 
 impl Peers {
@@ -41,6 +44,7 @@ impl Peers {
             source: Some(source),
             destination,
             mutual_tls: false,
+            service: None,
         }
     }
 
@@ -62,9 +66,9 @@ pub struct ConnectionInfo {
     started: Instant,
     started_wall: SystemTime,
     /// Client to server bytes so far.
-    pub bytes_received: AtomicU64,
+    pub bytes_received: Arc<AtomicU64>,
     /// Server to client bytes so far.
-    pub bytes_sent: AtomicU64,
+    pub bytes_sent: Arc<AtomicU64>,
     /// For inbound connections: what policy was checked, and how to close it if a
     /// later policy no longer allows it.
     authz: Mutex<Option<(policy::Connection, CancellationToken)>>,
@@ -191,14 +195,15 @@ impl ConnectionInfo {
 }
 
 /// Byte counters for one direction: the live per-connection figure and the metric.
-pub struct ByteCounter<'a> {
-    live: &'a AtomicU64,
+/// Owned, so a connection's I/O object can carry it into a spawned task.
+pub struct ByteCounter {
+    live: Arc<AtomicU64>,
     metric: Counter,
 }
 
-impl<'a> ByteCounter<'a> {
+impl ByteCounter {
     /// Counts into `live` and `metric`.
-    pub(crate) fn new(live: &'a AtomicU64, metric: Counter) -> Self {
+    pub(crate) fn new(live: Arc<AtomicU64>, metric: Counter) -> Self {
         ByteCounter { live, metric }
     }
 
@@ -237,8 +242,8 @@ impl ConnectionGuard {
             original_destination,
             started: Instant::now(),
             started_wall: SystemTime::now(),
-            bytes_received: AtomicU64::new(0),
-            bytes_sent: AtomicU64::new(0),
+            bytes_received: Arc::default(),
+            bytes_sent: Arc::default(),
             authz: Mutex::new(None),
             revoked: std::sync::atomic::AtomicBool::new(false),
         });
@@ -272,13 +277,13 @@ impl ConnectionGuard {
     }
 
     /// Counter for client-to-server bytes.
-    pub fn received(&self) -> ByteCounter<'_> {
-        ByteCounter::new(&self.info.bytes_received, self.received.clone())
+    pub fn received(&self) -> ByteCounter {
+        ByteCounter::new(self.info.bytes_received.clone(), self.received.clone())
     }
 
     /// Counter for server-to-client bytes.
-    pub fn sent(&self) -> ByteCounter<'_> {
-        ByteCounter::new(&self.info.bytes_sent, self.sent.clone())
+    pub fn sent(&self) -> ByteCounter {
+        ByteCounter::new(self.info.bytes_sent.clone(), self.sent.clone())
     }
 }
 
@@ -340,9 +345,21 @@ fn tcp_labels(peers: &Peers, dst: SocketAddr) -> TcpLabels {
             .map(|w| w.namespace.clone())
             .unwrap_or_else(unknown),
         destination_principal: dst_workload.map(|w| w.principal()).unwrap_or_else(unknown),
-        destination_service: dst.to_string(),
-        destination_service_name: unknown(),
-        destination_service_namespace: unknown(),
+        destination_service: peers
+            .service
+            .as_ref()
+            .map(|s| s.fqdn())
+            .unwrap_or_else(|| dst.to_string()),
+        destination_service_name: peers
+            .service
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_else(unknown),
+        destination_service_namespace: peers
+            .service
+            .as_ref()
+            .map(|s| s.namespace.clone())
+            .unwrap_or_else(unknown),
         request_protocol: "tcp",
         response_flags: "-",
         connection_security_policy: security(peers.mutual_tls),

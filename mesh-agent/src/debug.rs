@@ -29,6 +29,10 @@ pub enum View {
     Certificates,
     /// Tunnel connection pool: connections and streams per peer.
     Pool,
+    /// Service ports: VIPs, protocol, load balancer and attached HTTPRoutes.
+    Routes,
+    /// Service endpoints with health, ejections, pending requests and latency.
+    Endpoints,
     /// Raw Prometheus metrics.
     Metrics,
     /// The whole config dump as JSON.
@@ -200,6 +204,76 @@ fn render_dump(dump: &Value, view: View) -> String {
                         s(&p["connections"]),
                         s(&p["streams"]),
                     ]
+                })
+                .collect(),
+        ),
+        View::Routes => table(
+            &["SERVICE", "PORT", "VIPS", "PROTOCOL", "BALANCER", "ROUTES"],
+            list("services")
+                .iter()
+                .map(|v| {
+                    let routes: Vec<String> = v["producerRoutes"]
+                        .as_array()
+                        .into_iter()
+                        .chain(v["consumerRoutes"].as_array())
+                        .flatten()
+                        .map(s)
+                        .collect();
+                    vec![
+                        s(&v["service"]),
+                        format!("{}→{}", s(&v["port"]), s(&v["targetPort"])),
+                        v["vips"]
+                            .as_array()
+                            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                            .unwrap_or_default(),
+                        s(&v["protocol"]),
+                        s(&v["loadBalancer"]["loadBalancer"]),
+                        if routes.is_empty() {
+                            "-".into()
+                        } else {
+                            routes.join(",")
+                        },
+                    ]
+                })
+                .collect(),
+        ),
+        View::Endpoints => table(
+            &[
+                "SERVICE",
+                "PORT",
+                "ENDPOINT",
+                "WORKLOAD",
+                "HEALTH",
+                "EJECTED FOR",
+                "EJECTIONS",
+                "PENDING",
+                "EWMA",
+            ],
+            list("endpoints")
+                .iter()
+                .flat_map(|svc| {
+                    svc["endpoints"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|e| {
+                            vec![
+                                s(&svc["service"]),
+                                s(&svc["port"]),
+                                s(&e["address"]),
+                                s(&e["workload"]),
+                                s(&e["health"]),
+                                e["ejectedForSeconds"]
+                                    .as_f64()
+                                    .map(|t| format!("{t:.1}s"))
+                                    .unwrap_or_else(|| "-".into()),
+                                s(&e["ejections"]),
+                                s(&e["pending"]),
+                                format!("{:.2}ms", e["ewmaMs"].as_f64().unwrap_or(0.0)),
+                            ]
+                        })
+                        .collect::<Vec<_>>()
                 })
                 .collect(),
         ),

@@ -80,6 +80,7 @@ pub async fn admit(
         source_principal: source.as_ref().map(Identity::to_string),
         destination: Some(local.clone()),
         mutual_tls: source.is_some(),
+        service: None,
     };
     let mut guard = ConnectionGuard::open(&w.connections, &w.metrics, peers, peer, destination);
     let attrs = policy::Connection {

@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the eBPF programs and run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Manage the mesh CA files.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -92,6 +92,30 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "NODEMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// How long to wait for a client's first bytes on a Service port before treating
+    /// the connection as opaque TCP (server-speaks-first protocols wait this long).
+    #[arg(long, env = "NODEMESH_PROTOCOL_DETECTION_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    protocol_detection_timeout: Duration,
+    /// Service ports never inspected, on every Service (comma-separated).
+    #[arg(long, env = "NODEMESH_OPAQUE_PORTS", default_value = "25,587,3306,4444,5432,6379,9300,11211", value_parser = parse_ports)]
+    opaque_ports: PortList,
+    /// Largest HTTP request header block accepted; HTTP/1 clients get 431 above it.
+    #[arg(long, env = "NODEMESH_MAX_REQUEST_HEADER_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(8192..=16_777_216))]
+    max_request_header_bytes: u32,
+    /// Time an HTTP/1 client has to send its request headers (slowloris defence).
+    #[arg(long, env = "NODEMESH_REQUEST_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    request_header_timeout: Duration,
+    /// Per-request log on stdout: `json` writes one JSON object per request.
+    #[arg(long, env = "NODEMESH_REQUEST_LOG", default_value = "off", value_parser = ["off", "json"])]
+    request_log: String,
+}
+
+/// A parsed `--opaque-ports` list.
+#[derive(Clone, Debug)]
+struct PortList(Vec<u16>);
+
+fn parse_ports(s: &str) -> Result<PortList, String> {
+    mesh_agent::service::parse_port_list(s).map(PortList)
 }
 
 fn main() -> std::process::ExitCode {
@@ -103,7 +127,7 @@ fn main() -> std::process::ExitCode {
         .expect("building the tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(*args).await,
             Command::Ca(CaCommand::Init { dir }) => {
                 for path in
                     mesh_agent::identity::ca::init(&dir, mesh_agent::workload::TRUST_DOMAIN)?
@@ -155,6 +179,15 @@ fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _log_writer = init_logging(&args.log_format);
+    // Request-log lines are JSON documents of their own on stdout, apart from the
+    // agent's logs on stderr; the guard flushes them on exit.
+    let request_log = (args.request_log == "json").then(|| {
+        tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(false)
+            .buffered_lines_limit(4096)
+            .thread_name("request-log")
+            .finish(std::io::stdout())
+    });
     let cgroup2 = cgroup::preflight()?;
     let attach_cgroup = args
         .attach_cgroup
@@ -181,6 +214,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         attach_cgroup,
         node_name: args.node_name.clone(),
         identity: identity_settings.clone(),
+        l7: mesh_agent::l7::L7Settings {
+            detect_timeout: args.protocol_detection_timeout,
+            opaque_ports: args.opaque_ports.0.clone(),
+            max_header_bytes: args.max_request_header_bytes as usize,
+            header_timeout: args.request_header_timeout,
+        },
+        request_log: request_log.as_ref().map(|(writer, _)| writer.clone()),
     };
     let metrics = Arc::new(mesh_agent::metrics::Metrics::new());
     let identity = match &identity_settings {

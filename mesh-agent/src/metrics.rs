@@ -8,6 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::capture::{Capture, MapOccupancy};
@@ -47,6 +48,88 @@ pub struct TcpLabels {
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
 }
+
+/// Istio's HTTP metric labels, plus `route` (the HTTPRoute that served the request).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// Always `source`: requests are routed by the client's agent.
+    pub reporter: &'static str,
+    /// Client workload name.
+    pub source_workload: String,
+    /// Client workload namespace.
+    pub source_workload_namespace: String,
+    /// Client SPIFFE identity.
+    pub source_principal: String,
+    /// Client `app` label.
+    pub source_app: String,
+    /// Client `version` label.
+    pub source_version: String,
+    /// The workload that answered, or `unknown` when none did.
+    pub destination_workload: String,
+    /// Its namespace.
+    pub destination_workload_namespace: String,
+    /// Its SPIFFE identity.
+    pub destination_principal: String,
+    /// Its `app` label.
+    pub destination_app: String,
+    /// Its `version` label.
+    pub destination_version: String,
+    /// The Service's FQDN.
+    pub destination_service: String,
+    /// Service name.
+    pub destination_service_name: String,
+    /// Service namespace.
+    pub destination_service_namespace: String,
+    /// `http`, `http2`... `grpc` for gRPC.
+    pub request_protocol: &'static str,
+    /// HTTP status returned to the client.
+    pub response_code: u16,
+    /// gRPC status for gRPC requests, else empty.
+    pub grpc_response_status: String,
+    /// `-`, or Envoy-style flags: `NR` no route, `UH` no healthy endpoint, `UF`
+    /// connect failure, `UT` timeout, `UO` overflow, `RL` rate limited, `FI` fault injected.
+    pub response_flags: &'static str,
+    /// `mutual_tls` or `none` for the hop to the endpoint.
+    pub connection_security_policy: &'static str,
+    /// `namespace/name` of the HTTPRoute, or `default` when the Service has none.
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    destination_service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    destination_service: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: &'static str,
+}
+
+/// Istio's duration buckets, in milliseconds.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+fn size_histogram() -> Histogram {
+    // 1 B to 100 MB, decades.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1.0, 10.0, 9,
+    ))
+}
+
+/// A histogram family with a fixed bucket layout.
+pub type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
@@ -108,6 +191,17 @@ pub struct Metrics {
     tunnel_connections: Family<DirectionLabels, Counter>,
     /// Tunnel connections open in the client pool.
     pub tunnel_pool_connections: Gauge,
+    /// `istio_requests_total`.
+    pub requests: Family<HttpLabels, Counter>,
+    /// `istio_request_duration_milliseconds`.
+    pub request_duration: HistogramFamily,
+    /// `istio_request_bytes`: request body sizes.
+    pub request_bytes: HistogramFamily,
+    /// `istio_response_bytes`: response body sizes.
+    pub response_bytes: HistogramFamily,
+    retries: Family<RetryLabels, Counter>,
+    ejections: Family<ServiceLabels, Counter>,
+    detections: Family<ProtocolLabels, Counter>,
     /// Last kernel counter values, so Prometheus counters advance by the delta.
     last_decisions: Mutex<[u64; mesh_common::stat::COUNT as usize]>,
 }
@@ -140,6 +234,13 @@ impl Metrics {
             tunnel_refusals: Family::default(),
             tunnel_connections: Family::default(),
             tunnel_pool_connections: Gauge::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(size_histogram),
+            response_bytes: Family::new_with_constructor(size_histogram),
+            retries: Family::default(),
+            ejections: Family::default(),
+            detections: Family::default(),
             last_decisions: Mutex::new([0; mesh_common::stat::COUNT as usize]),
             registry: Registry::default(),
         };
@@ -228,7 +329,73 @@ impl Metrics {
             "mTLS tunnel connections open in the client pool",
             m.tunnel_pool_connections.clone(),
         );
+        registry.register(
+            "istio_requests",
+            "Requests routed, by source, destination, route and response",
+            m.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from request to the end of the response, in milliseconds",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            m.response_bytes.clone(),
+        );
+        registry.register(
+            "nodemesh_http_retries",
+            "Retries by result: granted, or refused because the retry budget was spent",
+            m.retries.clone(),
+        );
+        registry.register(
+            "nodemesh_endpoint_ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "nodemesh_protocol_detections",
+            "Connections to Service ports by detected or declared protocol",
+            m.detections.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts a retry decision for `service`.
+    pub fn retry(&self, service: &str, granted: bool) {
+        let result = if granted {
+            "granted"
+        } else {
+            "budget_exhausted"
+        };
+        self.retries
+            .get_or_create(&RetryLabels {
+                destination_service: service.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Counts an outlier ejection.
+    pub fn ejected(&self, service: &str) {
+        self.ejections
+            .get_or_create(&ServiceLabels {
+                destination_service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection's protocol.
+    pub fn detected(&self, protocol: &'static str) {
+        self.detections
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc();
     }
 
     /// Counts a refused tunnel (`inbound`: at our listener, `outbound`: by or toward a peer).

@@ -17,9 +17,9 @@ use crate::agent::IdentityState;
 use crate::capture::{Capture, orig_dst_addr};
 use crate::connections::{ConnectionGuard, ConnectionTable, Peers};
 use crate::identity::Identity;
+use crate::l7::upstream::{connect, relay_to};
 use crate::metrics::Metrics;
 use crate::netns::NetnsHandle;
-use crate::relay::{relay, relay_tunnel};
 use crate::tunnel::pool::{PoolKey, StreamLease, TunnelPool};
 use crate::tunnel::{self, HBONE_PORT, TunnelError};
 use crate::workload::{Directory, WorkloadMeta};
@@ -47,6 +47,10 @@ pub struct OutboundContext {
     pub identity: Option<Arc<IdentityState>>,
     /// The node's tunnel connections.
     pub pool: Arc<TunnelPool>,
+    /// Services and routes.
+    pub l7: Arc<crate::l7::L7>,
+    /// This workload's pooled HTTP connections to endpoints.
+    pub upstreams: crate::l7::upstream::Upstreams,
 }
 
 /// Where a captured connection goes, decided from kernel facts only.
@@ -151,6 +155,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<Outbo
             return;
         }
     };
+    if let Some(target) = ctx.l7.catalog.get().resolve(route.destination) {
+        crate::l7::proxy::serve(client, peer, route.destination, target, ctx, source).await;
+        return;
+    }
     let destination_workload = ctx.directory.lookup(route.destination.ip());
     let transport = transport(destination_workload.as_deref(), ctx.identity.is_some());
     let mut peers = Peers::outbound(source.clone(), destination_workload);
@@ -163,50 +171,27 @@ async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<Outbo
         route.destination,
     );
     let _ = client.set_nodelay(true);
-    if let Transport::Tunnel { peer_identity } = transport {
-        let opened = open_tunnel(&ctx, &source, peer_identity, route.destination).await;
-        match opened {
-            Ok((stream, _lease)) => {
-                if let Err(e) = relay_tunnel(&client, stream, guard.received(), guard.sent()).await
-                {
-                    tracing::debug!(destination = %route.destination, error = %e, "tunnelled connection ended with error");
-                }
-            }
-            Err(e) => {
-                guard.fail(e.response_flags());
-                ctx.metrics.tunnel_refused("outbound", e.reason());
-                tracing::warn!(
-                    workload = %source.key(),
-                    destination = %route.destination,
-                    error = %e,
-                    "tunnel to the destination failed; resetting client"
-                );
-                reset(client);
-            }
-        }
-        return;
-    }
-    let upstream = match connect_in_pod(&ctx, route.destination).await {
+    let upstream = match connect(&ctx, &source, route.destination, transport).await {
         Ok(upstream) => upstream,
         Err(e) => {
-            guard.fail("CONNECT");
+            guard.fail(e.response_flags());
             tracing::warn!(
                 workload = %source.key(),
                 destination = %route.destination,
                 error = %e,
-                "upstream connect failed; resetting client"
+                "resetting client"
             );
             reset(client);
             return;
         }
     };
-    if let Err(e) = relay(&client, &upstream, guard.received(), guard.sent()).await {
+    if let Err(e) = relay_to(&client, upstream, &[], &guard).await {
         tracing::debug!(destination = %route.destination, error = %e, "connection ended with error");
     }
 }
 
 /// Closes with RST so the client sees a failure at once, never a hang or a clean EOF.
-fn reset(stream: TcpStream) {
+pub(crate) fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
     drop(stream);
 }
@@ -234,7 +219,7 @@ pub fn transport(destination: Option<&WorkloadMeta>, mtls_enabled: bool) -> Tran
     }
 }
 
-async fn open_tunnel(
+pub(crate) async fn open_tunnel(
     ctx: &OutboundContext,
     source: &WorkloadMeta,
     peer_identity: Identity,

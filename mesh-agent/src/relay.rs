@@ -29,8 +29,8 @@ const PIPE_SIZE: usize = 256 * 1024;
 pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
-    from_client: ByteCounter<'_>,
-    to_client: ByteCounter<'_>,
+    from_client: ByteCounter,
+    to_client: ByteCounter,
 ) -> io::Result<()> {
     let result = tokio::try_join!(
         pump(client, upstream, from_client),
@@ -49,8 +49,8 @@ pub async fn relay(
 pub async fn relay_tunnel<T>(
     tcp: &TcpStream,
     tunnel: T,
-    from_tcp: ByteCounter<'_>,
-    to_tcp: ByteCounter<'_>,
+    from_tcp: ByteCounter,
+    to_tcp: ByteCounter,
 ) -> io::Result<()>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -89,7 +89,7 @@ where
 }
 
 /// One direction: `from` until EOF, then a write shutdown on `to`.
-async fn pump(from: &TcpStream, to: &TcpStream, counter: ByteCounter<'_>) -> io::Result<()> {
+async fn pump(from: &TcpStream, to: &TcpStream, counter: ByteCounter) -> io::Result<()> {
     // No zeroing: `try_read_buf` fills spare capacity.
     let mut buf = Vec::with_capacity(COPY_BUFFER);
     let mut carried = 0u64;
@@ -162,7 +162,7 @@ impl Pipe {
         &self,
         from: &TcpStream,
         to: &TcpStream,
-        counter: &ByteCounter<'_>,
+        counter: &ByteCounter,
     ) -> io::Result<()> {
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
         loop {
@@ -225,7 +225,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (mut app, client_side) = pair(&listener).await;
         let (upstream_side, mut server) = pair(&listener).await;
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (up, down) = (
+            std::sync::Arc::new(AtomicU64::new(0)),
+            std::sync::Arc::new(AtomicU64::new(0)),
+        );
         let len = 3 * SPLICE_AFTER as usize + 12_345;
         let (request, response) = (pattern(len, 1), pattern(len / 2, 7));
 
@@ -252,8 +255,8 @@ mod tests {
         let relayed = relay(
             &client_side,
             &upstream_side,
-            ByteCounter::new(&up, Counter::default()),
-            ByteCounter::new(&down, Counter::default()),
+            ByteCounter::new(up.clone(), Counter::default()),
+            ByteCounter::new(down.clone(), Counter::default()),
         );
         let (client_got, server_got, result) = tokio::join!(client, server, relayed);
         result.unwrap();

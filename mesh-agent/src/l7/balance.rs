@@ -112,7 +112,7 @@ impl Drop for Pick {
 }
 
 /// An endpoint in `/config_dump` and `mesh-agent debug endpoints`.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointView {
     /// `ip:port`.

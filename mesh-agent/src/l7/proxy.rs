@@ -1,0 +1,1146 @@
+//! The I/O of L7: a captured connection to a Service VIP is detected, then either
+//! balanced per connection (opaque) or served by hyper and routed per request.
+//! Every request owns a [`RequestRecord`] that records Istio's request metrics
+//! and the request log line when the response body ends or is dropped.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::connections::{ByteCounter, ConnectionGuard, Peers};
+use crate::l7::balance::{NoEndpoint, Outcome, Pick};
+use crate::l7::budget::backoff;
+use crate::l7::catalog::{Catalog, ServicePortState};
+use crate::l7::detect::{Detected, sniff};
+use crate::l7::route::{self, Filter, RequestFacts, Selection, rewrite_path};
+use crate::l7::upstream::{MutualTls, ProxyBody, connect, relay_to};
+use crate::metrics::{HttpLabels, Metrics};
+use crate::outbound::{OutboundContext, reset, transport};
+use crate::service::PortProtocol;
+use crate::workload::WorkloadMeta;
+
+/// Request bodies up to this size are buffered so a retry or mirror can resend them.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+/// Connect failures are retried this often even without a retry policy: the
+/// request never reached a server, so resending it is always safe.
+const CONNECT_RETRIES: u32 = 2;
+
+/// Serves one captured connection to a Service VIP.
+pub async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    vip: SocketAddr,
+    target: Arc<ServicePortState>,
+    ctx: Arc<OutboundContext>,
+    source: Arc<WorkloadMeta>,
+) {
+    let _ = client.set_nodelay(true);
+    let settings = &ctx.l7.settings;
+    let declared = match target.protocol {
+        PortProtocol::Detect if settings.opaque_ports.contains(&vip.port()) => PortProtocol::Opaque,
+        p => p,
+    };
+    let (protocol, prefix) = match declared {
+        PortProtocol::Http1 => (Detected::Http1, Vec::new()),
+        PortProtocol::Http2 => (Detected::Http2, Vec::new()),
+        PortProtocol::Opaque => (Detected::Opaque, Vec::new()),
+        PortProtocol::Detect => match sniff(&client, settings.detect_timeout).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(client = %peer, error = %e, "client went away during detection");
+                return;
+            }
+        },
+    };
+    ctx.metrics.detected(match protocol {
+        Detected::Http1 => "http1",
+        Detected::Http2 => "http2",
+        Detected::Opaque => "tcp",
+    });
+    let peers = Peers {
+        service: Some(target.service.clone()),
+        ..Peers::outbound(source.clone(), None)
+    };
+    match protocol {
+        Detected::Opaque => serve_opaque(client, peer, vip, target, ctx, peers, prefix).await,
+        _ => serve_http(client, peer, vip, ctx, peers, prefix, protocol).await,
+    }
+}
+
+/// Balances a TCP connection: one endpoint per connection, trying others when a
+/// connect fails.
+async fn serve_opaque(
+    client: TcpStream,
+    peer: SocketAddr,
+    vip: SocketAddr,
+    target: Arc<ServicePortState>,
+    ctx: Arc<OutboundContext>,
+    mut peers: Peers,
+    prefix: Vec<u8>,
+) {
+    let source = peers.source.clone().expect("outbound peers have a source");
+    let mut avoid = None;
+    let mut last_error = String::from("no endpoints");
+    for _ in 0..=CONNECT_RETRIES {
+        let pick = match target
+            .balancer
+            .pick(Instant::now(), avoid.as_ref(), &mut rand::rng())
+        {
+            Ok(pick) => pick,
+            Err(e) => {
+                last_error = e.to_string();
+                break;
+            }
+        };
+        let endpoint = pick.endpoint().clone();
+        let how = transport(Some(&endpoint.workload), ctx.identity.is_some());
+        match connect(&ctx, &source, endpoint.addr, how).await {
+            Ok(upstream) => {
+                target
+                    .balancer
+                    .record(&pick, Outcome::Success, Instant::now());
+                peers.mutual_tls = upstream.is_mutual_tls();
+                peers.destination = Some(endpoint.workload.clone());
+                let guard = ConnectionGuard::open(&ctx.connections, &ctx.metrics, peers, peer, vip);
+                if let Err(e) = relay_to(&client, upstream, &prefix, &guard).await {
+                    tracing::debug!(service = %target.service.key(), error = %e, "connection ended with error");
+                }
+                drop(pick);
+                return;
+            }
+            Err(e) => {
+                if target
+                    .balancer
+                    .record(&pick, Outcome::Failure, Instant::now())
+                {
+                    ctx.metrics.ejected(&target.service.fqdn());
+                }
+                tracing::warn!(service = %target.service.key(), endpoint = %endpoint.addr, error = %e, "endpoint connect failed; trying another");
+                last_error = format!("{}: {e}", endpoint.addr);
+                avoid = Some(endpoint);
+            }
+        }
+    }
+    let mut guard = ConnectionGuard::open(&ctx.connections, &ctx.metrics, peers, peer, vip);
+    guard.fail("UF");
+    tracing::warn!(service = %target.service.key(), error = %last_error, "no endpoint accepted the connection; resetting client");
+    reset(client);
+}
+
+/// What every request on one client connection shares.
+struct ConnCtx {
+    ctx: Arc<OutboundContext>,
+    source: Arc<WorkloadMeta>,
+    principal: String,
+    vip: SocketAddr,
+    client: SocketAddr,
+    protocol: Detected,
+}
+
+async fn serve_http(
+    client: TcpStream,
+    peer: SocketAddr,
+    vip: SocketAddr,
+    ctx: Arc<OutboundContext>,
+    peers: Peers,
+    prefix: Vec<u8>,
+    protocol: Detected,
+) {
+    let source = peers.source.clone().expect("outbound peers have a source");
+    let guard = ConnectionGuard::open(&ctx.connections, &ctx.metrics, peers, peer, vip);
+    let io = TokioIo::new(MeteredIo {
+        prefix: Bytes::from(prefix),
+        stream: client,
+        received: guard.received(),
+        sent: guard.sent(),
+    });
+    let settings = ctx.l7.settings.clone();
+    let conn = Arc::new(ConnCtx {
+        principal: source.principal(),
+        source,
+        ctx,
+        vip,
+        client: peer,
+        protocol,
+    });
+    let service = service_fn(move |req| handle(req, conn.clone()));
+    let result = match protocol {
+        Detected::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(settings.max_header_bytes as u32)
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_timeout)
+                .max_buf_size(settings.max_header_bytes.max(8192))
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "HTTP connection ended with error");
+    }
+    drop(guard);
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnCtx>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let catalog = conn.ctx.l7.catalog.get();
+    let mut record = RequestRecord::new(&conn, &req);
+    let Some(target) = catalog.resolve(conn.vip) else {
+        return Ok(record.reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NR",
+            format!("{} is no longer a Service address", conn.vip),
+        ));
+    };
+    record.labels.destination_service = target.service.fqdn();
+    record.labels.destination_service_name = target.service.name.clone();
+    record.labels.destination_service_namespace = target.service.namespace.clone();
+    let response = route_request(req, &conn, &catalog, &target, &mut record).await;
+    Ok(record.respond(response))
+}
+
+/// A response the agent makes itself, with a body that says why.
+fn local(
+    status: StatusCode,
+    flags: &'static str,
+    why: String,
+) -> (Response<ProxyBody>, &'static str) {
+    let body = format!("{why} (response_flags {flags})\n");
+    let mut resp = Response::new(full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    (resp, flags)
+}
+
+fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn roll(percent: u32) -> bool {
+    percent > 0 && rand::rng().random_range(0..100) < percent
+}
+
+/// Routes one request and carries it out; returns the response and its flags.
+async fn route_request(
+    mut req: Request<Incoming>,
+    conn: &ConnCtx,
+    catalog: &Catalog,
+    target: &Arc<ServicePortState>,
+    record: &mut RequestRecord,
+) -> (Response<ProxyBody>, &'static str) {
+    let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let facts = RequestFacts {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+    };
+    let selection = route::select(target.routes_for(&conn.source.namespace), &facts);
+    let (route, rule) = match selection {
+        Selection::NoMatch => {
+            return local(
+                StatusCode::NOT_FOUND,
+                "NR",
+                format!("no HTTPRoute rule of {} matches", target.service.key()),
+            );
+        }
+        Selection::NoRoutes => (None, None),
+        Selection::Rule { route, rule, .. } => (Some(route), Some(rule)),
+    };
+    let prefix = rule
+        .and_then(|r| route::matched_prefix(r, &facts))
+        .map(str::to_owned);
+    record.labels.route = route.map(|r| r.key()).unwrap_or_else(|| "default".into());
+    let mut response_edits = Vec::new();
+    let mut mirror = None;
+    if let (Some(route), Some(rule)) = (route, rule) {
+        for filter in &rule.filters {
+            match filter {
+                Filter::ExtensionRef { kind, name } if kind == "FaultInjection" => {
+                    let Some(fault) = catalog.fault(&route.namespace, name) else {
+                        return local(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "-",
+                            format!(
+                                "route {} names a missing FaultInjection {name}",
+                                route.key()
+                            ),
+                        );
+                    };
+                    if let Some((percent, delay)) = fault.delay
+                        && roll(percent)
+                    {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if let Some((percent, status)) = fault.abort
+                        && roll(percent)
+                    {
+                        let status =
+                            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                        return local(status, "FI", "fault injected".into());
+                    }
+                }
+                Filter::ExtensionRef { name, .. } => {
+                    let Some(limiter) = catalog.rate_limit(&route.namespace, name) else {
+                        return local(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "-",
+                            format!(
+                                "route {} names a missing LocalRateLimit {name}",
+                                route.key()
+                            ),
+                        );
+                    };
+                    if !limiter.admit(&target.service.fqdn(), &conn.principal, Instant::now()) {
+                        return local(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "RL",
+                            format!("local rate limit {name} exceeded"),
+                        );
+                    }
+                }
+                Filter::RequestRedirect(r) => {
+                    return (redirect(r, &parts, prefix.as_deref()), "-");
+                }
+                Filter::RequestHeaderModifier(m) => m.apply(&mut parts.headers),
+                Filter::ResponseHeaderModifier(m) => response_edits.push(m),
+                Filter::UrlRewrite(rw) => {
+                    if let Some(host) = &rw.hostname
+                        && let Ok(v) = HeaderValue::from_str(host)
+                    {
+                        parts.headers.insert(header::HOST, v);
+                    }
+                    if let Some(modifier) = &rw.path {
+                        let path = rewrite_path(modifier, prefix.as_deref(), parts.uri.path());
+                        let pq = match parts.uri.query() {
+                            Some(q) => format!("{path}?{q}"),
+                            None => path,
+                        };
+                        if let Ok(uri) = pq.parse::<Uri>() {
+                            parts.uri = uri;
+                        }
+                    }
+                }
+                Filter::RequestMirror(m) => mirror = Some(m),
+            }
+        }
+    }
+    // The backend Service: a weighted choice among the rule's, or the Service itself.
+    let backend = match rule {
+        None => target.clone(),
+        Some(rule) => {
+            let total: u64 = rule.backends.iter().map(|b| b.weight as u64).sum();
+            if total == 0 {
+                return local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "-",
+                    "every backendRef of the rule has weight 0".into(),
+                );
+            }
+            let mut point = rand::rng().random_range(0..total);
+            let chosen = rule
+                .backends
+                .iter()
+                .find(|b| {
+                    let hit = point < b.weight as u64;
+                    point = point.saturating_sub(b.weight as u64);
+                    hit
+                })
+                .expect("point is below the total weight");
+            match catalog.backend(
+                &chosen.namespace,
+                &chosen.name,
+                chosen.port.unwrap_or(target.port.port),
+            ) {
+                Some(b) => b,
+                None => {
+                    return local(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "-",
+                        format!(
+                            "backendRef {}/{} is not a known Service port",
+                            chosen.namespace, chosen.name
+                        ),
+                    );
+                }
+            }
+        }
+    };
+    record.labels.destination_service = backend.service.fqdn();
+    record.labels.destination_service_name = backend.service.name.clone();
+    record.labels.destination_service_namespace = backend.service.namespace.clone();
+
+    ensure_traceparent(&mut parts.headers);
+    if let Some((_, line)) = &mut record.log {
+        line.traceparent = parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+    }
+    strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+
+    // Buffer small bodies so they can be resent; stream everything else once.
+    let replayable = upgrade.is_none()
+        && (body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT));
+    let counted = CountingBody {
+        inner: body,
+        counter: record.request_bytes.clone(),
+    };
+    let (buffered, mut streaming) = if replayable {
+        match Limited::new(counted, REPLAY_LIMIT as usize).collect().await {
+            Ok(collected) => (Some(collected.to_bytes()), None),
+            Err(e) => {
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    "DC",
+                    format!("reading the request body failed: {e}"),
+                );
+            }
+        }
+    } else {
+        (None, Some(counted.boxed()))
+    };
+
+    if let Some(m) = mirror
+        && roll(m.percent)
+    {
+        match (
+            &buffered,
+            catalog.backend(
+                &m.backend.namespace,
+                &m.backend.name,
+                m.backend.port.unwrap_or(target.port.port),
+            ),
+        ) {
+            (Some(body), Some(mirror_backend)) => {
+                send_mirror(conn, &parts, body.clone(), mirror_backend);
+            }
+            (None, _) => tracing::debug!("request body too large or streaming; not mirrored"),
+            (_, None) => {
+                tracing::warn!(backend = %m.backend.name, "mirror backend is not a known Service port")
+            }
+        }
+    }
+
+    let retry = rule.and_then(|r| r.retry.clone());
+    let timeouts = rule.map(|r| r.timeouts.clone()).unwrap_or_default();
+    let attempts = async {
+        backend.budget.deposit(Instant::now());
+        let mut avoid = None;
+        let mut retries = 0u32;
+        loop {
+            let pick = match backend
+                .balancer
+                .pick(Instant::now(), avoid.as_ref(), &mut rand::rng())
+            {
+                Ok(p) => p,
+                Err(NoEndpoint::Empty) => {
+                    return local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UH",
+                        format!(
+                            "no endpoints for {}:{}",
+                            backend.service.key(),
+                            backend.port.port
+                        ),
+                    );
+                }
+                Err(NoEndpoint::Overflow) => {
+                    return local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UO",
+                        format!(
+                            "every endpoint of {} has its maximum of pending requests",
+                            backend.service.key()
+                        ),
+                    );
+                }
+            };
+            record.set_destination(&pick);
+            let body = match (&buffered, streaming.take()) {
+                (Some(b), _) => full(b.clone()),
+                (None, Some(s)) => s,
+                (None, None) => {
+                    unreachable!("a streamed body is sent once; no retry without a buffer")
+                }
+            };
+            let mut upstream_req = Request::from_parts(parts.clone(), body);
+            *upstream_req.uri_mut() = endpoint_uri(pick.endpoint().addr, &parts.uri);
+            *upstream_req.version_mut() = http::Version::HTTP_11;
+            let client = match conn.protocol {
+                Detected::Http2 => &conn.ctx.upstreams.http2,
+                _ => &conn.ctx.upstreams.http1,
+            };
+            if matches!(conn.protocol, Detected::Http2) {
+                *upstream_req.version_mut() = http::Version::HTTP_2;
+            }
+            let sent = client.request(upstream_req);
+            let result = match timeouts.backend_request {
+                Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| ()),
+                None => Ok(sent.await),
+            };
+            let now = Instant::now();
+            let (failure, retryable, outcome) = match result {
+                Ok(Ok(resp)) => {
+                    let status = resp.status().as_u16();
+                    let failed = resp.status().is_server_error();
+                    let retryable = retry.as_ref().is_some_and(|r| r.codes.contains(&status));
+                    (failed, retryable, Ok(resp))
+                }
+                Ok(Err(e)) => {
+                    let connect = e.is_connect();
+                    let flags = if connect { "UF" } else { "UC" };
+                    let why = format!(
+                        "upstream {} {}: {}",
+                        pick.endpoint().addr,
+                        if connect {
+                            "connect error"
+                        } else {
+                            "reset before response"
+                        },
+                        error_chain(&e)
+                    );
+                    (
+                        true,
+                        connect || retry.is_some(),
+                        Err((StatusCode::SERVICE_UNAVAILABLE, flags, why)),
+                    )
+                }
+                Err(()) => (
+                    true,
+                    retry.as_ref().is_some_and(|r| r.codes.contains(&504)),
+                    Err((
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        format!(
+                            "upstream {} did not answer within timeouts.backendRequest",
+                            pick.endpoint().addr
+                        ),
+                    )),
+                ),
+            };
+            let outcome_kind = if failure {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
+            if backend.balancer.record(&pick, outcome_kind, now) {
+                conn.ctx.metrics.ejected(&backend.service.fqdn());
+                tracing::warn!(service = %backend.service.key(), endpoint = %pick.endpoint().addr, "endpoint ejected by outlier detection");
+            }
+            let limit = retry
+                .as_ref()
+                .map(|r| r.attempts)
+                .unwrap_or(CONNECT_RETRIES);
+            if retryable && buffered.is_some() && retries < limit {
+                let granted = backend.budget.try_withdraw(now);
+                conn.ctx.metrics.retry(&backend.service.fqdn(), granted);
+                if granted {
+                    retries += 1;
+                    avoid = Some(pick.endpoint().clone());
+                    drop(pick);
+                    if let Some(base) = retry.as_ref().and_then(|r| r.backoff) {
+                        let jitter: f64 = rand::rng().random();
+                        tokio::time::sleep(backoff(base, retries, jitter)).await;
+                    }
+                    continue;
+                }
+            }
+            return match outcome {
+                Ok(resp) => {
+                    record.labels.connection_security_policy =
+                        if resp.extensions().get::<MutualTls>().is_some_and(|m| m.0) {
+                            "mutual_tls"
+                        } else {
+                            "none"
+                        };
+                    (finish_response(resp, upgrade, &response_edits), "-")
+                }
+                Err((status, flags, why)) => local(status, flags, why),
+            };
+        }
+    };
+    match timeouts.request {
+        Some(limit) => match tokio::time::timeout(limit, attempts).await {
+            Ok(r) => r,
+            Err(_) => local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                format!("no response within timeouts.request ({limit:?})"),
+            ),
+        },
+        None => attempts.await,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// `http://endpoint/path?query`: the client pools by endpoint.
+fn endpoint_uri(addr: SocketAddr, original: &Uri) -> Uri {
+    let pq = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    format!("http://{addr}{pq}")
+        .parse()
+        .expect("socket address and path form a URI")
+}
+
+fn finish_response(
+    resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    edits: &[&route::HeaderModifier],
+) -> Response<ProxyBody> {
+    let mut resp = resp;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    for edit in edits {
+        edit.apply(resp.headers_mut());
+    }
+    resp.map(|b| b.map_err(Into::into).boxed())
+}
+
+fn redirect(
+    r: &route::Redirect,
+    parts: &http::request::Parts,
+    prefix: Option<&str>,
+) -> Response<ProxyBody> {
+    let host_header = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let host_only = host_header
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(host_header);
+    let host = r.hostname.as_deref().unwrap_or(host_only);
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let port = match r.port {
+        Some(p) => format!(":{p}"),
+        None => String::new(),
+    };
+    let path = match &r.path {
+        Some(m) => rewrite_path(m, prefix, parts.uri.path()),
+        None => parts.uri.path().to_owned(),
+    };
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let location = format!("{scheme}://{host}{port}{path}{query}");
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::from_u16(r.status_code).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains("upgrade"))
+        })
+}
+
+/// Removes connection-specific headers; an upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && *n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    if !upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// W3C trace context: kept as sent (with B3 headers), created when absent.
+fn ensure_traceparent(headers: &mut HeaderMap) {
+    if headers.contains_key("traceparent") {
+        return;
+    }
+    let mut rng = rand::rng();
+    let trace: u128 = rng.random::<u128>().max(1);
+    let span: u64 = rng.random::<u64>().max(1);
+    let value = format!("00-{trace:032x}-{span:016x}-01");
+    headers.insert(
+        HeaderName::from_static("traceparent"),
+        HeaderValue::from_str(&value).expect("hex is a valid header value"),
+    );
+}
+
+fn send_mirror(
+    conn: &ConnCtx,
+    parts: &http::request::Parts,
+    body: Bytes,
+    backend: Arc<ServicePortState>,
+) {
+    let Ok(pick) = backend
+        .balancer
+        .pick(Instant::now(), None, &mut rand::rng())
+    else {
+        return;
+    };
+    let mut req = Request::from_parts(parts.clone(), full(body));
+    *req.uri_mut() = endpoint_uri(pick.endpoint().addr, &parts.uri);
+    let client = match conn.protocol {
+        Detected::Http2 => {
+            *req.version_mut() = http::Version::HTTP_2;
+            conn.ctx.upstreams.http2.clone()
+        }
+        _ => conn.ctx.upstreams.http1.clone(),
+    };
+    tokio::spawn(async move {
+        let sent = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await;
+        if let Ok(Ok(resp)) = sent {
+            let _ = resp.into_body().collect().await;
+        }
+        drop(pick);
+    });
+}
+
+/// Records one request on drop: Istio's request metrics and, if enabled, a JSON
+/// request-log line. Lives in the response body, so streamed responses are
+/// measured to their end.
+pub struct RequestRecord {
+    metrics: Arc<Metrics>,
+    labels: HttpLabels,
+    started: Instant,
+    started_wall: SystemTime,
+    request_bytes: Arc<AtomicU64>,
+    response_bytes: u64,
+    log: Option<(tracing_appender::non_blocking::NonBlocking, RequestLine)>,
+}
+
+struct RequestLine {
+    method: String,
+    path: String,
+    authority: String,
+    client: SocketAddr,
+    upstream: Option<SocketAddr>,
+    traceparent: Option<String>,
+}
+
+impl RequestRecord {
+    fn new(conn: &ConnCtx, req: &Request<Incoming>) -> Self {
+        let unknown = || "unknown".to_owned();
+        let s = &conn.source;
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let labels = HttpLabels {
+            reporter: "source",
+            source_workload: s.name.clone(),
+            source_workload_namespace: s.namespace.clone(),
+            source_principal: conn.principal.clone(),
+            source_app: s.app().unwrap_or_else(unknown),
+            source_version: s.version().unwrap_or_else(unknown),
+            destination_workload: unknown(),
+            destination_workload_namespace: unknown(),
+            destination_principal: unknown(),
+            destination_app: unknown(),
+            destination_version: unknown(),
+            destination_service: conn.vip.to_string(),
+            destination_service_name: unknown(),
+            destination_service_namespace: unknown(),
+            request_protocol: if grpc { "grpc" } else { "http" },
+            response_code: 0,
+            grpc_response_status: String::new(),
+            response_flags: "-",
+            connection_security_policy: "none",
+            route: "default".into(),
+        };
+        let log = conn.ctx.l7.request_log.clone().map(|w| {
+            (
+                w,
+                RequestLine {
+                    method: req.method().to_string(),
+                    path: req.uri().path().to_owned(),
+                    authority: req
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                        .unwrap_or_default(),
+                    client: conn.client,
+                    upstream: None,
+                    traceparent: None,
+                },
+            )
+        });
+        RequestRecord {
+            metrics: conn.ctx.metrics.clone(),
+            labels,
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
+            request_bytes: Arc::default(),
+            response_bytes: 0,
+            log,
+        }
+    }
+
+    fn set_destination(&mut self, pick: &Pick) {
+        let w = &pick.endpoint().workload;
+        let unknown = || "unknown".to_owned();
+        self.labels.destination_workload = w.name.clone();
+        self.labels.destination_workload_namespace = w.namespace.clone();
+        self.labels.destination_principal = w.principal();
+        self.labels.destination_app = w.app().unwrap_or_else(unknown);
+        self.labels.destination_version = w.version().unwrap_or_else(unknown);
+        if let Some((_, line)) = &mut self.log {
+            line.upstream = Some(pick.endpoint().addr);
+        }
+    }
+
+    fn reply(self, status: StatusCode, flags: &'static str, why: String) -> Response<ProxyBody> {
+        self.respond(local(status, flags, why))
+    }
+
+    /// Moves the record into the response body, which finishes it.
+    fn respond(
+        mut self,
+        (resp, flags): (Response<ProxyBody>, &'static str),
+    ) -> Response<ProxyBody> {
+        self.labels.response_code = resp.status().as_u16();
+        self.labels.response_flags = flags;
+        if let Some(status) = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+        {
+            self.labels.grpc_response_status = status.to_owned();
+        }
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(
+            parts,
+            MeteredBody {
+                inner: body,
+                record: Some(self),
+            }
+            .boxed(),
+        )
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let m = &self.metrics;
+        m.requests.get_or_create(&self.labels).inc();
+        m.request_duration.get_or_create(&self.labels).observe(ms);
+        m.request_bytes
+            .get_or_create(&self.labels)
+            .observe(request_bytes as f64);
+        m.response_bytes
+            .get_or_create(&self.labels)
+            .observe(self.response_bytes as f64);
+        if let Some((mut writer, line)) = self.log.take() {
+            let l = &self.labels;
+            let entry = serde_json::json!({
+                "start_time": humantime::format_rfc3339_millis(self.started_wall).to_string(),
+                "method": line.method,
+                "path": line.path,
+                "authority": line.authority,
+                "protocol": l.request_protocol,
+                "response_code": l.response_code,
+                "grpc_status": l.grpc_response_status,
+                "response_flags": l.response_flags,
+                "duration_ms": ms,
+                "bytes_received": request_bytes,
+                "bytes_sent": self.response_bytes,
+                "client": line.client.to_string(),
+                "source_workload": format!("{}/{}", l.source_workload_namespace, l.source_workload),
+                "source_principal": l.source_principal,
+                "destination_service": l.destination_service,
+                "destination_workload": format!("{}/{}", l.destination_workload_namespace, l.destination_workload),
+                "upstream_host": line.upstream.map(|a| a.to_string()),
+                "route": l.route,
+                "traceparent": line.traceparent,
+                "connection_security_policy": l.connection_security_policy,
+            });
+            use std::io::Write;
+            let _ = writeln!(writer, "{entry}");
+        }
+    }
+}
+
+/// Counts response bytes and reads the gRPC status from trailers; finishes the
+/// record at the end of the body.
+struct MeteredBody {
+    inner: ProxyBody,
+    record: Option<RequestRecord>,
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = crate::l7::upstream::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(record) = &mut this.record {
+                    if let Some(data) = frame.data_ref() {
+                        record.response_bytes += data.len() as u64;
+                    } else if let Some(status) = frame
+                        .trailers_ref()
+                        .and_then(|t| t.get("grpc-status"))
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        record.labels.grpc_response_status = status.to_owned();
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(record) = &mut this.record {
+                    record.labels.response_flags = "UC";
+                }
+                this.record.take();
+            }
+            Poll::Ready(None) => {
+                this.record.take();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts request body bytes as they pass.
+struct CountingBody {
+    inner: Incoming,
+    counter: Arc<AtomicU64>,
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = crate::l7::upstream::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The client connection as hyper sees it: bytes read during detection first,
+/// and every byte counted into the connection's metrics.
+struct MeteredIo {
+    prefix: Bytes,
+    stream: TcpStream,
+    received: ByteCounter,
+    sent: ByteCounter,
+}
+
+impl AsyncRead for MeteredIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            this.received.add(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            this.received.add(buf.filled().len() - before);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for MeteredIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.stream).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.sent.add(n);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.sent.add(n);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-kept"]);
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.contains_key("upgrade") && h.contains_key("connection"));
+    }
+
+    #[test]
+    fn traceparent_is_created_only_when_absent() {
+        let mut h = HeaderMap::new();
+        ensure_traceparent(&mut h);
+        let v = h.get("traceparent").unwrap().to_str().unwrap().to_owned();
+        let parts: Vec<&str> = v.split('-').collect();
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "01")
+        );
+        let given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        h.insert("traceparent", given.parse().unwrap());
+        ensure_traceparent(&mut h);
+        assert_eq!(h.get("traceparent").unwrap(), given);
+    }
+}
