@@ -255,6 +255,11 @@ impl Process {
         Ok(Finished { status, stdout })
     }
 
+    /// The stdout lines printed since the last call, without waiting.
+    pub fn new_lines(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     /// Waits for the next stdout line (e.g. "listening …"), at most `timeout`.
     pub fn wait_line(&mut self, timeout: Duration) -> anyhow::Result<String> {
         self.lines
@@ -597,11 +602,21 @@ impl Pod {
 
     /// This pod as a Workload document with extra `spec` lines (indented two spaces).
     pub fn workload_yaml_with(&self, extra_spec: &str) -> String {
+        self.workload_document(&format!("app: {}", self.name), extra_spec)
+    }
+
+    /// This pod as a Workload document with `labels`, a YAML flow-mapping body
+    /// such as `app: web, version: v1` (Service selectors pick pods by them).
+    pub fn workload_yaml_labeled(&self, labels: &str) -> String {
+        self.workload_document(labels, "")
+    }
+
+    fn workload_document(&self, labels: &str, extra_spec: &str) -> String {
         format!(
-            "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{app: {}}}\nspec:\n  serviceAccount: {}-sa\n  nodeName: {}\n  cgroupPath: {}\n  netns: {{path: {}}}\n  ips: [{}, \"{}\"]\n{}",
+            "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\nspec:\n  serviceAccount: {}-sa\n  nodeName: {}\n  cgroupPath: {}\n  netns: {{path: {}}}\n  ips: [{}, \"{}\"]\n{}",
             self.name,
             self.namespace,
-            self.name,
+            labels,
             self.name,
             self.node_name,
             self.cgroup.path.display(),
@@ -634,6 +649,7 @@ pub fn yaml_docs(docs: &[String]) -> String {
 /// A running `mesh-agent` serving one node, with its config file and log.
 pub struct Agent {
     process: Process,
+    stdout: std::sync::Mutex<String>,
     /// Admin endpoint.
     pub admin: SocketAddr,
     /// The config file it watches.
@@ -684,6 +700,7 @@ impl Agent {
         let process = Process::spawn(&mut cmd, "mesh-agent")?;
         let mut agent = Agent {
             process,
+            stdout: std::sync::Mutex::default(),
             admin,
             config_path,
             log_path,
@@ -773,6 +790,16 @@ impl Agent {
         wait_until("config applied", Duration::from_secs(10), || {
             Ok(self.generation()? > before)
         })
+    }
+
+    /// Everything the agent has printed on stdout (its request log) so far.
+    pub fn stdout(&self) -> String {
+        let mut seen = self.stdout.lock().expect("stdout lock");
+        for line in self.process.new_lines() {
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        seen.clone()
     }
 
     /// The agent's process id.

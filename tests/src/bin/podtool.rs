@@ -17,6 +17,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+#[path = "podtool/l7.rs"]
+mod l7;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -25,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    #[command(flatten)]
+    L7(l7::Cmd),
     /// HTTP/1.1 server: `/bytes/N` returns N pattern bytes, `/whoami` the client address.
     Http {
         #[arg(long)]
@@ -91,6 +96,7 @@ enum Cmd {
 #[tokio::main(worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::L7(cmd) => l7::run(cmd).await,
         Cmd::Http { listen } => http_server(listen).await,
         Cmd::Echo { listen } => echo_server(listen).await,
         Cmd::Sink { listen } => sink_server(listen).await,
