@@ -25,6 +25,8 @@ use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
 const SINK_PORT: u16 = 9100;
+/// The Service VIP of the L7 path.
+const L7_VIP: &str = "10.96.0.80";
 const WORKLOADS_FOR_MEMORY: usize = 100;
 
 #[derive(Parser)]
@@ -275,6 +277,7 @@ fn main() -> anyhow::Result<()> {
     let direct_cross = client("direct-cross")?;
     let mesh_same = client("mesh-same")?;
     let mesh_cross = client("mesh-cross")?;
+    let mesh_l7 = client("mesh-l7")?;
     let sidecar_client = client("sidecar")?;
     let to = |pod: &Pod, proxies: &[u32]| Target {
         http: pod.addr(HTTP_PORT),
@@ -317,9 +320,16 @@ fn main() -> anyhow::Result<()> {
         server.workload_yaml(),
         mesh_same.workload_yaml(),
         mesh_cross.workload_yaml(),
+        mesh_l7.workload_yaml(),
     ];
     let mut all = local_config.clone();
     all.push(far.workload_yaml());
+    // The L7 path: the same server behind a Service VIP, routed per request by an
+    // HTTPRoute (keep-alive upstream connections over the tunnel); bulk on an
+    // opaque port of the same Service.
+    all.push(format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: bench}}\nspec:\n  clusterIP: {L7_VIP}\n  selector: {{app: server}}\n  ports:\n  - {{port: 80, targetPort: {HTTP_PORT}}}\n  - {{port: {SINK_PORT}, appProtocol: tcp}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: server, namespace: bench}}\nspec:\n  parentRefs: [{{kind: Service, name: server}}]\n  rules:\n  - backendRefs: [{{name: server, port: 80}}]\n"
+    ));
     let agent = Agent::start_with(&bench.tools, &local, &yaml_docs(&all), &ca.args())?;
     let remote_agent = Agent::start_with(&bench.tools, &remote, &yaml_docs(&all), &ca.args())?;
     let agents = vec![agent.pid(), remote_agent.pid()];
@@ -337,6 +347,16 @@ fn main() -> anyhow::Result<()> {
             DIRECT_CROSS,
             &mesh_cross,
             to(&far, &agents),
+        ),
+        (
+            "mesh L7 via Service (mTLS), same node",
+            DIRECT_SAME,
+            &mesh_l7,
+            Target {
+                http: SocketAddr::new(L7_VIP.parse().expect("VIP"), 80),
+                sink: SocketAddr::new(L7_VIP.parse().expect("VIP"), SINK_PORT),
+                proxies: agents.clone(),
+            },
         ),
     ] {
         if selected(name) {

@@ -39,7 +39,7 @@ struct L7Mesh {
     client: Pod,
     backends: Vec<Pod>,
     base: Vec<String>,
-    _servers: Vec<Process>,
+    servers: Vec<Process>,
     _ca: MeshCa,
     _node: Node,
 }
@@ -78,7 +78,7 @@ impl L7Mesh {
             client,
             backends: pods,
             base,
-            _servers: servers,
+            servers,
             _ca: ca,
             _node: node,
         }
@@ -781,4 +781,101 @@ fn routes_services_and_endpoints_show_in_config_dump_and_debug_views() {
         table.contains("shop/web") && table.contains("shop/split"),
         "{table}"
     );
+}
+
+/// The `yaml` examples of a docs/l7 page, as config documents.
+fn docs_example(page: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/l7")
+        .join(page);
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.split("```yaml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn docs_routing_example_behaves_as_documented() {
+    let backends = vec![
+        web("web-v1", "app: web, version: v1", &["--log"]),
+        web("web-v2", "app: web, version: v2", &["--log"]),
+    ];
+    let mesh = L7Mesh::new(backends, &docs_example("routing.md"), &[]);
+    let canary = mesh.load("http://10.96.0.10/", 50, &["--header", "x-canary: 1"]);
+    assert_eq!(count(&canary, "by_server", "web-v2"), 50, "{canary}");
+
+    let (code, out) = mesh.curl(&["-D", "-", "http://10.96.0.10/old/page?q=1"]);
+    assert_eq!(code, 301, "{out}");
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("location: http://10.96.0.10/new/page?q=1"),
+        "{out}"
+    );
+
+    let (code, out) = mesh.curl(&["-D", "-", "http://10.96.0.10/api/headers"]);
+    assert_eq!(code, 200, "{out}");
+    assert!(out.to_ascii_lowercase().contains("x-route: api"), "{out}");
+    assert!(out.contains("x-served-by: web-v1"), "{out}");
+    let body: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(body["x-routed-by"], "nodemesh", "{out}");
+
+    let split = mesh.load("http://10.96.0.10/", 1000, &["--concurrency", "4"]);
+    let v2 = count(&split, "by_server", "web-v2") as f64 / 1000.0;
+    assert!((0.07..=0.13).contains(&v2), "v2 got {:.1} %", v2 * 100.0);
+
+    // Mirrored copies reach v2 while v1 answers; they are fire-and-forget.
+    for server in &mesh.servers {
+        server.new_lines();
+    }
+    let mirrored = mesh.load("http://10.96.0.10/mirrored", 10, &[]);
+    assert_eq!(count(&mirrored, "by_server", "web-v1"), 10, "{mirrored}");
+    let copies = std::cell::Cell::new(0);
+    wait_until("mirrored copies", Duration::from_secs(5), || {
+        copies.set(
+            copies.get()
+                + mesh.servers[1]
+                    .new_lines()
+                    .iter()
+                    .filter(|l| l.contains("\"/mirrored\""))
+                    .count(),
+        );
+        Ok(copies.get() >= 10)
+    })
+    .unwrap();
+    assert_eq!(copies.get(), 10);
+}
+
+#[test]
+fn docs_fault_and_rate_limit_example_behaves_as_documented() {
+    let mesh = L7Mesh::new(
+        vec![web("web-a", "app: web", &[])],
+        &docs_example("fault-injection-and-rate-limits.md"),
+        &[],
+    );
+    let flaky = mesh.load("http://10.96.0.10/flaky", 200, &[]);
+    let aborted = count(&flaky, "by_status", "503");
+    assert!(
+        (60..=140).contains(&aborted),
+        "{aborted} of 200 aborted: {flaky}"
+    );
+    assert_eq!(
+        mesh.agent
+            .metric(
+                "istio_requests_total",
+                &[("response_code", "503"), ("response_flags", "FI")]
+            )
+            .unwrap(),
+        aborted as f64
+    );
+    let limited = mesh.load("http://10.96.0.10/limited", 20, &[]);
+    let passed = count(&limited, "by_status", "200");
+    assert!((5..=6).contains(&passed), "{limited}");
+    assert_eq!(
+        count(&limited, "by_status", "429"),
+        20 - passed,
+        "{limited}"
+    );
+    let rest = mesh.load("http://10.96.0.10/other", 50, &[]);
+    assert_eq!(count(&rest, "by_status", "200"), 50, "{rest}");
 }

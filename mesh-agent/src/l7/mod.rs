@@ -50,3 +50,47 @@ pub struct L7 {
     /// Where JSON request-log lines go, when enabled.
     pub request_log: Option<tracing_appender::non_blocking::NonBlocking>,
 }
+
+#[cfg(test)]
+mod docs_examples {
+    /// Every `yaml` block of the L7 docs must load as config, so the examples stay true.
+    #[test]
+    fn every_example_in_the_l7_docs_loads() {
+        let pages = [
+            ("services.md", include_str!("../../../docs/l7/services.md")),
+            ("routing.md", include_str!("../../../docs/l7/routing.md")),
+            (
+                "retries-and-timeouts.md",
+                include_str!("../../../docs/l7/retries-and-timeouts.md"),
+            ),
+            (
+                "load-balancing.md",
+                include_str!("../../../docs/l7/load-balancing.md"),
+            ),
+            (
+                "fault-injection-and-rate-limits.md",
+                include_str!("../../../docs/l7/fault-injection-and-rate-limits.md"),
+            ),
+            (
+                "telemetry.md",
+                include_str!("../../../docs/l7/telemetry.md"),
+            ),
+        ];
+        for (name, text) in pages {
+            let blocks: Vec<&str> = text
+                .split("```yaml\n")
+                .skip(1)
+                .map(|b| b.split("```").next().unwrap_or(""))
+                .collect();
+            assert!(!blocks.is_empty(), "{name} has no example");
+            for block in blocks {
+                let config = crate::config::parse(block)
+                    .unwrap_or_else(|e| panic!("{name}: example rejected: {e}"));
+                assert!(
+                    !config.services.is_empty(),
+                    "{name}: example declares no Service"
+                );
+            }
+        }
+    }
+}

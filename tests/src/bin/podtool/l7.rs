@@ -43,6 +43,9 @@ pub enum Cmd {
         /// Delay every answer by this much.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Print one JSON line per request (method and path), e.g. to see mirrored copies.
+        #[arg(long)]
+        log: bool,
     },
     /// Sends `count` GETs (`concurrency` at a time, keep-alive) and reports status
     /// and server counts, latency percentiles and, with `--timeline`, every response.
@@ -124,6 +127,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             fail_percent,
             fail_status,
             delay_ms,
+            log,
         } => {
             web(
                 listen,
@@ -132,6 +136,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     fail_percent,
                     fail_status,
                     delay: Duration::from_millis(delay_ms),
+                    log,
                 }),
             )
             .await
@@ -175,6 +180,7 @@ struct WebConfig {
     fail_percent: u32,
     fail_status: u16,
     delay: Duration,
+    log: bool,
 }
 
 type WebBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
@@ -205,6 +211,9 @@ async fn web_request(
     config: Arc<WebConfig>,
 ) -> Result<Response<WebBody>, Infallible> {
     let path = req.uri().path().to_owned();
+    if config.log {
+        println!("{}", json!({"method": req.method().as_str(), "path": path}));
+    }
     if !config.delay.is_zero() {
         tokio::time::sleep(config.delay).await;
     }
