@@ -324,17 +324,14 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document,
         ));
     }
 
+    // A validation error's field, placed in this document.
+    let placed = |(field, message): (String, String)| invalid(&subject, &field, message);
     match kind.as_str() {
         "Workload" => {
-            let spec_value = value
-                .get("spec")
-                .cloned()
-                .ok_or_else(|| invalid(&subject, "spec", "missing".into()))?;
-            let spec: RawWorkloadSpec = serde_yaml_ng::from_value(spec_value)
-                .map_err(|e| invalid(&subject, "spec", e.to_string()))?;
+            let spec: RawWorkloadSpec = spec_of(&value, &subject, &invalid)?;
             build_workload(name, namespace, meta.labels, spec)
                 .map(Document::Workload)
-                .map_err(|(field, message)| invalid(&subject, &field, message))
+                .map_err(placed)
         }
         "PeerAuthentication" => {
             let spec = serde_yaml_ng::from_value(value.get("spec").cloned().unwrap_or_default())
@@ -354,43 +351,38 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document,
                 })?;
             AuthorizationPolicy::from_raw(name, namespace, spec)
                 .map(Document::AuthorizationPolicy)
-                .map_err(|(field, message)| invalid(&subject, &field, message))
+                .map_err(placed)
         }
-        "Service" => {
-            let spec = spec_of(&value, &subject, &invalid)?;
-            Service::from_raw(name, namespace, &meta.annotations, spec)
-                .map(Document::Service)
-                .map_err(|(field, message)| invalid(&subject, &field, message))
-        }
-        "HTTPRoute" => {
-            let spec = spec_of(&value, &subject, &invalid)?;
-            HttpRoute::from_raw(name, namespace, spec)
-                .map(Document::HttpRoute)
-                .map_err(|(field, message)| invalid(&subject, &field, message))
-        }
+        "Service" => Service::from_raw(
+            name,
+            namespace,
+            &meta.annotations,
+            spec_of(&value, &subject, &invalid)?,
+        )
+        .map(Document::Service)
+        .map_err(placed),
+        "HTTPRoute" => HttpRoute::from_raw(name, namespace, spec_of(&value, &subject, &invalid)?)
+            .map(Document::HttpRoute)
+            .map_err(placed),
         "DestinationRule" => {
-            let spec = spec_of(&value, &subject, &invalid)?;
-            DestinationRule::from_raw(name, namespace, spec)
+            DestinationRule::from_raw(name, namespace, spec_of(&value, &subject, &invalid)?)
                 .map(Document::DestinationRule)
-                .map_err(|(field, message)| invalid(&subject, &field, message))
+                .map_err(placed)
         }
         "XBackendTrafficPolicy" => {
-            let spec = spec_of(&value, &subject, &invalid)?;
-            BackendTrafficPolicy::from_raw(name, namespace, spec)
+            BackendTrafficPolicy::from_raw(name, namespace, spec_of(&value, &subject, &invalid)?)
                 .map(Document::BackendTrafficPolicy)
-                .map_err(|(field, message)| invalid(&subject, &field, message))
+                .map_err(placed)
         }
         "FaultInjection" => {
-            let spec = spec_of(&value, &subject, &invalid)?;
-            FaultInjection::from_raw(name, namespace, spec)
+            FaultInjection::from_raw(name, namespace, spec_of(&value, &subject, &invalid)?)
                 .map(Document::FaultInjection)
-                .map_err(|(field, message)| invalid(&subject, &field, message))
+                .map_err(placed)
         }
         "LocalRateLimit" => {
-            let spec = spec_of(&value, &subject, &invalid)?;
-            LocalRateLimit::from_raw(name, namespace, spec)
+            LocalRateLimit::from_raw(name, namespace, spec_of(&value, &subject, &invalid)?)
                 .map(Document::LocalRateLimit)
-                .map_err(|(field, message)| invalid(&subject, &field, message))
+                .map_err(placed)
         }
         other => Err(invalid(
             &subject,

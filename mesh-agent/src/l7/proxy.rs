@@ -414,9 +414,9 @@ async fn route_request(
     // Buffer small bodies so they can be resent; stream everything else once.
     let replayable = upgrade.is_none()
         && (body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT));
-    let counted = CountingBody {
+    let counted = ObservedBody {
         inner: body,
-        counter: record.request_bytes.clone(),
+        observer: record.request_bytes.clone(),
     };
     let (buffered, mut streaming) = if replayable {
         match Limited::new(counted, REPLAY_LIMIT as usize).collect().await {
@@ -821,7 +821,8 @@ impl RequestRecord {
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: 0,
             grpc_response_status: String::new(),
-            response_flags: "-",
+            // Until a response exists, a dropped record means the client went away.
+            response_flags: "DC",
             connection_security_policy: "none",
             route: "default".into(),
         };
@@ -889,9 +890,9 @@ impl RequestRecord {
         let (parts, body) = resp.into_parts();
         Response::from_parts(
             parts,
-            MeteredBody {
+            ObservedBody {
                 inner: body,
-                record: Some(self),
+                observer: Some(self),
             }
             .boxed(),
         )
@@ -941,67 +942,61 @@ impl Drop for RequestRecord {
     }
 }
 
-/// Counts response bytes and reads the gRPC status from trailers; finishes the
-/// record at the end of the body.
-struct MeteredBody {
-    inner: ProxyBody,
-    record: Option<RequestRecord>,
+/// What a body wrapper does with the frames it passes on.
+trait FrameObserver: Unpin {
+    /// Sees each frame on its way.
+    fn frame(&mut self, frame: &Frame<Bytes>);
+    /// The body ended, with an error or not.
+    fn end(&mut self, error: bool);
 }
 
-impl Body for MeteredBody {
-    type Data = Bytes;
-    type Error = crate::l7::upstream::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(record) = &mut this.record {
-                    if let Some(data) = frame.data_ref() {
-                        record.response_bytes += data.len() as u64;
-                    } else if let Some(status) = frame
-                        .trailers_ref()
-                        .and_then(|t| t.get("grpc-status"))
-                        .and_then(|v| v.to_str().ok())
-                    {
-                        record.labels.grpc_response_status = status.to_owned();
-                    }
-                }
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(record) = &mut this.record {
-                    record.labels.response_flags = "UC";
-                }
-                this.record.take();
-            }
-            Poll::Ready(None) => {
-                this.record.take();
-            }
-            Poll::Pending => {}
+/// Request bodies: counts their bytes.
+impl FrameObserver for Arc<AtomicU64> {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    fn end(&mut self, _: bool) {}
+}
+
+/// Response bodies: counts their bytes, reads the gRPC status from trailers, and
+/// finishes the record at the end.
+impl FrameObserver for Option<RequestRecord> {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        let Some(record) = self else { return };
+        if let Some(data) = frame.data_ref() {
+            record.response_bytes += data.len() as u64;
+        } else if let Some(status) = frame
+            .trailers_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+        {
+            record.labels.grpc_response_status = status.to_owned();
+        }
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn end(&mut self, error: bool) {
+        if error && let Some(record) = self {
+            record.labels.response_flags = "UC";
+        }
+        self.take();
     }
 }
 
-/// Counts request body bytes as they pass.
-struct CountingBody {
-    inner: Incoming,
-    counter: Arc<AtomicU64>,
+/// A body passed through unchanged under the eye of a [`FrameObserver`].
+struct ObservedBody<B, O> {
+    inner: B,
+    observer: O,
 }
 
-impl Body for CountingBody {
+impl<B, O> Body for ObservedBody<B, O>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::l7::upstream::BoxError>,
+    O: FrameObserver,
+{
     type Data = Bytes;
     type Error = crate::l7::upstream::BoxError;
 
@@ -1012,13 +1007,17 @@ impl Body for CountingBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
+                this.observer.frame(&frame);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                this.observer.end(true);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.observer.end(false);
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -34,8 +34,10 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Idle upstream connections are closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Idle connections kept per endpoint: enough for bursts, bounded for fds.
-const MAX_IDLE_PER_ENDPOINT: usize = 16;
+/// Idle connections kept per endpoint and client workload: as many as a busy
+/// client keeps in flight, so a steady load never re-dials. Through the tunnel they
+/// are streams, not sockets; idle ones close after `IDLE_TIMEOUT`.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 /// One workload's HTTP/1 and HTTP/2 clients.
 pub struct Upstreams {
