@@ -612,9 +612,12 @@ fn request_metrics_match_the_requests_sent() {
         ],
         &["--request-log", "json"],
     );
-    mesh.load("http://10.96.0.10/status/200", 40, &[]);
+    let ok = mesh.load("http://10.96.0.10/status/200", 40, &[]);
+    // One client connection, one upstream keep-alive connection for all 40 requests.
+    assert_eq!(ok["server_connections"], 1, "{ok}");
     mesh.load("http://10.96.0.10/status/503", 15, &[]);
-    mesh.load("http://10.96.0.10/status/404", 5, &["--h2"]);
+    let h2 = mesh.load("http://10.96.0.10/status/404", 5, &["--h2"]);
+    assert_eq!(h2["server_connections"], 1, "{h2}");
     let metrics = mesh.agent.metrics().unwrap();
     let labels = |code: &'static str| {
         vec![
@@ -878,4 +881,33 @@ fn docs_fault_and_rate_limit_example_behaves_as_documented() {
     );
     let rest = mesh.load("http://10.96.0.10/other", 50, &[]);
     assert_eq!(count(&rest, "by_status", "200"), 50, "{rest}");
+}
+
+#[test]
+fn the_pending_request_bound_refuses_overflow_at_once() {
+    let mesh = L7Mesh::new(
+        vec![web("slow", "app: slow", &["--delay-ms", "500"])],
+        &[
+            service("slow", "10.96.0.50", 80, "app: slow", ""),
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: slow, namespace: shop}\nspec:\n  host: slow\n  trafficPolicy:\n    connectionPool:\n      http: {http1MaxPendingRequests: 2}\n".into(),
+        ],
+        &[],
+    );
+    // Six at once against a bound of two: two are served, four refused without waiting.
+    let r = mesh.load("http://10.96.0.50/", 6, &["--concurrency", "6"]);
+    assert_eq!(count(&r, "by_status", "200"), 2, "{r}");
+    assert_eq!(count(&r, "by_status", "503"), 4, "{r}");
+    let overflow = mesh
+        .agent
+        .metric(
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UO")],
+        )
+        .unwrap();
+    assert_eq!(overflow, 4.0);
+    let p50 = r["p50_ms"].as_f64().unwrap();
+    assert!(
+        p50 < 450.0,
+        "refusals waited for the slow endpoint: p50 {p50} ms"
+    );
 }

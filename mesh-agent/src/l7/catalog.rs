@@ -377,3 +377,66 @@ pub struct ServiceEndpointsView {
     /// Endpoints and health.
     pub endpoints: Vec<EndpointView>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: api-1, namespace: backend, labels: {app: api}}
+spec: {nodeName: n1, ips: [10.0.0.5]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: backend}
+spec:
+  clusterIP: 10.96.0.5
+  selector: {app: api}
+  ports: [{port: 80, targetPort: 8080}, {port: 81, targetPort: 8081}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: producer, namespace: backend}
+spec:
+  parentRefs: [{kind: Service, name: api}]
+  rules: [{backendRefs: [{name: api}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: consumer, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: api, namespace: backend, port: 80}]
+  rules: [{backendRefs: [{name: api, namespace: backend}]}]
+"#;
+
+    #[test]
+    fn consumer_routes_replace_producer_routes_for_their_namespace_only() {
+        let config = crate::config::parse(CONFIG).unwrap();
+        let catalog = Catalog::build(&config, &Catalog::default());
+        let port80 = catalog.resolve("10.96.0.5:80".parse().unwrap()).unwrap();
+        let names =
+            |ns: &str| -> Vec<String> { port80.routes_for(ns).iter().map(|r| r.key()).collect() };
+        assert_eq!(names("shop"), ["shop/consumer"]);
+        assert_eq!(names("other"), ["backend/producer"]);
+        assert_eq!(names("backend"), ["backend/producer"]);
+        // The consumer route names port 80 only.
+        let port81 = catalog.resolve("10.96.0.5:81".parse().unwrap()).unwrap();
+        assert_eq!(port81.routes_for("shop").len(), 1);
+        assert_eq!(port81.routes_for("shop")[0].key(), "backend/producer");
+        let endpoints = port80.balancer.endpoints();
+        assert_eq!(endpoints[0].endpoint.addr, "10.0.0.5:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn a_rebuild_keeps_endpoint_state_and_budgets() {
+        let config = crate::config::parse(CONFIG).unwrap();
+        let first = Catalog::build(&config, &Catalog::default());
+        let second = Catalog::build(&config, &first);
+        let vip = "10.96.0.5:80".parse().unwrap();
+        let (a, b) = (first.resolve(vip).unwrap(), second.resolve(vip).unwrap());
+        assert!(Arc::ptr_eq(&a.balancer, &b.balancer));
+        assert!(Arc::ptr_eq(&a.budget, &b.budget));
+    }
+}

@@ -194,11 +194,14 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<WebBody> {
 async fn web(listen: SocketAddr, config: Arc<WebConfig>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     println!("listening {listen}");
+    let mut connections = 0u64;
     loop {
         let (stream, _) = listener.accept().await?;
         let config = config.clone();
+        connections += 1;
+        let connection = connections;
         tokio::spawn(async move {
-            let service = service_fn(move |req| web_request(req, config.clone()));
+            let service = service_fn(move |req| web_request(req, config.clone(), connection));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
@@ -209,6 +212,7 @@ async fn web(listen: SocketAddr, config: Arc<WebConfig>) -> anyhow::Result<()> {
 async fn web_request(
     mut req: Request<Incoming>,
     config: Arc<WebConfig>,
+    connection: u64,
 ) -> Result<Response<WebBody>, Infallible> {
     let path = req.uri().path().to_owned();
     if config.log {
@@ -252,6 +256,9 @@ async fn web_request(
     if let Ok(v) = config.name.parse() {
         resp.headers_mut().insert("x-served-by", v);
     }
+    // Which of this server's connections carried the request: clients count them
+    // to see whether connections are reused.
+    resp.headers_mut().insert("x-connection", connection.into());
     Ok(resp)
 }
 
@@ -367,9 +374,11 @@ async fn load(
     let mut errors = Vec::new();
     let mut lat: Vec<f64> = Vec::new();
     let mut events = Vec::new();
+    let mut connections = std::collections::BTreeSet::new();
     for (at, ms, outcome) in &all {
         match outcome {
-            Ok((status, server)) => {
+            Ok((status, server, connection)) => {
+                connections.insert((server.clone(), connection.clone()));
                 *by_status.entry(status.to_string()).or_default() += 1;
                 *by_server.entry(server.clone()).or_default() += 1;
                 lat.push(*ms);
@@ -400,6 +409,7 @@ async fn load(
             "count": all.len(),
             "by_status": by_status,
             "by_server": by_server,
+            "server_connections": connections.len(),
             "errors": errors,
             "p50_ms": pct(0.5),
             "p99_ms": pct(0.99),
@@ -427,7 +437,7 @@ impl Sender {
     async fn send(
         &mut self,
         req: Request<http_body_util::Empty<Bytes>>,
-    ) -> Result<(u16, String), String> {
+    ) -> Result<(u16, String, String), String> {
         let resp = match self {
             Sender::H1(s) => {
                 s.ready().await.map_err(|e| e.to_string())?;
@@ -440,17 +450,19 @@ impl Sender {
         }
         .map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let server = resp
-            .headers()
-            .get("x-served-by")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        let (server, connection) = (header("x-served-by"), header("x-connection"));
         resp.into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?;
-        Ok((status, server))
+        Ok((status, server, connection))
     }
 }
 
