@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
-use crate::metrics::{Metrics, TcpLabels};
+use crate::metrics::{DestinationServiceLabels, Metrics, SourceLabels, TcpLabels};
 use crate::policy::{self, Decision, Policies};
 use crate::service::Service;
 use crate::workload::WorkloadMeta;
@@ -329,37 +329,19 @@ fn security(mutual_tls: bool) -> &'static str {
 /// Istio's label set for a connection.
 fn tcp_labels(peers: &Peers, dst: SocketAddr) -> TcpLabels {
     let unknown = || "unknown".to_owned();
-    let source = peers.source.as_deref();
     let dst_workload = peers.destination.as_deref();
     TcpLabels {
         reporter: peers.reporter,
-        source_workload: source.map(|w| w.name.clone()).unwrap_or_else(unknown),
-        source_workload_namespace: source.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
-        source_principal: peers.source_principal(),
-        source_app: source.and_then(WorkloadMeta::app).unwrap_or_else(unknown),
-        source_version: source
-            .and_then(WorkloadMeta::version)
-            .unwrap_or_else(unknown),
+        source: SourceLabels::of(peers.source.as_deref(), peers.source_principal()),
         destination_workload: dst_workload.map(|w| w.name.clone()).unwrap_or_else(unknown),
         destination_workload_namespace: dst_workload
             .map(|w| w.namespace.clone())
             .unwrap_or_else(unknown),
         destination_principal: dst_workload.map(|w| w.principal()).unwrap_or_else(unknown),
-        destination_service: peers
-            .service
-            .as_ref()
-            .map(|s| s.fqdn())
-            .unwrap_or_else(|| dst.to_string()),
-        destination_service_name: peers
-            .service
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_else(unknown),
-        destination_service_namespace: peers
-            .service
-            .as_ref()
-            .map(|s| s.namespace.clone())
-            .unwrap_or_else(unknown),
+        service: match &peers.service {
+            Some(service) => DestinationServiceLabels::of(service),
+            None => DestinationServiceLabels::address(dst),
+        },
         request_protocol: "tcp",
         response_flags: "-",
         connection_security_policy: security(peers.mutual_tls),

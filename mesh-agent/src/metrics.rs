@@ -2,6 +2,7 @@
 //! existing Kiali and Grafana dashboards work unchanged; agent health metrics are
 //! prefixed `nodemesh_`.
 
+use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,13 +13,13 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::capture::{Capture, MapOccupancy};
+use crate::service::Service;
+use crate::workload::WorkloadMeta;
 
-/// Istio's TCP metric labels (the subset the agent can fill today; the rest are
-/// emitted as `unknown` so label sets match Istio's).
+/// The client half of Istio's label set, one definition so TCP and HTTP series
+/// describe a client the same way.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    /// `source` (this agent serves the client side) or `destination`.
-    pub reporter: &'static str,
+pub struct SourceLabels {
     /// Client workload name.
     pub source_workload: String,
     /// Client workload namespace.
@@ -29,19 +30,80 @@ pub struct TcpLabels {
     pub source_app: String,
     /// Client `version` label.
     pub source_version: String,
+}
+
+impl SourceLabels {
+    /// Labels for a client the agent may not know (`unknown` fills the gaps, as in Istio).
+    pub fn of(workload: Option<&WorkloadMeta>, principal: String) -> Self {
+        SourceLabels {
+            source_workload: workload.map(|w| w.name.clone()).unwrap_or_else(unknown),
+            source_workload_namespace: workload
+                .map(|w| w.namespace.clone())
+                .unwrap_or_else(unknown),
+            source_principal: principal,
+            source_app: workload.and_then(WorkloadMeta::app).unwrap_or_else(unknown),
+            source_version: workload
+                .and_then(WorkloadMeta::version)
+                .unwrap_or_else(unknown),
+        }
+    }
+}
+
+/// The Service a client addressed, one definition so TCP and HTTP series of a
+/// Service join on the same labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationServiceLabels {
+    /// The Service FQDN, or the original destination `ip:port` when no Service owns it.
+    pub destination_service: String,
+    /// Service short name, when known.
+    pub destination_service_name: String,
+    /// Service namespace, when known.
+    pub destination_service_namespace: String,
+}
+
+impl DestinationServiceLabels {
+    /// Labels for a connection or request to a Service.
+    pub fn of(service: &Service) -> Self {
+        DestinationServiceLabels {
+            destination_service: service.fqdn(),
+            destination_service_name: service.name.clone(),
+            destination_service_namespace: service.namespace.clone(),
+        }
+    }
+
+    /// Labels for traffic to an address no Service owns, keyed by the address as Istio does.
+    pub fn address(dst: SocketAddr) -> Self {
+        DestinationServiceLabels {
+            destination_service: dst.to_string(),
+            destination_service_name: unknown(),
+            destination_service_namespace: unknown(),
+        }
+    }
+}
+
+fn unknown() -> String {
+    "unknown".to_owned()
+}
+
+/// Istio's TCP metric labels, so dashboards built for Istio work unchanged; what the
+/// agent cannot know is emitted as `unknown`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (this agent serves the client side) or `destination`.
+    pub reporter: &'static str,
+    /// Who connected.
+    #[prometheus(flatten)]
+    pub source: SourceLabels,
     /// Server workload name, when the destination IP is a known workload.
     pub destination_workload: String,
     /// Server workload namespace, when known.
     pub destination_workload_namespace: String,
     /// Server SPIFFE identity, when known.
     pub destination_principal: String,
-    /// The service the client addressed; until Services exist, the original destination `ip:port`.
-    pub destination_service: String,
-    /// Service short name, when known.
-    pub destination_service_name: String,
-    /// Service namespace, when known.
-    pub destination_service_namespace: String,
-    /// `tcp` (HTTP detection comes with L7).
+    /// What the client addressed.
+    #[prometheus(flatten)]
+    pub service: DestinationServiceLabels,
+    /// Always `tcp`: per-request traffic is counted with [`HttpLabels`].
     pub request_protocol: &'static str,
     /// `-` when fine, otherwise why the connection failed (e.g. `CONNECT`).
     pub response_flags: &'static str,
@@ -54,16 +116,9 @@ pub struct TcpLabels {
 pub struct HttpLabels {
     /// Always `source`: requests are routed by the client's agent.
     pub reporter: &'static str,
-    /// Client workload name.
-    pub source_workload: String,
-    /// Client workload namespace.
-    pub source_workload_namespace: String,
-    /// Client SPIFFE identity.
-    pub source_principal: String,
-    /// Client `app` label.
-    pub source_app: String,
-    /// Client `version` label.
-    pub source_version: String,
+    /// Who sent the request.
+    #[prometheus(flatten)]
+    pub source: SourceLabels,
     /// The workload that answered, or `unknown` when none did.
     pub destination_workload: String,
     /// Its namespace.
@@ -74,12 +129,9 @@ pub struct HttpLabels {
     pub destination_app: String,
     /// Its `version` label.
     pub destination_version: String,
-    /// The Service's FQDN.
-    pub destination_service: String,
-    /// Service name.
-    pub destination_service_name: String,
-    /// Service namespace.
-    pub destination_service_namespace: String,
+    /// The Service that served the request (the backend, after routing).
+    #[prometheus(flatten)]
+    pub service: DestinationServiceLabels,
     /// `http`, `http2`... `grpc` for gRPC.
     pub request_protocol: &'static str,
     /// HTTP status returned to the client.

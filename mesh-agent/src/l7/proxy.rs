@@ -30,7 +30,7 @@ use crate::l7::catalog::{Catalog, ServicePortState};
 use crate::l7::detect::{Detected, sniff};
 use crate::l7::route::{self, Filter, RequestFacts, Selection, rewrite_path};
 use crate::l7::upstream::{MutualTls, ProxyBody, connect, relay_to};
-use crate::metrics::{HttpLabels, Metrics};
+use crate::metrics::{DestinationServiceLabels, HttpLabels, Metrics, SourceLabels};
 use crate::outbound::{OutboundContext, reset, transport};
 use crate::service::PortProtocol;
 use crate::workload::WorkloadMeta;
@@ -219,9 +219,7 @@ async fn handle(
             format!("{} is no longer a Service address", conn.vip),
         ));
     };
-    record.labels.destination_service = target.service.fqdn();
-    record.labels.destination_service_name = target.service.name.clone();
-    record.labels.destination_service_namespace = target.service.namespace.clone();
+    record.labels.service = DestinationServiceLabels::of(&target.service);
     let response = route_request(req, &conn, &catalog, &target, &mut record).await;
     Ok(record.respond(response))
 }
@@ -397,9 +395,7 @@ async fn route_request(
             }
         }
     };
-    record.labels.destination_service = backend.service.fqdn();
-    record.labels.destination_service_name = backend.service.name.clone();
-    record.labels.destination_service_namespace = backend.service.namespace.clone();
+    record.labels.service = DestinationServiceLabels::of(&backend.service);
 
     ensure_traceparent(&mut parts.headers);
     if let Some((_, line)) = &mut record.log {
@@ -798,26 +794,19 @@ struct RequestLine {
 impl RequestRecord {
     fn new(conn: &ConnCtx, req: &Request<Incoming>) -> Self {
         let unknown = || "unknown".to_owned();
-        let s = &conn.source;
         let grpc = req
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let labels = HttpLabels {
             reporter: "source",
-            source_workload: s.name.clone(),
-            source_workload_namespace: s.namespace.clone(),
-            source_principal: conn.principal.clone(),
-            source_app: s.app().unwrap_or_else(unknown),
-            source_version: s.version().unwrap_or_else(unknown),
+            source: SourceLabels::of(Some(&conn.source), conn.principal.clone()),
             destination_workload: unknown(),
             destination_workload_namespace: unknown(),
             destination_principal: unknown(),
             destination_app: unknown(),
             destination_version: unknown(),
-            destination_service: conn.vip.to_string(),
-            destination_service_name: unknown(),
-            destination_service_namespace: unknown(),
+            service: DestinationServiceLabels::address(conn.vip),
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: 0,
             grpc_response_status: String::new(),
@@ -927,9 +916,9 @@ impl Drop for RequestRecord {
                 "bytes_received": request_bytes,
                 "bytes_sent": self.response_bytes,
                 "client": line.client.to_string(),
-                "source_workload": format!("{}/{}", l.source_workload_namespace, l.source_workload),
-                "source_principal": l.source_principal,
-                "destination_service": l.destination_service,
+                "source_workload": format!("{}/{}", l.source.source_workload_namespace, l.source.source_workload),
+                "source_principal": l.source.source_principal,
+                "destination_service": l.service.destination_service,
                 "destination_workload": format!("{}/{}", l.destination_workload_namespace, l.destination_workload),
                 "upstream_host": line.upstream.map(|a| a.to_string()),
                 "route": l.route,
