@@ -12,7 +12,9 @@ use std::time::{Instant, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
-use crate::metrics::{DestinationServiceLabels, Metrics, SourceLabels, TcpLabels};
+use crate::metrics::{
+    DestinationLabels, DestinationServiceLabels, Metrics, SourceLabels, TcpLabels,
+};
 use crate::policy::{self, Decision, Policies};
 use crate::service::Service;
 use crate::workload::WorkloadMeta;
@@ -328,16 +330,10 @@ fn security(mutual_tls: bool) -> &'static str {
 
 /// Istio's label set for a connection.
 fn tcp_labels(peers: &Peers, dst: SocketAddr) -> TcpLabels {
-    let unknown = || "unknown".to_owned();
-    let dst_workload = peers.destination.as_deref();
     TcpLabels {
         reporter: peers.reporter,
         source: SourceLabels::of(peers.source.as_deref(), peers.source_principal()),
-        destination_workload: dst_workload.map(|w| w.name.clone()).unwrap_or_else(unknown),
-        destination_workload_namespace: dst_workload
-            .map(|w| w.namespace.clone())
-            .unwrap_or_else(unknown),
-        destination_principal: dst_workload.map(|w| w.principal()).unwrap_or_else(unknown),
+        destination: DestinationLabels::of(peers.destination.as_deref()),
         service: match &peers.service {
             Some(service) => DestinationServiceLabels::of(service),
             None => DestinationServiceLabels::address(dst),

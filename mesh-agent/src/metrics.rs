@@ -49,6 +49,39 @@ impl SourceLabels {
     }
 }
 
+/// The server half of Istio's label set, one definition so TCP and HTTP series
+/// describe a server the same way.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    /// Server workload name.
+    pub destination_workload: String,
+    /// Server workload namespace.
+    pub destination_workload_namespace: String,
+    /// Server SPIFFE identity.
+    pub destination_principal: String,
+    /// Server `app` label.
+    pub destination_app: String,
+    /// Server `version` label.
+    pub destination_version: String,
+}
+
+impl DestinationLabels {
+    /// Labels for a server the agent may not know (`unknown` fills the gaps, as in Istio).
+    pub fn of(workload: Option<&WorkloadMeta>) -> Self {
+        DestinationLabels {
+            destination_workload: workload.map(|w| w.name.clone()).unwrap_or_else(unknown),
+            destination_workload_namespace: workload
+                .map(|w| w.namespace.clone())
+                .unwrap_or_else(unknown),
+            destination_principal: workload.map(|w| w.principal()).unwrap_or_else(unknown),
+            destination_app: workload.and_then(WorkloadMeta::app).unwrap_or_else(unknown),
+            destination_version: workload
+                .and_then(WorkloadMeta::version)
+                .unwrap_or_else(unknown),
+        }
+    }
+}
+
 /// The Service a client addressed, one definition so TCP and HTTP series of a
 /// Service join on the same labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,12 +127,9 @@ pub struct TcpLabels {
     /// Who connected.
     #[prometheus(flatten)]
     pub source: SourceLabels,
-    /// Server workload name, when the destination IP is a known workload.
-    pub destination_workload: String,
-    /// Server workload namespace, when known.
-    pub destination_workload_namespace: String,
-    /// Server SPIFFE identity, when known.
-    pub destination_principal: String,
+    /// Who was connected to, when the destination IP is a known workload.
+    #[prometheus(flatten)]
+    pub destination: DestinationLabels,
     /// What the client addressed.
     #[prometheus(flatten)]
     pub service: DestinationServiceLabels,
@@ -120,15 +150,8 @@ pub struct HttpLabels {
     #[prometheus(flatten)]
     pub source: SourceLabels,
     /// The workload that answered, or `unknown` when none did.
-    pub destination_workload: String,
-    /// Its namespace.
-    pub destination_workload_namespace: String,
-    /// Its SPIFFE identity.
-    pub destination_principal: String,
-    /// Its `app` label.
-    pub destination_app: String,
-    /// Its `version` label.
-    pub destination_version: String,
+    #[prometheus(flatten)]
+    pub destination: DestinationLabels,
     /// The Service that served the request (the backend, after routing).
     #[prometheus(flatten)]
     pub service: DestinationServiceLabels,
@@ -536,5 +559,103 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The label names of the first sample of `family`, in exposition order.
+    fn label_names(text: &str, family: &str) -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{family}{{")))
+            .unwrap_or_else(|| panic!("no {family} sample in\n{text}"));
+        let inner = &line[line.find('{').unwrap() + 1..line.rfind('}').unwrap()];
+        inner
+            .split("\",")
+            .map(|pair| pair.split('=').next().unwrap().to_owned())
+            .collect()
+    }
+
+    // Istio's standard labels: dashboards and alerts written for Istio select on them.
+    const ISTIO_COMMON: [&str; 14] = [
+        "reporter",
+        "source_workload",
+        "source_workload_namespace",
+        "source_principal",
+        "source_app",
+        "source_version",
+        "destination_workload",
+        "destination_workload_namespace",
+        "destination_principal",
+        "destination_app",
+        "destination_version",
+        "destination_service",
+        "destination_service_name",
+        "destination_service_namespace",
+    ];
+
+    #[test]
+    fn tcp_and_http_series_carry_istio_standard_labels() {
+        let metrics = Metrics::new();
+        let source = SourceLabels::of(None, "unknown".into());
+        let destination = DestinationLabels::of(None);
+        let service = DestinationServiceLabels::address("10.0.0.1:80".parse().unwrap());
+        metrics
+            .tcp_opened
+            .get_or_create(&TcpLabels {
+                reporter: "source",
+                source: source.clone(),
+                destination: destination.clone(),
+                service: service.clone(),
+                request_protocol: "tcp",
+                response_flags: "-",
+                connection_security_policy: "none",
+            })
+            .inc();
+        metrics
+            .requests
+            .get_or_create(&HttpLabels {
+                reporter: "source",
+                source,
+                destination,
+                service,
+                request_protocol: "http",
+                response_code: 200,
+                grpc_response_status: String::new(),
+                response_flags: "-",
+                connection_security_policy: "none",
+                route: "default".into(),
+            })
+            .inc();
+        let text = metrics.encode();
+        let mut tcp = ISTIO_COMMON.map(String::from).to_vec();
+        tcp.extend(
+            [
+                "request_protocol",
+                "response_flags",
+                "connection_security_policy",
+            ]
+            .map(String::from),
+        );
+        assert_eq!(
+            label_names(&text, "istio_tcp_connections_opened_total"),
+            tcp
+        );
+        let mut http = ISTIO_COMMON.map(String::from).to_vec();
+        http.extend(
+            [
+                "request_protocol",
+                "response_code",
+                "grpc_response_status",
+                "response_flags",
+                "connection_security_policy",
+                "route",
+            ]
+            .map(String::from),
+        );
+        assert_eq!(label_names(&text, "istio_requests_total"), http);
     }
 }

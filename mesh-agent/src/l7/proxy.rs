@@ -30,7 +30,9 @@ use crate::l7::catalog::{Catalog, ServicePortState};
 use crate::l7::detect::{Detected, sniff};
 use crate::l7::route::{self, Filter, RequestFacts, Selection, rewrite_path};
 use crate::l7::upstream::{MutualTls, ProxyBody, connect, relay_to};
-use crate::metrics::{DestinationServiceLabels, HttpLabels, Metrics, SourceLabels};
+use crate::metrics::{
+    DestinationLabels, DestinationServiceLabels, HttpLabels, Metrics, SourceLabels,
+};
 use crate::outbound::{OutboundContext, reset, transport};
 use crate::service::PortProtocol;
 use crate::workload::WorkloadMeta;
@@ -793,7 +795,6 @@ struct RequestLine {
 
 impl RequestRecord {
     fn new(conn: &ConnCtx, req: &Request<Incoming>) -> Self {
-        let unknown = || "unknown".to_owned();
         let grpc = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -801,11 +802,7 @@ impl RequestRecord {
         let labels = HttpLabels {
             reporter: "source",
             source: SourceLabels::of(Some(&conn.source), conn.principal.clone()),
-            destination_workload: unknown(),
-            destination_workload_namespace: unknown(),
-            destination_principal: unknown(),
-            destination_app: unknown(),
-            destination_version: unknown(),
+            destination: DestinationLabels::of(None),
             service: DestinationServiceLabels::address(conn.vip),
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: 0,
@@ -847,12 +844,7 @@ impl RequestRecord {
 
     fn set_destination(&mut self, pick: &Pick) {
         let w = &pick.endpoint().workload;
-        let unknown = || "unknown".to_owned();
-        self.labels.destination_workload = w.name.clone();
-        self.labels.destination_workload_namespace = w.namespace.clone();
-        self.labels.destination_principal = w.principal();
-        self.labels.destination_app = w.app().unwrap_or_else(unknown);
-        self.labels.destination_version = w.version().unwrap_or_else(unknown);
+        self.labels.destination = DestinationLabels::of(Some(w));
         if let Some((_, line)) = &mut self.log {
             line.upstream = Some(pick.endpoint().addr);
         }
@@ -919,7 +911,7 @@ impl Drop for RequestRecord {
                 "source_workload": format!("{}/{}", l.source.source_workload_namespace, l.source.source_workload),
                 "source_principal": l.source.source_principal,
                 "destination_service": l.service.destination_service,
-                "destination_workload": format!("{}/{}", l.destination_workload_namespace, l.destination_workload),
+                "destination_workload": format!("{}/{}", l.destination.destination_workload_namespace, l.destination.destination_workload),
                 "upstream_host": line.upstream.map(|a| a.to_string()),
                 "route": l.route,
                 "traceparent": line.traceparent,
