@@ -35,16 +35,13 @@ pub struct SourceLabels {
 impl SourceLabels {
     /// Labels for a client the agent may not know (`unknown` fills the gaps, as in Istio).
     pub fn of(workload: Option<&WorkloadMeta>, principal: String) -> Self {
+        let [name, namespace, app, version] = workload_labels(workload);
         SourceLabels {
-            source_workload: workload.map(|w| w.name.clone()).unwrap_or_else(unknown),
-            source_workload_namespace: workload
-                .map(|w| w.namespace.clone())
-                .unwrap_or_else(unknown),
+            source_workload: name,
+            source_workload_namespace: namespace,
             source_principal: principal,
-            source_app: workload.and_then(WorkloadMeta::app).unwrap_or_else(unknown),
-            source_version: workload
-                .and_then(WorkloadMeta::version)
-                .unwrap_or_else(unknown),
+            source_app: app,
+            source_version: version,
         }
     }
 }
@@ -68,17 +65,28 @@ pub struct DestinationLabels {
 impl DestinationLabels {
     /// Labels for a server the agent may not know (`unknown` fills the gaps, as in Istio).
     pub fn of(workload: Option<&WorkloadMeta>) -> Self {
+        let [name, namespace, app, version] = workload_labels(workload);
         DestinationLabels {
-            destination_workload: workload.map(|w| w.name.clone()).unwrap_or_else(unknown),
-            destination_workload_namespace: workload
-                .map(|w| w.namespace.clone())
-                .unwrap_or_else(unknown),
+            destination_workload: name,
+            destination_workload_namespace: namespace,
             destination_principal: workload.map(|w| w.principal()).unwrap_or_else(unknown),
-            destination_app: workload.and_then(WorkloadMeta::app).unwrap_or_else(unknown),
-            destination_version: workload
-                .and_then(WorkloadMeta::version)
-                .unwrap_or_else(unknown),
+            destination_app: app,
+            destination_version: version,
         }
+    }
+}
+
+/// Name, namespace, `app` and `version` of a workload, `unknown` where not known:
+/// the values both sides of Istio's label set describe a workload with.
+fn workload_labels(workload: Option<&WorkloadMeta>) -> [String; 4] {
+    match workload {
+        Some(w) => [
+            w.name.clone(),
+            w.namespace.clone(),
+            w.app().unwrap_or_else(unknown),
+            w.version().unwrap_or_else(unknown),
+        ],
+        None => [unknown(), unknown(), unknown(), unknown()],
     }
 }
 
