@@ -575,7 +575,7 @@ mod tests {
     use super::*;
 
     /// The label names of the first sample of `family`, in exposition order.
-    fn label_names(text: &str, family: &str) -> Vec<String> {
+    fn label_names<'a>(text: &'a str, family: &str) -> Vec<&'a str> {
         let line = text
             .lines()
             .find(|l| l.starts_with(&format!("{family}{{")))
@@ -583,7 +583,7 @@ mod tests {
         let inner = &line[line.find('{').unwrap() + 1..line.rfind('}').unwrap()];
         inner
             .split("\",")
-            .map(|pair| pair.split('=').next().unwrap().to_owned())
+            .map(|pair| pair.split('=').next().unwrap())
             .collect()
     }
 
@@ -639,31 +639,31 @@ mod tests {
             })
             .inc();
         let text = metrics.encode();
-        let mut tcp = ISTIO_COMMON.map(String::from).to_vec();
-        tcp.extend(
-            [
+        let tcp = [
+            &ISTIO_COMMON[..],
+            &[
                 "request_protocol",
                 "response_flags",
                 "connection_security_policy",
-            ]
-            .map(String::from),
-        );
+            ],
+        ]
+        .concat();
         assert_eq!(
             label_names(&text, "istio_tcp_connections_opened_total"),
             tcp
         );
-        let mut http = ISTIO_COMMON.map(String::from).to_vec();
-        http.extend(
-            [
+        let http = [
+            &ISTIO_COMMON[..],
+            &[
                 "request_protocol",
                 "response_code",
                 "grpc_response_status",
                 "response_flags",
                 "connection_security_policy",
                 "route",
-            ]
-            .map(String::from),
-        );
+            ],
+        ]
+        .concat();
         assert_eq!(label_names(&text, "istio_requests_total"), http);
     }
 }
