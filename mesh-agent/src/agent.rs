@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::{Capture, Exclusions, MapOccupancy, ProgramSummary};
 use crate::cgroup::{Cgroup2, cgroup_id};
-use crate::config::{self, ConfigError, MeshConfig, Workload};
+use crate::config::{ConfigError, MeshConfig, Workload};
 use crate::connections::ConnectionTable;
 use crate::identity::TrustBundle;
 use crate::identity::ca::{CaError, Signer, load_trust_bundle};
@@ -40,11 +40,12 @@ use crate::workload::{Directory, WorkloadMeta};
 use aya::programs::sk_lookup::SkLookupLink;
 use mesh_common::INBOUND_PORT;
 
-/// Agent settings that come from flags, not from the config file.
+/// Agent settings that come from flags, not from the desired state.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The YAML file with Workload documents.
-    pub config_path: PathBuf,
+    /// Where the desired state comes from, for `/config_dump` (a file path or the
+    /// Kubernetes API).
+    pub source: String,
     /// Port of the outbound listener on loopback inside each pod.
     pub outbound_port: u16,
     /// Upper bound on an upstream connect.
@@ -113,18 +114,21 @@ impl IdentityState {
     }
 }
 
-/// Outcome of the last config loads, for `/config_dump`.
+/// Outcome of the last desired-state loads, for `/config_dump`.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigStatus {
-    /// The config file.
-    pub path: PathBuf,
-    /// Number of configs applied so far.
+    /// Where the desired state comes from: the config file, or the Kubernetes API.
+    pub source: String,
+    /// Number of desired states applied so far.
     pub generation: u64,
-    /// When the last good config was applied (Unix seconds).
+    /// When the last good state was applied (Unix seconds).
     pub last_applied_unix: f64,
-    /// Why the most recent load was rejected, if it was.
+    /// Why the most recent load was rejected, if it was (file source).
     pub last_error: Option<String>,
+    /// Objects the source rejected while applying the rest (Kubernetes source):
+    /// `Kind namespace/name: field: message`.
+    pub rejected_objects: Vec<String>,
 }
 
 struct Enrollment {
@@ -165,7 +169,6 @@ struct State {
     draining: HashMap<u64, Vec<JoinHandle<()>>>,
     next_workload_id: u32,
     status: ConfigStatus,
-    last_text: Option<String>,
 }
 
 /// The running agent.
@@ -193,7 +196,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Wraps loaded capture programs; call [`Agent::reload`] to apply the config.
+    /// Wraps loaded capture programs; a source then calls [`Agent::apply`].
     pub fn new(
         capture: Capture,
         cgroup2: Cgroup2,
@@ -205,7 +208,7 @@ impl Agent {
         let state = State {
             next_workload_id: 1,
             status: ConfigStatus {
-                path: settings.config_path.clone(),
+                source: settings.source.clone(),
                 ..ConfigStatus::default()
             },
             ..State::default()
@@ -253,63 +256,51 @@ impl Agent {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Reads the config file and applies it. A rejected file leaves the last good
-    /// config in force. `force` re-applies an unchanged file (SIGHUP), which also
-    /// retries workloads that failed to enroll.
-    pub async fn reload(&self, force: bool) -> Result<(), ConfigError> {
-        let path = &self.settings.config_path;
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        });
+    /// Applies a desired state from any source: the one reconciler. Connections
+    /// that still fit it keep flowing. `rejected` lists objects the source left
+    /// out (shown in `/config_dump`). Returns how many local workloads failed to
+    /// enroll, so the source can retry them.
+    pub async fn apply(&self, config: MeshConfig, rejected: Vec<String>) -> usize {
         let mut state = self.state.lock().await;
-        let parsed = text.and_then(|t| config::parse(&t).map(|c| (t, c)));
-        let (text, config) = match parsed {
-            Ok(ok) => ok,
-            Err(e) => {
-                self.metrics.config_reload(false);
-                tracing::error!(path = %path.display(), error = %e, "config rejected; the last good config stays in force");
-                state.status.last_error = Some(e.to_string());
-                return Err(e);
-            }
-        };
         state.status.last_error = None;
-        if !force && state.last_text.as_deref() == Some(&text) && state.failed.is_empty() {
-            return Ok(());
-        }
+        state.status.rejected_objects = rejected;
         self.metrics.config_reload(true);
-        self.apply(&mut state, config).await;
-        state.last_text = Some(text);
+        self.reconcile(&mut state, config).await;
         state.status.generation += 1;
         state.status.last_applied_unix = unix_now();
         self.ready.store(true, Ordering::Release);
-        Ok(())
+        state.failed.len()
     }
 
-    async fn apply(&self, state: &mut State, config: MeshConfig) {
+    /// Records a desired state the source could not read at all; the last good
+    /// state stays in force.
+    pub async fn reject(&self, error: &ConfigError) {
+        self.metrics.config_reload(false);
+        tracing::error!(source = %self.settings.source, error = %error, "config rejected; the last good config stays in force");
+        self.state.lock().await.status.last_error = Some(error.to_string());
+    }
+
+    /// How many local workloads are waiting for a retry of their enrollment.
+    pub async fn failed_workloads(&self) -> usize {
+        self.state.lock().await.failed.len()
+    }
+
+    async fn reconcile(&self, state: &mut State, mut config: MeshConfig) {
         let node = self.settings.node_name.as_deref();
         let changed = self.policies.replace(Policies {
-            peer_authentications: config.peer_authentications,
-            authorization_policies: config.authorization_policies,
+            peer_authentications: std::mem::take(&mut config.peer_authentications),
+            authorization_policies: std::mem::take(&mut config.authorization_policies),
         });
         if changed {
             let closed = self.connections.revoke_disallowed(&self.policies.get());
             tracing::info!(closed, "policies applied");
         }
-        let config_for_l7 = MeshConfig {
-            workloads: config.workloads.clone(),
-            services: config.services,
-            http_routes: config.http_routes,
-            destination_rules: config.destination_rules,
-            backend_traffic_policies: config.backend_traffic_policies,
-            fault_injections: config.fault_injections,
-            local_rate_limits: config.local_rate_limits,
-            ..MeshConfig::default()
-        };
-        let all: Vec<Workload> = config.workloads;
-        let desired: BTreeMap<String, Workload> = all
+        // Only meshed pods of this node are enrolled; the rest are known for
+        // attribution and as Service endpoints.
+        let desired: BTreeMap<String, Workload> = config
+            .workloads
             .iter()
-            .filter(|w| w.is_local_to(node))
+            .filter(|w| w.meshed && w.is_local_to(node))
             .map(|w| (w.key(), w.clone()))
             .collect();
 
@@ -359,14 +350,14 @@ impl Agent {
         }
 
         let mut by_ip = HashMap::new();
-        for w in &all {
+        for w in &config.workloads {
             let meta = Arc::new(WorkloadMeta::from_config(w));
             for ip in &w.ips {
                 by_ip.insert(*ip, meta.clone());
             }
         }
         self.directory.replace(by_ip);
-        self.l7.catalog.apply(&config_for_l7);
+        self.l7.catalog.apply(&config);
         if let Some(identity) = &self.identity {
             identity.certs.set_identities(
                 state
@@ -384,7 +375,7 @@ impl Agent {
 
     async fn enroll(&self, state: &mut State, w: &Workload) -> anyhow::Result<Enrollment> {
         let placement = w.placement.as_ref().ok_or_else(|| {
-            anyhow!("spec.cgroupPath and spec.netns are required for a pod on this node")
+            anyhow!("its cgroup and network namespace are not known (yet): a file must set spec.cgroupPath and spec.netns; in Kubernetes mode the pod cgroup has not been found on this node")
         })?;
         let cgroup_path = self.cgroup2.resolve(&placement.cgroup_path);
         if let Some(own) = &self.own_cgroup

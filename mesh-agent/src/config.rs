@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -72,11 +73,23 @@ pub struct MeshConfig {
     pub local_rate_limits: Vec<LocalRateLimit>,
 }
 
+impl MeshConfig {
+    /// Places every workload in `trust_domain` (the `--trust-domain` flag): the
+    /// file describes pods, the agent's settings say which mesh they belong to.
+    pub fn with_trust_domain(mut self, trust_domain: &Arc<str>) -> Self {
+        for w in &mut self.workloads {
+            w.trust_domain = trust_domain.clone();
+        }
+        self
+    }
+}
+
 /// Istio's security API versions, accepted as-is.
 const ISTIO_SECURITY: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
-/// One parsed document.
-enum Document {
+/// One parsed document: an object of any kind the agent reads, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Document {
     Workload(Workload),
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
@@ -110,7 +123,19 @@ pub struct Workload {
     pub excluded_ports: Vec<u16>,
     /// Destination CIDRs this workload reaches directly, bypassing the agent.
     pub excluded_cidrs: Vec<IpNet>,
+    /// Istio's workload name (the pod's controller, e.g. its Deployment), used in
+    /// metric labels; the pod name when the pod has no controller.
+    pub workload_name: String,
+    /// Whether the pod is in the mesh. Pods outside it are still known, so that
+    /// Services can balance to them and metrics can name them, but they are never
+    /// enrolled and are reached without the tunnel.
+    pub meshed: bool,
+    /// The SPIFFE trust domain of the workload's identity.
+    pub trust_domain: Arc<str>,
 }
+
+/// The trust domain of identities unless `--trust-domain` says otherwise.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// A pod's cgroup and network namespace on its node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -235,20 +260,63 @@ pub fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
         }
-        match parse_document(index, value)? {
-            Document::Workload(w) => config.workloads.push(w),
-            Document::PeerAuthentication(p) => config.peer_authentications.push(p),
-            Document::AuthorizationPolicy(p) => config.authorization_policies.push(p),
-            Document::Service(x) => config.services.push(x),
-            Document::HttpRoute(x) => config.http_routes.push(x),
-            Document::DestinationRule(x) => config.destination_rules.push(x),
-            Document::BackendTrafficPolicy(x) => config.backend_traffic_policies.push(x),
-            Document::FaultInjection(x) => config.fault_injections.push(x),
-            Document::LocalRateLimit(x) => config.local_rate_limits.push(x),
-        }
+        config.push(parse_document(index, value)?);
     }
     validate_unique(&config)?;
     Ok(config)
+}
+
+impl MeshConfig {
+    /// Adds one validated object to the state.
+    pub fn push(&mut self, document: Document) {
+        match document {
+            Document::Workload(w) => self.workloads.push(w),
+            Document::PeerAuthentication(p) => self.peer_authentications.push(p),
+            Document::AuthorizationPolicy(p) => self.authorization_policies.push(p),
+            Document::Service(x) => self.services.push(x),
+            Document::HttpRoute(x) => self.http_routes.push(x),
+            Document::DestinationRule(x) => self.destination_rules.push(x),
+            Document::BackendTrafficPolicy(x) => self.backend_traffic_policies.push(x),
+            Document::FaultInjection(x) => self.fault_injections.push(x),
+            Document::LocalRateLimit(x) => self.local_rate_limits.push(x),
+        }
+    }
+}
+
+/// Why one object was rejected: what it is and which field is at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{subject}: {field}: {message}")]
+pub struct ObjectError {
+    /// `Kind namespace/name`.
+    pub subject: String,
+    /// Dotted path of the offending field.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Validates one Kubernetes-shaped object (`apiVersion`, `kind`, `metadata`,
+/// `spec`) by the same rules as a document of the config file, so both sources
+/// accept and reject exactly the same objects.
+pub fn parse_object(value: serde_yaml_ng::Value) -> Result<Document, ObjectError> {
+    match parse_document(0, value) {
+        Ok(document) => Ok(document),
+        Err(ConfigError::Invalid {
+            subject,
+            field,
+            message,
+            ..
+        }) => Err(ObjectError {
+            subject,
+            field,
+            message,
+        }),
+        Err(e @ ConfigError::Read { .. }) => Err(ObjectError {
+            subject: "object".into(),
+            field: "(object)".into(),
+            message: e.to_string(),
+        }),
+    }
 }
 
 fn str_field<'a>(value: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {
@@ -493,6 +561,9 @@ fn build_workload(
         ));
     }
     Ok(Workload {
+        workload_name: name.clone(),
+        meshed: true,
+        trust_domain: Arc::from(DEFAULT_TRUST_DOMAIN),
         name,
         namespace,
         labels,

@@ -21,5 +21,6 @@ pub mod outbound;
 pub mod policy;
 pub mod relay;
 pub mod service;
+pub mod sources;
 pub mod tunnel;
 pub mod workload;

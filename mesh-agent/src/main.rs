@@ -1,7 +1,7 @@
 //! `mesh-agent`: the nodemesh node agent binary.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand};
 use mesh_agent::agent::{Agent, IdentitySettings, IdentityState, Settings};
 use mesh_agent::capture::Capture;
 use mesh_agent::identity::manager::CertPolicy;
+use mesh_agent::sources::file::{FileSource, settle, watch_dir};
+use mesh_agent::sources::kube::{self as kube_source, KubeSettings};
 use mesh_agent::{admin, cgroup, debug};
-use notify::Watcher;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -55,6 +56,9 @@ enum CaCommand {
         /// Directory to write ca-cert.pem, ca-key.pem, root-cert.pem, root-key.pem, cert-chain.pem.
         #[arg(long)]
         dir: PathBuf,
+        /// The mesh's SPIFFE trust domain, named in the CA certificates.
+        #[arg(long, default_value = mesh_agent::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
 }
 
@@ -67,9 +71,25 @@ struct RunArgs {
     /// Lifetime of the workload certificates the agent mints; renewed at half of it.
     #[arg(long, env = "NODEMESH_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
     cert_lifetime: Duration,
-    /// YAML file of Workload documents; reloaded on change and on SIGHUP.
-    #[arg(long, env = "NODEMESH_CONFIG")]
-    config: PathBuf,
+    /// YAML file of Workload, Service, policy and route documents; reloaded on
+    /// change and on SIGHUP. Required unless --kubernetes.
+    #[arg(
+        long,
+        env = "NODEMESH_CONFIG",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config: Option<PathBuf>,
+    /// Take pods, Services, routes and policies from the Kubernetes API (in-cluster
+    /// config, or KUBECONFIG) instead of a file. Needs --node-name.
+    #[arg(long, env = "NODEMESH_KUBERNETES", requires = "node_name")]
+    kubernetes: bool,
+    /// The SPIFFE trust domain: identities are spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+    #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = mesh_agent::config::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// How long Kubernetes changes are gathered before they are applied together.
+    #[arg(long, env = "NODEMESH_KUBE_DEBOUNCE", default_value = "20ms", value_parser = humantime::parse_duration)]
+    kube_debounce: Duration,
     /// Node-local debug endpoint (keep it on loopback).
     #[arg(long, env = "NODEMESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -128,10 +148,8 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(*args).await,
-            Command::Ca(CaCommand::Init { dir }) => {
-                for path in
-                    mesh_agent::identity::ca::init(&dir, mesh_agent::workload::TRUST_DOMAIN)?
-                {
+            Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+                for path in mesh_agent::identity::ca::init(&dir, &trust_domain)? {
                     println!("wrote {}", path.display());
                 }
                 Ok(())
@@ -195,9 +213,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|p| cgroup2.resolve(p))
         .unwrap_or_else(|| cgroup2.mount.clone());
     // Validate the config before touching the kernel: a bad file at start is fatal.
-    mesh_agent::config::load(&args.config).context("initial config")?;
+    if let Some(config) = &args.config {
+        mesh_agent::config::load(config).context("initial config")?;
+    }
+    // Likewise the Kubernetes client's configuration (in-cluster or KUBECONFIG).
+    let kube_client = if args.kubernetes {
+        Some(kube::Client::try_default().await.context(
+            "Kubernetes client configuration (in-cluster service account or KUBECONFIG)",
+        )?)
+    } else {
+        None
+    };
     let admin_listener = admin::bind(args.admin_addr).await?;
     let capture = Capture::load(&attach_cgroup)?;
+    let attach_cgroup_root = attach_cgroup.clone();
     tracing::info!(cgroup = %attach_cgroup.display(), programs = ?capture.programs().iter().map(|p| p.id).collect::<Vec<_>>(), "eBPF programs attached");
     let identity_settings = args.ca_dir.as_ref().map(|dir| IdentitySettings {
         ca_dir: dir.clone(),
@@ -207,7 +236,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     });
     let settings = Settings {
-        config_path: args.config.clone(),
+        source: match &args.config {
+            Some(path) => path.display().to_string(),
+            None => "kubernetes".to_owned(),
+        },
         outbound_port: args.outbound_port,
         connect_timeout: args.connect_timeout,
         drain: args.drain,
@@ -233,20 +265,45 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let agent = Arc::new(Agent::new(capture, cgroup2, settings, metrics, identity));
-    agent.reload(true).await.context("initial config")?;
+    let trust_domain: Arc<str> = Arc::from(args.trust_domain.as_str());
+    let source = match (kube_client, &args.config) {
+        (Some(client), _) => {
+            let settings = KubeSettings {
+                node_name: args.node_name.clone().expect("clap requires --node-name"),
+                trust_domain,
+                cgroup_root: attach_cgroup_root,
+                debounce: args.kube_debounce,
+            };
+            // Ready once every kind has been listed and applied.
+            tokio::spawn(kube_source::run(client, settings, agent.clone()))
+        }
+        (None, Some(path)) => {
+            let mut file = FileSource::new(path.clone(), trust_domain);
+            file.reload(&agent, true).await.context("initial config")?;
+            tokio::spawn(file.watch(agent.clone()))
+        }
+        (None, None) => unreachable!("clap requires --config or --kubernetes"),
+    };
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
-    tracing::info!(admin = %args.admin_addr, "agent ready");
-    watch(agent, &args.config).await
+    tracing::info!(admin = %args.admin_addr, source = %agent_source(&args), "agent serving");
+    let result = serve_until_stopped(&agent, source).await;
+    tracing::info!("shutting down; programs detach as the agent exits");
+    result
 }
 
-/// Reloads on config file changes and on SIGHUP until SIGTERM or SIGINT.
-async fn watch(agent: Arc<Agent>, config: &Path) -> anyhow::Result<()> {
-    // Watch the directory: editors and Kubernetes ConfigMaps replace files by rename.
-    let dir = config
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let (_config_watcher, mut changes) = watch_dir(dir, "config")?;
+fn agent_source(args: &RunArgs) -> String {
+    match &args.config {
+        Some(path) => format!("file {}", path.display()),
+        None => "Kubernetes API".to_owned(),
+    }
+}
+
+/// Reloads the trust bundle when the CA directory changes or on SIGHUP, until
+/// SIGTERM or SIGINT, or until the state source fails.
+async fn serve_until_stopped(
+    agent: &Agent,
+    mut source: tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
     // The trust bundle is reloaded when the CA directory changes (a Secret update).
     let (_ca_watcher, mut ca_changes) = match &agent.identity {
         Some(identity) => {
@@ -259,54 +316,26 @@ async fn watch(agent: Arc<Agent>, config: &Path) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
-        let force = tokio::select! {
-            Some(()) = changes.recv() => {
-                settle(&mut changes).await;
-                false
-            }
+        tokio::select! {
             Some(()) = ca_changes.recv() => {
                 settle(&mut ca_changes).await;
                 if let Some(identity) = &agent.identity {
                     identity.reload_trust();
                 }
-                continue;
             }
             _ = hangup.recv() => {
                 if let Some(identity) = &agent.identity {
                     identity.reload_trust();
                 }
-                true
             }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        };
-        // A rejected file is logged and counted inside reload; keep serving.
-        let _ = agent.reload(force).await;
-    }
-    tracing::info!("shutting down; programs detach as the agent exits");
-    Ok(())
-}
-
-/// A watcher on `dir` (kept alive by the caller) and the channel it signals changes on.
-fn watch_dir(
-    dir: &Path,
-    what: &str,
-) -> anyhow::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>)> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.try_send(());
+            ended = &mut source => {
+                return match ended {
+                    Ok(result) => result.context("state source stopped"),
+                    Err(e) => Err(anyhow::anyhow!("state source task failed: {e}")),
+                };
+            }
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
         }
-    })
-    .with_context(|| format!("creating the {what} directory watcher"))?;
-    watcher
-        .watch(dir, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
-    Ok((watcher, rx))
-}
-
-/// Lets a burst of writes settle before reading, and swallows its other events.
-async fn settle(changes: &mut tokio::sync::mpsc::Receiver<()>) {
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    while changes.try_recv().is_ok() {}
+    }
 }

@@ -30,18 +30,24 @@ pub struct SourceLabels {
     pub source_app: String,
     /// Client `version` label.
     pub source_version: String,
+    /// Client canonical service (Istio's canonical-name rules).
+    pub source_canonical_service: String,
+    /// Client canonical revision (Istio's canonical-revision rules).
+    pub source_canonical_revision: String,
 }
 
 impl SourceLabels {
     /// Labels for a client the agent may not know (`unknown` fills the gaps, as in Istio).
     pub fn of(workload: Option<&WorkloadMeta>, principal: String) -> Self {
-        let [name, namespace, app, version] = workload_labels(workload);
+        let [name, namespace, app, version, service, revision] = workload_labels(workload);
         SourceLabels {
             source_workload: name,
             source_workload_namespace: namespace,
             source_principal: principal,
             source_app: app,
             source_version: version,
+            source_canonical_service: service,
+            source_canonical_revision: revision,
         }
     }
 }
@@ -60,33 +66,42 @@ pub struct DestinationLabels {
     pub destination_app: String,
     /// Server `version` label.
     pub destination_version: String,
+    /// Server canonical service (Istio's canonical-name rules).
+    pub destination_canonical_service: String,
+    /// Server canonical revision (Istio's canonical-revision rules).
+    pub destination_canonical_revision: String,
 }
 
 impl DestinationLabels {
     /// Labels for a server the agent may not know (`unknown` fills the gaps, as in Istio).
     pub fn of(workload: Option<&WorkloadMeta>) -> Self {
-        let [name, namespace, app, version] = workload_labels(workload);
+        let [name, namespace, app, version, service, revision] = workload_labels(workload);
         DestinationLabels {
             destination_workload: name,
             destination_workload_namespace: namespace,
             destination_principal: workload.map(|w| w.principal()).unwrap_or_else(unknown),
             destination_app: app,
             destination_version: version,
+            destination_canonical_service: service,
+            destination_canonical_revision: revision,
         }
     }
 }
 
-/// Name, namespace, `app` and `version` of a workload, `unknown` where not known:
-/// the values both sides of Istio's label set describe a workload with.
-fn workload_labels(workload: Option<&WorkloadMeta>) -> [String; 4] {
+/// Workload name (Istio's: the controller), namespace, `app`, `version`, canonical
+/// service and revision of a workload, `unknown` where not known: the values both
+/// sides of Istio's label set describe a workload with.
+fn workload_labels(workload: Option<&WorkloadMeta>) -> [String; 6] {
     match workload {
         Some(w) => [
-            w.name.clone(),
+            w.workload_name.clone(),
             w.namespace.clone(),
             w.app().unwrap_or_else(unknown),
             w.version().unwrap_or_else(unknown),
+            w.canonical_service(),
+            w.canonical_revision(),
         ],
-        None => [unknown(), unknown(), unknown(), unknown()],
+        None => std::array::from_fn(|_| unknown()),
     }
 }
 
@@ -245,6 +260,17 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchEventLabels {
+    kind: &'static str,
+    event: &'static str,
+}
+
 /// All metrics the agent exports, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -285,6 +311,9 @@ pub struct Metrics {
     retries: Family<RetryLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     detections: Family<ProtocolLabels, Counter>,
+    rejected_objects: Family<KindLabels, Gauge>,
+    watch_events: Family<WatchEventLabels, Counter>,
+    watch_errors: Family<KindLabels, Counter>,
     /// Last kernel counter values, so Prometheus counters advance by the delta.
     last_decisions: Mutex<[u64; mesh_common::stat::COUNT as usize]>,
 }
@@ -324,6 +353,9 @@ impl Metrics {
             retries: Family::default(),
             ejections: Family::default(),
             detections: Family::default(),
+            rejected_objects: Family::default(),
+            watch_events: Family::default(),
+            watch_errors: Family::default(),
             last_decisions: Mutex::new([0; mesh_common::stat::COUNT as usize]),
             registry: Registry::default(),
         };
@@ -447,6 +479,21 @@ impl Metrics {
             "Connections to Service ports by detected or declared protocol",
             m.detections.clone(),
         );
+        registry.register(
+            "nodemesh_rejected_objects",
+            "Objects from the Kubernetes API left out of the mesh state because they are invalid, per kind (their last good version, if any, stays in force)",
+            m.rejected_objects.clone(),
+        );
+        registry.register(
+            "nodemesh_kube_watch_events",
+            "Events received from Kubernetes API watches, per kind and event",
+            m.watch_events.clone(),
+        );
+        registry.register(
+            "nodemesh_kube_watch_errors",
+            "Failed Kubernetes API list or watch requests, per kind (each is retried with backoff)",
+            m.watch_errors.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -537,6 +584,25 @@ impl Metrics {
             .inc();
     }
 
+    /// Sets how many objects of `kind` are rejected now.
+    pub fn rejected_objects(&self, kind: &'static str, count: usize) {
+        self.rejected_objects
+            .get_or_create(&KindLabels { kind })
+            .set(count as i64);
+    }
+
+    /// Counts one watch event (`init`, `apply`, `delete`, `synced`) of `kind`.
+    pub fn watch_event(&self, kind: &'static str, event: &'static str) {
+        self.watch_events
+            .get_or_create(&WatchEventLabels { kind, event })
+            .inc();
+    }
+
+    /// Counts a failed list or watch of `kind`.
+    pub fn watch_error(&self, kind: &'static str) {
+        self.watch_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
     /// Pulls kernel-side numbers (map sizes, decision counters) just before a scrape.
     pub fn refresh_from_kernel(&self, capture: &Capture) -> Vec<MapOccupancy> {
         let occupancy = capture.occupancy();
@@ -588,18 +654,22 @@ mod tests {
     }
 
     // Istio's standard labels: dashboards and alerts written for Istio select on them.
-    const ISTIO_COMMON: [&str; 14] = [
+    const ISTIO_COMMON: [&str; 18] = [
         "reporter",
         "source_workload",
         "source_workload_namespace",
         "source_principal",
         "source_app",
         "source_version",
+        "source_canonical_service",
+        "source_canonical_revision",
         "destination_workload",
         "destination_workload_namespace",
         "destination_principal",
         "destination_app",
         "destination_version",
+        "destination_canonical_service",
+        "destination_canonical_revision",
         "destination_service",
         "destination_service_name",
         "destination_service_namespace",

@@ -209,10 +209,11 @@ pub enum Transport {
     },
 }
 
-/// Meshed destinations get the tunnel whenever the agent can mint identities.
+/// Meshed destinations get the tunnel whenever the agent can mint identities;
+/// known pods outside the mesh have no tunnel listener and are reached directly.
 pub fn transport(destination: Option<&WorkloadMeta>, mtls_enabled: bool) -> Transport {
     match destination {
-        Some(w) if mtls_enabled => Transport::Tunnel {
+        Some(w) if mtls_enabled && w.meshed => Transport::Tunnel {
             peer_identity: w.identity(),
         },
         _ => Transport::Direct,

@@ -444,6 +444,9 @@ mod tests {
             namespace: ns.into(),
             service_account: app.into(),
             labels: [("app".to_owned(), app.to_owned())].into(),
+            workload_name: app.into(),
+            meshed: true,
+            trust_domain: "cluster.local".into(),
         }
     }
 

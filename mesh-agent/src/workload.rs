@@ -7,9 +7,6 @@ use std::sync::{Arc, RwLock};
 
 use crate::config::Workload;
 
-/// Trust domain used in SPIFFE identities until the CA issue makes it configurable.
-pub const TRUST_DOMAIN: &str = "cluster.local";
-
 /// Identity and labels of one workload, shared by its connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadMeta {
@@ -21,6 +18,12 @@ pub struct WorkloadMeta {
     pub service_account: String,
     /// Pod labels.
     pub labels: BTreeMap<String, String>,
+    /// Istio's workload name: the pod's controller (Deployment, CronJob, …) or the pod.
+    pub workload_name: String,
+    /// Whether the pod is in the mesh, and so reachable only through the tunnel.
+    pub meshed: bool,
+    /// The SPIFFE trust domain of its identity.
+    pub trust_domain: Arc<str>,
 }
 
 impl WorkloadMeta {
@@ -31,6 +34,9 @@ impl WorkloadMeta {
             namespace: w.namespace.clone(),
             service_account: w.service_account.clone(),
             labels: w.labels.clone(),
+            workload_name: w.workload_name.clone(),
+            meshed: w.meshed,
+            trust_domain: w.trust_domain.clone(),
         }
     }
 
@@ -46,7 +52,7 @@ impl WorkloadMeta {
 
     /// The identity this workload's certificate carries.
     pub fn identity(&self) -> crate::identity::Identity {
-        crate::identity::Identity::new(TRUST_DOMAIN, &self.namespace, &self.service_account)
+        crate::identity::Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
     }
 
     /// Istio's canonical `app` label lookup.
@@ -58,6 +64,16 @@ impl WorkloadMeta {
         ]
         .iter()
         .find_map(|k| self.labels.get(*k).cloned())
+    }
+
+    /// Istio's canonical service: the canonical-name labels, else the workload name.
+    pub fn canonical_service(&self) -> String {
+        self.app().unwrap_or_else(|| self.workload_name.clone())
+    }
+
+    /// Istio's canonical revision: the canonical-revision labels, else `latest`.
+    pub fn canonical_revision(&self) -> String {
+        self.version().unwrap_or_else(|| "latest".to_owned())
     }
 
     /// Istio's canonical `version` label lookup.

@@ -364,6 +364,9 @@ mod tests {
                 namespace: "shop".into(),
                 service_account: "default".into(),
                 labels: BTreeMap::new(),
+                workload_name: format!("pod-{i}"),
+                meshed: true,
+                trust_domain: "cluster.local".into(),
             }),
         }
     }

@@ -1,0 +1,107 @@
+//! The file source: a YAML file of Kubernetes-shaped documents, re-read when it
+//! changes (editors and ConfigMaps replace it by rename) and on SIGHUP. A bad file
+//! is rejected whole, with the document and field named, and the last good state
+//! stays in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use notify::Watcher;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::agent::Agent;
+use crate::config::{self, ConfigError};
+
+/// A config file and what was last applied from it.
+pub struct FileSource {
+    path: PathBuf,
+    trust_domain: Arc<str>,
+    last_text: Option<String>,
+}
+
+impl FileSource {
+    /// A source for `path`, whose workloads belong to `trust_domain`.
+    pub fn new(path: PathBuf, trust_domain: Arc<str>) -> Self {
+        FileSource {
+            path,
+            trust_domain,
+            last_text: None,
+        }
+    }
+
+    /// Reads the file and applies it. `force` re-applies an unchanged file (SIGHUP);
+    /// an unchanged file is also re-applied while workloads wait for an enrollment retry.
+    pub async fn reload(&mut self, agent: &Agent, force: bool) -> Result<(), ConfigError> {
+        let read = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
+            path: self.path.clone(),
+            source,
+        });
+        let parsed = read.and_then(|text| config::parse(&text).map(|c| (text, c)));
+        let (text, config) = match parsed {
+            Ok(ok) => ok,
+            Err(e) => {
+                agent.reject(&e).await;
+                return Err(e);
+            }
+        };
+        if !force && self.last_text.as_deref() == Some(&text) && agent.failed_workloads().await == 0
+        {
+            return Ok(());
+        }
+        agent
+            .apply(config.with_trust_domain(&self.trust_domain), Vec::new())
+            .await;
+        self.last_text = Some(text);
+        Ok(())
+    }
+
+    /// Re-applies the file whenever it changes or SIGHUP arrives; runs until dropped.
+    pub async fn watch(mut self, agent: Arc<Agent>) -> anyhow::Result<()> {
+        // Watch the directory: editors and Kubernetes ConfigMaps replace files by rename.
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        let (_watcher, mut changes) = watch_dir(&dir, "config")?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        loop {
+            let force = tokio::select! {
+                Some(()) = changes.recv() => {
+                    settle(&mut changes).await;
+                    false
+                }
+                _ = hangup.recv() => true,
+            };
+            // A rejected file is logged and counted inside reload; keep serving.
+            let _ = self.reload(&agent, force).await;
+        }
+    }
+}
+
+/// A watcher on `dir` (kept alive by the caller) and the channel it signals changes on.
+pub fn watch_dir(
+    dir: &Path,
+    what: &str,
+) -> anyhow::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>)> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.try_send(());
+        }
+    })
+    .with_context(|| format!("creating the {what} directory watcher"))?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    Ok((watcher, rx))
+}
+
+/// Lets a burst of writes settle before reading, and swallows its other events.
+pub async fn settle(changes: &mut tokio::sync::mpsc::Receiver<()>) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while changes.try_recv().is_ok() {}
+}
