@@ -20,6 +20,8 @@ use anyhow::{Context, anyhow, bail, ensure};
 use mesh_agent::cgroup::Cgroup2;
 use mesh_agent::connections::ConnectionView;
 
+pub mod apiserver;
+
 /// Deterministic bytes by absolute stream position, so any chunking of a
 /// stream can be checked against `pattern(total, 0)`.
 pub fn pattern(len: usize, offset: u64) -> Vec<u8> {
@@ -479,6 +481,32 @@ impl Node {
 
     /// Adds a pod on the bridge with the next free address.
     pub fn add_pod(&mut self, name: &str, namespace: &str) -> anyhow::Result<Pod> {
+        self.add_pod_at(name, namespace, Path::new(name))
+    }
+
+    /// Adds a pod as kubelet would make it: its cgroup where `layout` puts pod
+    /// `uid`, and a sandbox process (`sleep`) in a container cgroup below it that
+    /// holds the pod's network namespace.
+    pub fn add_kube_pod(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        uid: &str,
+        layout: KubeletLayout,
+    ) -> anyhow::Result<Pod> {
+        let mut pod = self.add_pod_at(name, namespace, &layout.pod_cgroup(uid))?;
+        pod.uid = uid.to_owned();
+        pod.start_sandbox()?;
+        Ok(pod)
+    }
+
+    /// Adds a pod whose cgroup is `cgroup` below the node's.
+    pub fn add_pod_at(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        cgroup: &Path,
+    ) -> anyhow::Result<Pod> {
         let host = self.next_host;
         self.next_host += 1;
         let ip = Ipv4Addr::new(198, 18, self.index, host);
@@ -493,7 +521,7 @@ impl Node {
             u16::from(host),
         );
         let netns = Netns::create(name)?;
-        let cgroup = CgroupDir::create(&self.cgroup.path, name)?;
+        let cgroup = CgroupDir::create(&self.cgroup.path, &cgroup.to_string_lossy())?;
         let veth = format!("veth{host}");
         self.netns.ip(&[
             "link",
@@ -532,6 +560,8 @@ impl Node {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             node_name: self.name(),
+            uid: format!("uid-{}", unique_name(name)),
+            sandbox: None,
             netns,
             cgroup,
             ip,
@@ -554,8 +584,59 @@ fn node_gateway6(index: u8) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x198, 0x18, index.into(), 0, 0, 0, 1)
 }
 
+/// Where kubelet puts a pod's cgroup: the cgroup driver and the pod's QoS class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubeletLayout {
+    /// systemd driver, Guaranteed.
+    SystemdGuaranteed,
+    /// systemd driver, Burstable.
+    SystemdBurstable,
+    /// systemd driver, BestEffort.
+    SystemdBestEffort,
+    /// cgroupfs driver, Guaranteed.
+    CgroupfsGuaranteed,
+    /// cgroupfs driver, Burstable.
+    CgroupfsBurstable,
+    /// cgroupfs driver, BestEffort.
+    CgroupfsBestEffort,
+}
+
+impl KubeletLayout {
+    /// All six layouts.
+    pub const ALL: [KubeletLayout; 6] = [
+        KubeletLayout::SystemdGuaranteed,
+        KubeletLayout::SystemdBurstable,
+        KubeletLayout::SystemdBestEffort,
+        KubeletLayout::CgroupfsGuaranteed,
+        KubeletLayout::CgroupfsBurstable,
+        KubeletLayout::CgroupfsBestEffort,
+    ];
+
+    /// The pod cgroup of pod `uid`, relative to kubelet's cgroup root (as kubelet
+    /// names it: the systemd driver escapes the UID's dashes as underscores).
+    pub fn pod_cgroup(self, uid: &str) -> PathBuf {
+        let u = uid.replace('-', "_");
+        PathBuf::from(match self {
+            KubeletLayout::SystemdGuaranteed => format!("kubepods.slice/kubepods-pod{u}.slice"),
+            KubeletLayout::SystemdBurstable => {
+                format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice")
+            }
+            KubeletLayout::SystemdBestEffort => {
+                format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice")
+            }
+            KubeletLayout::CgroupfsGuaranteed => format!("kubepods/pod{uid}"),
+            KubeletLayout::CgroupfsBurstable => format!("kubepods/burstable/pod{uid}"),
+            KubeletLayout::CgroupfsBestEffort => format!("kubepods/besteffort/pod{uid}"),
+        })
+    }
+}
+
 /// A pod: a network namespace on the node's bridge plus a cgroup.
 pub struct Pod {
+    /// The pod UID (Kubernetes mode finds the pod cgroup by it).
+    pub uid: String,
+    /// The sandbox process holding the pod's netns, for kubelet-shaped pods.
+    pub sandbox: Option<Process>,
     /// Pod name.
     pub name: String,
     /// The node it runs on, as its agent's `--node-name`.
@@ -573,6 +654,55 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// Starts the sandbox ("pause") process in a container cgroup of this pod.
+    pub fn start_sandbox(&mut self) -> anyhow::Result<()> {
+        let scope = self.cgroup.path.join("cri-containerd-sandbox.scope");
+        std::fs::create_dir_all(&scope)?;
+        let mut cmd = command_in(Path::new("/bin/sleep"), &self.netns.path(), Some(&scope))?;
+        cmd.arg("infinity");
+        self.sandbox = Some(Process::spawn(
+            &mut cmd,
+            &format!("sandbox of {}", self.name),
+        )?);
+        Ok(())
+    }
+
+    /// This pod as a Kubernetes Pod object, owned by a ReplicaSet of Deployment
+    /// `deployment` (when given), with service account `<name>-sa`, running on its node.
+    pub fn kube_object(
+        &self,
+        deployment: Option<&str>,
+        labels: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut labels = labels;
+        let mut meta = serde_json::json!({
+            "name": self.name, "namespace": self.namespace, "uid": self.uid,
+        });
+        if let Some(deployment) = deployment {
+            labels["pod-template-hash"] = "5d8f7c9b4".into();
+            meta["ownerReferences"] = serde_json::json!([{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": format!("{deployment}-5d8f7c9b4"), "uid": "rs-uid", "controller": true,
+            }]);
+        }
+        meta["labels"] = labels;
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": meta,
+            "spec": {
+                "nodeName": self.node_name,
+                "serviceAccountName": format!("{}-sa", self.name),
+                "containers": [{"name": "app", "image": "registry.example/app:1"}],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": self.ip.to_string(),
+                "podIPs": [{"ip": self.ip.to_string()}, {"ip": self.ip6.to_string()}],
+            },
+        })
+    }
+
     /// A command that runs inside this pod (cgroup and network namespace).
     pub fn command(&self, program: &Path) -> anyhow::Result<Command> {
         command_in(program, &self.netns.path(), Some(&self.cgroup.path))
@@ -681,14 +811,38 @@ impl Agent {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("mesh.yaml");
         std::fs::write(&config_path, config)?;
+        let mut cmd = Command::new(&tools.agent);
+        cmd.arg("run").arg("--config").arg(&config_path);
+        Self::spawn(cmd, dir, node, args)
+    }
+
+    /// Starts an agent in Kubernetes mode against `api` (no config file) and waits
+    /// until it is ready: every kind listed and applied.
+    pub fn start_kube(
+        tools: &Tools,
+        node: &Node,
+        api: &apiserver::ApiServer,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cmd = Command::new(&tools.agent);
+        cmd.arg("run")
+            .arg("--kubernetes")
+            .env("KUBECONFIG", api.kubeconfig()?);
+        Self::spawn(cmd, dir, node, args)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        node: &Node,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let config_path = dir.path().join("mesh.yaml");
         let log_path = dir.path().join("agent.log");
         let log = File::create(&log_path)?;
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let mut cmd = Command::new(&tools.agent);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--admin-addr")
+        cmd.arg("--admin-addr")
             .arg(admin.to_string())
             .arg("--attach-cgroup")
             .arg(&node.cgroup.path)
