@@ -110,7 +110,7 @@ pub struct Workload {
     /// Pod namespace.
     pub namespace: String,
     /// Pod labels (for `app`/`version` metric labels and, later, policy selectors).
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// Kubernetes service account; part of the workload's identity.
     pub service_account: String,
     /// The node the pod runs on. Absent: the node of whichever agent reads it.
@@ -133,6 +133,10 @@ pub struct Workload {
     /// The SPIFFE trust domain of the workload's identity.
     pub trust_domain: Arc<str>,
 }
+
+/// A pod's labels, shared by every copy of the workload (its identity, the
+/// directory, Service endpoints) instead of copied into each.
+pub type Labels = Arc<BTreeMap<String, String>>;
 
 /// The trust domain of identities unless `--trust-domain` says otherwise.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -566,7 +570,7 @@ fn build_workload(
         trust_domain: Arc::from(DEFAULT_TRUST_DOMAIN),
         name,
         namespace,
-        labels,
+        labels: Arc::new(labels),
         service_account,
         node_name: spec.node_name,
         placement,

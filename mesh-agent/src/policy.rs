@@ -443,7 +443,7 @@ mod tests {
             name: format!("{app}-0"),
             namespace: ns.into(),
             service_account: app.into(),
-            labels: [("app".to_owned(), app.to_owned())].into(),
+            labels: std::sync::Arc::new([("app".to_owned(), app.to_owned())].into()),
             workload_name: app.into(),
             meshed: true,
             trust_domain: "cluster.local".into(),

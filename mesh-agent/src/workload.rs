@@ -1,7 +1,7 @@
 //! What the agent knows about a workload's identity, and the node-wide
 //! directory that maps pod IPs back to workloads for destination attribution.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
@@ -16,8 +16,8 @@ pub struct WorkloadMeta {
     pub namespace: String,
     /// Kubernetes service account.
     pub service_account: String,
-    /// Pod labels.
-    pub labels: BTreeMap<String, String>,
+    /// Pod labels, shared with the workload they came from.
+    pub labels: crate::config::Labels,
     /// Istio's workload name: the pod's controller (Deployment, CronJob, …) or the pod.
     pub workload_name: String,
     /// Whether the pod is in the mesh, and so reachable only through the tunnel.

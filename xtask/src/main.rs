@@ -1,4 +1,4 @@
-//! `cargo xtask setup|build|test|demo`: installs the toolchain, builds the eBPF
+//! `cargo xtask setup|build|test|demo|bench|scale`: installs the toolchain, builds the eBPF
 //! object and the agent, and runs the suite or the demo. Every step is
 //! idempotent and quick when there is nothing to do.
 
@@ -58,6 +58,13 @@ enum Cmd {
         #[arg(long)]
         only: Vec<String>,
     },
+    /// Build, then measure the Kubernetes source at cluster scale (10,000 pods and
+    /// 1,000 Services in the API server double): memory per pod and change latency.
+    Scale {
+        /// Extra arguments for kube-scale (e.g. `--pods 20000`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +88,7 @@ fn run() -> anyhow::Result<()> {
         Cmd::Test { args } => test(&root, &args),
         Cmd::Demo => demo(&root),
         Cmd::Bench { quick, only } => bench(&root, quick, &only),
+        Cmd::Scale { args } => scale(&root, &args),
     }
 }
 
@@ -272,6 +280,17 @@ fn bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()> {
             .env("NODEMESH_AGENT_BIN", &built.agent)
             .env("NODEMESH_PODTOOL_BIN", built.release_dir.join("podtool"))
             .env("NODEMESH_LOADGEN_BIN", built.release_dir.join("loadgen")),
+    )
+}
+
+fn scale(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let built = build(root)?;
+    status(
+        Command::new(built.release_dir.join("kube-scale"))
+            .args(args)
+            .current_dir(root)
+            .env("NODEMESH_AGENT_BIN", &built.agent)
+            .env("NODEMESH_PODTOOL_BIN", built.release_dir.join("podtool")),
     )
 }
 

@@ -354,7 +354,6 @@ mod tests {
     use crate::workload::WorkloadMeta;
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
-    use std::collections::BTreeMap;
 
     fn endpoint(i: u8) -> Endpoint {
         Endpoint {
@@ -363,7 +362,7 @@ mod tests {
                 name: format!("pod-{i}"),
                 namespace: "shop".into(),
                 service_account: "default".into(),
-                labels: BTreeMap::new(),
+                labels: Default::default(),
                 workload_name: format!("pod-{i}"),
                 meshed: true,
                 trust_domain: "cluster.local".into(),

@@ -15,7 +15,7 @@ use crate::l7::balance::{Balancer, EndpointView};
 use crate::l7::budget::{RetryBudget, TokenBucket};
 use crate::l7::route::{Filter, HttpRoute};
 use crate::l7::traffic::{FaultInjection, LocalRateLimit, ServiceTraffic};
-use crate::service::{self, PortProtocol, Service, ServicePort};
+use crate::service::{self, PortProtocol, Selectable, Service, ServicePort};
 
 /// One port of one Service: everything a request or connection to it needs.
 pub struct ServicePortState {
@@ -119,7 +119,7 @@ impl Catalog {
     }
 
     /// Builds the view of `config`, reusing stateful parts of `previous`.
-    pub fn build(config: &MeshConfig, previous: &Catalog) -> Catalog {
+    pub fn build(config: &MeshConfig, previous: &Catalog, selectable: &Selectable<'_>) -> Catalog {
         let routes: Vec<Arc<HttpRoute>> = {
             let mut r: Vec<Arc<HttpRoute>> =
                 config.http_routes.iter().cloned().map(Arc::new).collect();
@@ -163,7 +163,7 @@ impl Catalog {
                 .unwrap_or_else(|| Arc::new(RetryBudget::new(traffic.retry_budget.clone())));
             for port in &svc.ports {
                 let vip = svc.cluster_ips[0];
-                let endpoints = service::endpoints(svc, port, vip, &config.workloads);
+                let endpoints = service::endpoints(svc, port, vip, selectable);
                 let key = (svc.namespace.clone(), svc.name.clone(), port.port);
                 let balancer = match previous.by_name.get(&key) {
                     Some(old) => {
@@ -335,8 +335,8 @@ impl CatalogStore {
     }
 
     /// Rebuilds from `config`, keeping endpoint state, budgets and buckets.
-    pub fn apply(&self, config: &MeshConfig) {
-        let next = Catalog::build(config, &self.get());
+    pub fn apply(&self, config: &MeshConfig, selectable: &Selectable<'_>) {
+        let next = Catalog::build(config, &self.get(), selectable);
         for dangling in next.dangling_filters() {
             tracing::warn!(filter = %dangling, "route filter names a missing document; its rule answers 500");
         }
@@ -414,7 +414,11 @@ spec:
     #[test]
     fn consumer_routes_replace_producer_routes_for_their_namespace_only() {
         let config = crate::config::parse(CONFIG).unwrap();
-        let catalog = Catalog::build(&config, &Catalog::default());
+        let catalog = Catalog::build(
+            &config,
+            &Catalog::default(),
+            &Selectable::of(&config.workloads),
+        );
         let port80 = catalog.resolve("10.96.0.5:80".parse().unwrap()).unwrap();
         let names =
             |ns: &str| -> Vec<String> { port80.routes_for(ns).iter().map(|r| r.key()).collect() };
@@ -432,8 +436,12 @@ spec:
     #[test]
     fn a_rebuild_keeps_endpoint_state_and_budgets() {
         let config = crate::config::parse(CONFIG).unwrap();
-        let first = Catalog::build(&config, &Catalog::default());
-        let second = Catalog::build(&config, &first);
+        let first = Catalog::build(
+            &config,
+            &Catalog::default(),
+            &Selectable::of(&config.workloads),
+        );
+        let second = Catalog::build(&config, &first, &Selectable::of(&config.workloads));
         let vip = "10.96.0.5:80".parse().unwrap();
         let (a, b) = (first.resolve(vip).unwrap(), second.resolve(vip).unwrap());
         assert!(Arc::ptr_eq(&a.balancer, &b.balancer));

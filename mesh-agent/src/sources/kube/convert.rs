@@ -2,7 +2,7 @@
 //! without an API server. Objects are trimmed to the fields the agent uses as they
 //! arrive; only the converted model objects are kept.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use kube::Resource;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::{self, Document, ObjectError, Workload};
+use crate::config::{self, Document, Labels, ObjectError, Workload};
 
 /// Namespace label that puts a namespace's pods in the mesh.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -119,7 +119,7 @@ pub fn pod_record(pod: &PodLite) -> Result<Option<PodRecord>, ObjectError> {
             node_name: pod.spec.node_name.clone(),
             placement: None,
             ips,
-            labels,
+            labels: Arc::new(labels),
             excluded_ports: Vec::new(),
             excluded_cidrs: Vec::new(),
             meshed: false,
@@ -127,6 +127,31 @@ pub fn pod_record(pod: &PodLite) -> Result<Option<PodRecord>, ObjectError> {
         },
         opted_out,
     }))
+}
+
+/// One shared copy of each distinct label set: the pods of a Deployment carry
+/// identical labels, so a cluster of 10,000 pods has far fewer label sets.
+#[derive(Default)]
+pub struct LabelInterner {
+    sets: HashSet<Labels>,
+    /// Size after the last sweep of sets no pod uses any more.
+    swept: usize,
+}
+
+impl LabelInterner {
+    /// The shared copy of `labels`.
+    pub fn intern(&mut self, labels: Labels) -> Labels {
+        if let Some(shared) = self.sets.get(&labels) {
+            return shared.clone();
+        }
+        if self.sets.len() >= 2 * self.swept + 1024 {
+            // Only the interner still holds these.
+            self.sets.retain(|l| Arc::strong_count(l) > 1);
+            self.swept = self.sets.len();
+        }
+        self.sets.insert(labels.clone());
+        labels
+    }
 }
 
 /// Istio's workload name: the pod's controller. A ReplicaSet with the pod's
@@ -291,6 +316,17 @@ mod tests {
             controller: Some(true),
             ..OwnerReference::default()
         }
+    }
+
+    #[test]
+    fn equal_label_sets_are_shared() {
+        let mut interner = LabelInterner::default();
+        let set = || Labels::new([("app".to_owned(), "web".to_owned())].into());
+        let a = interner.intern(set());
+        let b = interner.intern(set());
+        assert!(Arc::ptr_eq(&a, &b));
+        let other = interner.intern(Labels::default());
+        assert!(!Arc::ptr_eq(&a, &other));
     }
 
     #[test]

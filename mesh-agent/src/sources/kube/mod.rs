@@ -188,12 +188,20 @@ fn snapshot(
 }
 
 fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
+    let interner = Mutex::new(convert::LabelInterner::default());
     tokio::spawn(watch(
         Api::<PodLite>::all(client.clone()),
         "Pod",
         shared.clone(),
         |s| &mut s.pods,
-        convert::pod_record,
+        move |pod: &PodLite| {
+            let mut record = convert::pod_record(pod)?;
+            if let Some(r) = &mut record {
+                let labels = std::mem::take(&mut r.workload.labels);
+                r.workload.labels = interner.lock().expect("interner lock").intern(labels);
+            }
+            Ok(record)
+        },
     ));
     tokio::spawn(watch(
         Api::<Namespace>::all(client.clone()),

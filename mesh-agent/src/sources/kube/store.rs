@@ -12,12 +12,14 @@ use crate::config::ObjectError;
 pub type ObjectKey = (String, String);
 
 /// One object: its last good conversion, and why its current version was rejected.
+/// Both are boxed: a map slot holds every entry's inline size whether used or
+/// not, and at 10,000 pods that is most of the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry<T> {
     /// The last version that converted cleanly.
-    pub good: Option<T>,
+    pub good: Option<Box<T>>,
     /// Why the current version was rejected, if it was.
-    pub rejection: Option<ObjectError>,
+    pub rejection: Option<Box<ObjectError>>,
 }
 
 /// The objects of one kind.
@@ -81,17 +83,17 @@ impl<T: Clone> KindStore<T> {
     pub fn good(&self) -> impl Iterator<Item = (&ObjectKey, &T)> {
         self.items
             .iter()
-            .filter_map(|(k, e)| e.good.as_ref().map(|g| (k, g)))
+            .filter_map(|(k, e)| e.good.as_deref().map(|g| (k, g)))
     }
 
     /// The good object at `key`.
     pub fn get(&self, key: &ObjectKey) -> Option<&T> {
-        self.items.get(key).and_then(|e| e.good.as_ref())
+        self.items.get(key).and_then(|e| e.good.as_deref())
     }
 
     /// Current rejections.
     pub fn rejections(&self) -> impl Iterator<Item = &ObjectError> {
-        self.items.values().filter_map(|e| e.rejection.as_ref())
+        self.items.values().filter_map(|e| e.rejection.as_deref())
     }
 
     /// Number of objects known (good, ignored or rejected).
@@ -108,12 +110,12 @@ impl<T: Clone> KindStore<T> {
 fn merge<T: Clone>(previous: Option<&Entry<T>>, converted: Converted<T>) -> Entry<T> {
     match converted {
         Ok(good) => Entry {
-            good,
+            good: good.map(Box::new),
             rejection: None,
         },
         Err(rejection) => Entry {
             good: previous.and_then(|p| p.good.clone()),
-            rejection: Some(rejection),
+            rejection: Some(Box::new(rejection)),
         },
     }
 }
