@@ -154,11 +154,16 @@ impl Catalog {
         for svc in &config.services {
             let service = Arc::new(svc.clone());
             let traffic = traffic_for(config, svc);
-            let budget = previous
-                .by_name
+            // Any port of the Service holds its budget.
+            let budget = svc
+                .ports
                 .iter()
-                .find(|((ns, name, _), _)| *ns == svc.namespace && *name == svc.name)
-                .map(|(_, s)| s.budget.clone())
+                .find_map(|p| {
+                    previous
+                        .by_name
+                        .get(&(svc.namespace.clone(), svc.name.clone(), p.port))
+                })
+                .map(|s| s.budget.clone())
                 .filter(|b| *b.config() == traffic.retry_budget)
                 .unwrap_or_else(|| Arc::new(RetryBudget::new(traffic.retry_budget.clone())));
             for port in &svc.ports {
