@@ -15,7 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::agent::Agent;
+use crate::reconciler::Agent;
 
 /// Serves the endpoint until the process exits.
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {

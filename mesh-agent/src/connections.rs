@@ -15,9 +15,9 @@ use serde::Serialize;
 use crate::metrics::{
     DestinationLabels, DestinationServiceLabels, Metrics, SourceLabels, TcpLabels,
 };
-use crate::policy::{self, Decision, Policies};
-use crate::service::Service;
-use crate::workload::WorkloadMeta;
+use crate::state::policy::{self, Decision, Policies};
+use crate::state::service::Service;
+use crate::state::workload::WorkloadMeta;
 use tokio_util::sync::CancellationToken;
 
 /// Who is on each end of a connection, as far as this agent can prove it.

@@ -12,6 +12,7 @@
 
 pub mod ca;
 pub mod manager;
+pub mod node;
 
 use std::fmt;
 use std::str::FromStr;

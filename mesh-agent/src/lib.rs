@@ -1,26 +1,23 @@
 //! The nodemesh node agent: one per node, replacing every sidecar on it.
 //!
-//! Data path: the kernel (`capture`) redirects an enrolled pod's connects to an
-//! in-pod listener (`netns`, `outbound`), which learns the original destination
-//! and source workload from kernel maps and relays to it. `agent` reconciles the
-//! config into that state; `metrics`, `connections` and `admin` make it visible.
+//! The folders follow the way desired state flows, and imports point one way:
+//!
+//! - [`sources`]: where desired state comes from (a YAML file, the Kubernetes API);
+//! - [`state`]: the one typed model both sources produce, and its validation;
+//! - [`reconciler`]: turns each desired state into enrollments (kernel map
+//!   entries, in-pod listeners) and the views the data path reads;
+//! - [`proxy`]: the data path (outbound, inbound, the HBONE tunnel, L7);
+//! - [`node`]: this host's kernel side (eBPF capture, cgroups, network namespaces);
+//! - [`identity`]: workload certificates and trust;
+//! - [`metrics`], [`connections`], [`admin`], [`debug`]: what operators see.
 
 pub mod admin;
-pub mod agent;
-pub mod capture;
-pub mod cgroup;
-pub mod config;
 pub mod connections;
 pub mod debug;
 pub mod identity;
-pub mod inbound;
-pub mod l7;
 pub mod metrics;
-pub mod netns;
-pub mod outbound;
-pub mod policy;
-pub mod relay;
-pub mod service;
+pub mod node;
+pub mod proxy;
+pub mod reconciler;
 pub mod sources;
-pub mod tunnel;
-pub mod workload;
+pub mod state;

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_agent::agent::{Agent, IdentitySettings, IdentityState, Settings};
-use mesh_agent::capture::Capture;
 use mesh_agent::identity::manager::CertPolicy;
+use mesh_agent::identity::node::{IdentitySettings, IdentityState};
+use mesh_agent::node::capture::Capture;
+use mesh_agent::node::cgroup;
+use mesh_agent::reconciler::{Agent, Settings};
 use mesh_agent::sources::file::{FileSource, settle, watch_dir};
 use mesh_agent::sources::kube::{self as kube_source, KubeSettings};
-use mesh_agent::{admin, cgroup, debug};
+use mesh_agent::{admin, debug};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -57,7 +59,7 @@ enum CaCommand {
         #[arg(long)]
         dir: PathBuf,
         /// The mesh's SPIFFE trust domain, named in the CA certificates.
-        #[arg(long, default_value = mesh_agent::config::DEFAULT_TRUST_DOMAIN)]
+        #[arg(long, default_value = mesh_agent::state::workload::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
 }
@@ -85,7 +87,7 @@ struct RunArgs {
     #[arg(long, env = "NODEMESH_KUBERNETES", requires = "node_name")]
     kubernetes: bool,
     /// The SPIFFE trust domain: identities are spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
-    #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = mesh_agent::config::DEFAULT_TRUST_DOMAIN)]
+    #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = mesh_agent::state::workload::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
     /// How long Kubernetes changes are gathered before they are applied together.
     #[arg(long, env = "NODEMESH_KUBE_DEBOUNCE", default_value = "20ms", value_parser = humantime::parse_duration)]
@@ -135,7 +137,7 @@ struct RunArgs {
 struct PortList(Vec<u16>);
 
 fn parse_ports(s: &str) -> Result<PortList, String> {
-    mesh_agent::service::parse_port_list(s).map(PortList)
+    mesh_agent::state::service::parse_port_list(s).map(PortList)
 }
 
 fn main() -> std::process::ExitCode {
@@ -214,7 +216,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| cgroup2.mount.clone());
     // Validate the config before touching the kernel: a bad file at start is fatal.
     if let Some(config) = &args.config {
-        mesh_agent::config::load(config).context("initial config")?;
+        mesh_agent::state::load(config).context("initial config")?;
     }
     // Likewise the Kubernetes client's configuration (in-cluster or KUBECONFIG).
     let kube_client = if args.kubernetes {
@@ -246,7 +248,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         attach_cgroup,
         node_name: args.node_name.clone(),
         identity: identity_settings.clone(),
-        l7: mesh_agent::l7::L7Settings {
+        l7: mesh_agent::proxy::l7::L7Settings {
             detect_timeout: args.protocol_detection_timeout,
             opaque_ports: args.opaque_ports.0.clone(),
             max_header_bytes: args.max_request_header_bytes as usize,

@@ -12,9 +12,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::capture::{Capture, MapOccupancy};
-use crate::service::Service;
-use crate::workload::WorkloadMeta;
+use crate::node::capture::{Capture, MapOccupancy};
+use crate::state::service::Service;
+use crate::state::workload::WorkloadMeta;
 
 /// The client half of Istio's label set, one definition so TCP and HTTP series
 /// describe a client the same way.

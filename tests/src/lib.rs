@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
-use mesh_agent::cgroup::Cgroup2;
 use mesh_agent::connections::ConnectionView;
+use mesh_agent::node::cgroup::Cgroup2;
 
 pub mod apiserver;
 

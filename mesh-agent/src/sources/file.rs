@@ -11,8 +11,8 @@ use anyhow::Context;
 use notify::Watcher;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::agent::Agent;
-use crate::config::{self, ConfigError};
+use crate::reconciler::Agent;
+use crate::state::{self, ConfigError};
 
 /// A config file and what was last applied from it.
 pub struct FileSource {
@@ -38,7 +38,7 @@ impl FileSource {
             path: self.path.clone(),
             source,
         });
-        let parsed = read.and_then(|text| config::parse(&text).map(|c| (text, c)));
+        let parsed = read.and_then(|text| state::parse(&text).map(|c| (text, c)));
         let (text, config) = match parsed {
             Ok(ok) => ok,
             Err(e) => {

@@ -12,7 +12,8 @@ use kube::Resource;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::{self, Document, Labels, ObjectError, Workload};
+use crate::state::workload::{Labels, Workload};
+use crate::state::{self, Document, ObjectError};
 
 /// Namespace label that puts a namespace's pods in the mesh.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -123,7 +124,7 @@ pub fn pod_record(pod: &PodLite) -> Result<Option<PodRecord>, ObjectError> {
             excluded_ports: Vec::new(),
             excluded_cidrs: Vec::new(),
             meshed: false,
-            trust_domain: Arc::from(config::DEFAULT_TRUST_DOMAIN),
+            trust_domain: Arc::from(crate::state::workload::DEFAULT_TRUST_DOMAIN),
         },
         opted_out,
     }))
@@ -278,7 +279,7 @@ pub fn document(
         field: "(object)".into(),
         message: e.to_string(),
     })?;
-    config::parse_object(value)
+    state::parse_object(value)
 }
 
 /// Drops `null` members: generated types serialize unset optional fields as null,

@@ -26,9 +26,10 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use crate::agent::Agent;
-use crate::config::{Document, MeshConfig, Placement};
 use crate::metrics::Metrics;
+use crate::reconciler::Agent;
+use crate::state::workload::Placement;
+use crate::state::{Document, MeshConfig};
 use convert::{PodLite, PodRecord};
 use placement::Discovery;
 use store::{Converted, KindStore, ObjectKey};
@@ -222,7 +223,7 @@ fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
         shared.clone(),
         |r: &GatewayHttpRoute| {
             typed_document(
-                crate::l7::route::GATEWAY_V1,
+                crate::state::route::GATEWAY_V1,
                 "HTTPRoute",
                 &r.metadata,
                 &r.spec,
@@ -235,7 +236,7 @@ fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
         shared.clone(),
         |p: &XBackendTrafficPolicy| {
             typed_document(
-                crate::l7::traffic::GATEWAY_X_V1ALPHA1,
+                crate::state::traffic::GATEWAY_X_V1ALPHA1,
                 "XBackendTrafficPolicy",
                 &p.metadata,
                 &p.spec,
@@ -299,7 +300,7 @@ fn typed_document<S: serde::Serialize>(
     meta: &kube::api::ObjectMeta,
     spec: &S,
 ) -> Converted<Document> {
-    let spec = serde_json::to_value(spec).map_err(|e| crate::config::ObjectError {
+    let spec = serde_json::to_value(spec).map_err(|e| crate::state::ObjectError {
         subject: convert::subject(kind, meta),
         field: "spec".into(),
         message: e.to_string(),

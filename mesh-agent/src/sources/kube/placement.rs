@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{NetnsRef, Placement};
+use crate::state::workload::{NetnsRef, Placement};
 
 /// What the node shows of a pod so far.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::ObjectError;
+use crate::state::ObjectError;
 
 /// `(namespace, name)`; cluster-scoped objects have an empty namespace.
 pub type ObjectKey = (String, String);

@@ -10,8 +10,6 @@ pub mod budget;
 pub mod catalog;
 pub mod detect;
 pub mod proxy;
-pub mod route;
-pub mod traffic;
 pub mod upstream;
 
 use std::time::Duration;
@@ -51,29 +49,43 @@ pub struct L7 {
     pub request_log: Option<tracing_appender::non_blocking::NonBlocking>,
 }
 
+/// One pod's L7 side: its context, the Services and routes in force, and its
+/// pooled HTTP connections to endpoints.
+pub struct PodL7 {
+    /// The pod.
+    pub pod: std::sync::Arc<crate::proxy::pod::PodContext>,
+    /// Services, routes, settings.
+    pub l7: std::sync::Arc<L7>,
+    /// This pod's pooled HTTP connections to endpoints.
+    pub upstreams: upstream::Upstreams,
+}
+
 #[cfg(test)]
 mod docs_examples {
     /// Every `yaml` block of the L7 docs must load as config, so the examples stay true.
     #[test]
     fn every_example_in_the_l7_docs_loads() {
         let pages = [
-            ("services.md", include_str!("../../../docs/l7/services.md")),
-            ("routing.md", include_str!("../../../docs/l7/routing.md")),
+            (
+                "services.md",
+                include_str!("../../../../docs/l7/services.md"),
+            ),
+            ("routing.md", include_str!("../../../../docs/l7/routing.md")),
             (
                 "retries-and-timeouts.md",
-                include_str!("../../../docs/l7/retries-and-timeouts.md"),
+                include_str!("../../../../docs/l7/retries-and-timeouts.md"),
             ),
             (
                 "load-balancing.md",
-                include_str!("../../../docs/l7/load-balancing.md"),
+                include_str!("../../../../docs/l7/load-balancing.md"),
             ),
             (
                 "fault-injection-and-rate-limits.md",
-                include_str!("../../../docs/l7/fault-injection-and-rate-limits.md"),
+                include_str!("../../../../docs/l7/fault-injection-and-rate-limits.md"),
             ),
             (
                 "telemetry.md",
-                include_str!("../../../docs/l7/telemetry.md"),
+                include_str!("../../../../docs/l7/telemetry.md"),
             ),
         ];
         for (name, text) in pages {
@@ -84,7 +96,7 @@ mod docs_examples {
                 .collect();
             assert!(!blocks.is_empty(), "{name} has no example");
             for block in blocks {
-                let config = crate::config::parse(block)
+                let config = crate::state::parse(block)
                     .unwrap_or_else(|e| panic!("{name}: example rejected: {e}"));
                 assert!(
                     !config.services.is_empty(),

@@ -17,27 +17,27 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::{Capture, Exclusions, MapOccupancy, ProgramSummary};
-use crate::cgroup::{Cgroup2, cgroup_id};
-use crate::config::{ConfigError, MeshConfig, Workload};
 use crate::connections::ConnectionTable;
-use crate::identity::TrustBundle;
-use crate::identity::ca::{CaError, Signer, load_trust_bundle};
-use crate::identity::manager::{CertManager, CertPolicy, CertView};
-use crate::inbound;
-use crate::l7::catalog::{CatalogStore, ServiceEndpointsView, ServiceRoutesView};
-use crate::l7::route::HttpRoute;
-use crate::l7::upstream::Upstreams;
-use crate::l7::{L7, L7Settings};
+use crate::identity::manager::CertView;
+use crate::identity::node::{IdentitySettings, IdentityState};
 use crate::metrics::Metrics;
-use crate::netns::NetnsHandle;
-use crate::outbound::{self, OutboundContext};
-use crate::policy::{Policies, PolicyStore};
-use crate::service::Selectable;
-use crate::tunnel::pool::{PoolSettings, PoolView, TunnelPool};
-use crate::tunnel::server::InboundContext;
-use crate::tunnel::{self, HBONE_PORT};
-use crate::workload::{Directory, WorkloadMeta};
+use crate::node::capture::{Capture, Exclusions, MapOccupancy, ProgramSummary};
+use crate::node::cgroup::{Cgroup2, cgroup_id};
+use crate::node::netns::NetnsHandle;
+use crate::proxy::inbound::{self, InboundContext};
+use crate::proxy::l7::catalog::{CatalogStore, ServiceEndpointsView, ServiceRoutesView};
+use crate::proxy::l7::upstream::Upstreams;
+use crate::proxy::l7::{L7, L7Settings, PodL7};
+use crate::proxy::outbound;
+use crate::proxy::pod::PodContext;
+use crate::proxy::tunnel::pool::{PoolSettings, PoolView, TunnelPool};
+use crate::proxy::tunnel::{self, HBONE_PORT};
+use crate::state::policy::{Policies, PolicyStore};
+use crate::state::route::HttpRoute;
+use crate::state::service::Selectable;
+use crate::state::workload::Workload;
+use crate::state::workload::{Directory, WorkloadMeta};
+use crate::state::{ConfigError, MeshConfig};
 use aya::programs::sk_lookup::SkLookupLink;
 use mesh_common::INBOUND_PORT;
 
@@ -65,56 +65,6 @@ pub struct Settings {
     pub request_log: Option<tracing_appender::non_blocking::NonBlocking>,
 }
 
-/// Where the mesh CA lives and how workload certificates are made.
-#[derive(Debug, Clone)]
-pub struct IdentitySettings {
-    /// Directory in Istio's `cacerts` layout.
-    pub ca_dir: PathBuf,
-    /// Requested certificate lifetime and retry policy.
-    pub policy: CertPolicy,
-}
-
-/// The node's identity machinery: certificates and the roots peers must chain to.
-pub struct IdentityState {
-    /// Owns every workload certificate.
-    pub certs: CertManager,
-    /// Current trust bundle; replaced when `root-cert.pem` changes.
-    pub trust: RwLock<TrustBundle>,
-    /// Where the CA files are, for reloads.
-    pub ca_dir: PathBuf,
-}
-
-impl IdentityState {
-    /// Loads the CA and trust bundle and starts the certificate manager.
-    pub fn start(settings: &IdentitySettings, metrics: Arc<Metrics>) -> Result<Self, CaError> {
-        let signer = Signer::load(&settings.ca_dir)?;
-        let trust = load_trust_bundle(&settings.ca_dir)?;
-        Ok(IdentityState {
-            certs: CertManager::spawn(Arc::new(signer), settings.policy.clone(), metrics),
-            trust: RwLock::new(trust),
-            ca_dir: settings.ca_dir.clone(),
-        })
-    }
-
-    /// Re-reads the trust bundle; a bad file is logged and the previous bundle kept.
-    pub fn reload_trust(&self) {
-        match load_trust_bundle(&self.ca_dir) {
-            Ok(bundle) => {
-                tracing::info!(roots = bundle.roots.len(), "trust bundle reloaded");
-                *self.trust.write().expect("trust lock") = bundle;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "trust bundle not reloaded; keeping the previous one")
-            }
-        }
-    }
-
-    /// The current trust bundle.
-    pub fn trust(&self) -> TrustBundle {
-        self.trust.read().expect("trust lock").clone()
-    }
-}
-
 /// Outcome of the last desired-state loads, for `/config_dump`.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -139,7 +89,7 @@ struct Enrollment {
     workload_id: u32,
     cgroup_id: u64,
     exclusions: Exclusions,
-    ctx: Arc<OutboundContext>,
+    ctx: Arc<PodContext>,
     listeners: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
     cancel: CancellationToken,
@@ -420,7 +370,7 @@ impl Agent {
 
         let workload_id = state.next_workload_id;
         state.next_workload_id += 1;
-        let ctx = Arc::new_cyclic(|weak| OutboundContext {
+        let ctx = Arc::new(PodContext {
             meta: RwLock::new(Arc::new(WorkloadMeta::from_config(w))),
             cgroup_id,
             netns,
@@ -431,18 +381,21 @@ impl Agent {
             connect_timeout: self.settings.connect_timeout,
             identity: self.identity.clone(),
             pool: self.pool.clone(),
+        });
+        let outbound_ctx = Arc::new(PodL7 {
+            pod: ctx.clone(),
             l7: self.l7.clone(),
-            upstreams: Upstreams::new(weak.clone()),
+            upstreams: Upstreams::new(ctx.clone()),
         });
         let cancel = CancellationToken::new();
         // Any early return below stops the listeners already spawned.
         let stop_on_error = cancel.clone().drop_guard();
         let mut listeners = vec![v4_addr];
-        let mut tasks = vec![self.spawn_listener(v4, FAMILY_V4, &ctx, &cancel)?];
+        let mut tasks = vec![self.spawn_listener(v4, FAMILY_V4, &outbound_ctx, &cancel)?];
         let mut flags = 0;
         if let Some(v6) = v6 {
             listeners.push(v6_addr);
-            tasks.push(self.spawn_listener(v6, FAMILY_V6, &ctx, &cancel)?);
+            tasks.push(self.spawn_listener(v6, FAMILY_V6, &outbound_ctx, &cancel)?);
             flags |= WORKLOAD_FLAG_V6_LISTENER;
         }
         let mut steering = None;
@@ -549,7 +502,7 @@ impl Agent {
         &self,
         listener: std::net::TcpListener,
         family: u16,
-        ctx: &Arc<OutboundContext>,
+        ctx: &Arc<PodL7>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<JoinHandle<()>> {
         let listener = TcpListener::from_std(listener)?;

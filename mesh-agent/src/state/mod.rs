@@ -1,9 +1,9 @@
-//! The agent's desired state: Kubernetes-shaped YAML documents (`apiVersion`,
-//! `kind`, `metadata`, `spec`), parsed strictly so a typo is an error that names
-//! the document and field instead of a silently ignored setting.
+//! The agent's desired state: one typed model ([`MeshConfig`]) that every source
+//! produces, and the validation of Kubernetes-shaped objects (`apiVersion`,
+//! `kind`, `metadata`, `spec`) into it, strict so that a typo is an error naming
+//! the object and field instead of a silently ignored setting.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,19 +11,23 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::l7::route::{GATEWAY_V1, HttpRoute};
-use crate::l7::traffic::{
+pub mod policy;
+pub mod route;
+pub mod service;
+pub mod traffic;
+pub mod workload;
+
+use crate::state::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::state::route::{GATEWAY_V1, HttpRoute};
+use crate::state::service::Service;
+use crate::state::traffic::{
     BackendTrafficPolicy, DestinationRule, FaultInjection, GATEWAY_X_V1ALPHA1, ISTIO_NETWORKING,
     LocalRateLimit,
 };
-use crate::policy::{AuthorizationPolicy, PeerAuthentication};
-use crate::service::Service;
+use crate::state::workload::{DEFAULT_TRUST_DOMAIN, NetnsRef, Placement, Workload};
 
 /// The API group/version of nodemesh's own kinds.
 pub const API_VERSION: &str = "nodemesh.io/v1alpha1";
-
-/// The API group of nodemesh's own kinds, as `ExtensionRef` filters name it.
-pub const API_GROUP: &str = "nodemesh.io";
 
 /// Why a config file was rejected; always names the document and field.
 #[derive(Debug, thiserror::Error)]
@@ -99,107 +103,6 @@ pub enum Document {
     BackendTrafficPolicy(BackendTrafficPolicy),
     FaultInjection(FaultInjection),
     LocalRateLimit(LocalRateLimit),
-}
-
-/// A pod on this node: who it is, and where its cgroup and network namespace are.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Workload {
-    /// Pod name.
-    pub name: String,
-    /// Pod namespace.
-    pub namespace: String,
-    /// Pod labels (for `app`/`version` metric labels and, later, policy selectors).
-    pub labels: Labels,
-    /// Kubernetes service account; part of the workload's identity.
-    pub service_account: String,
-    /// The node the pod runs on. Absent: the node of whichever agent reads it.
-    pub node_name: Option<String>,
-    /// Where the pod lives on its node; needed only by that node's agent.
-    pub placement: Option<Placement>,
-    /// Pod IPs; connections to them from the pod itself are never captured.
-    pub ips: Vec<IpAddr>,
-    /// Destination ports this workload reaches directly, bypassing the agent.
-    pub excluded_ports: Vec<u16>,
-    /// Destination CIDRs this workload reaches directly, bypassing the agent.
-    pub excluded_cidrs: Vec<IpNet>,
-    /// Istio's workload name (the pod's controller, e.g. its Deployment), used in
-    /// metric labels; the pod name when the pod has no controller.
-    pub workload_name: String,
-    /// Whether the pod is in the mesh. Pods outside it are still known, so that
-    /// Services can balance to them and metrics can name them, but they are never
-    /// enrolled and are reached without the tunnel.
-    pub meshed: bool,
-    /// The SPIFFE trust domain of the workload's identity.
-    pub trust_domain: Arc<str>,
-}
-
-/// A pod's labels, shared by every copy of the workload (its identity, the
-/// directory, Service endpoints) instead of copied into each.
-pub type Labels = Arc<BTreeMap<String, String>>;
-
-/// The trust domain of identities unless `--trust-domain` says otherwise.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-
-/// A pod's cgroup and network namespace on its node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Placement {
-    /// The pod's cgroup v2 directory, absolute or relative to the cgroup2 mount.
-    pub cgroup_path: PathBuf,
-    /// The pod's network namespace.
-    pub netns: NetnsRef,
-}
-
-impl Workload {
-    /// Whether the agent of node `node` (None: a node-agnostic agent) serves this pod.
-    pub fn is_local_to(&self, node: Option<&str>) -> bool {
-        match (&self.node_name, node) {
-            (None, _) => true,
-            (Some(theirs), Some(ours)) => theirs == ours,
-            (Some(_), None) => false,
-        }
-    }
-
-    /// `namespace/name`, the workload's unique key on a node.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-
-    /// Whether `other` differs only in fields that can be updated in place
-    /// (labels, identity, IPs, exclusions), keeping the listener and cgroup.
-    pub fn same_placement(&self, other: &Workload) -> bool {
-        self.placement == other.placement
-    }
-}
-
-/// How to find a pod's network namespace.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum NetnsRef {
-    /// A bind-mounted namespace file, e.g. `/var/run/netns/cni-…`.
-    Path(PathBuf),
-    /// Any process in the pod: `/proc/<pid>/ns/net`.
-    Pid(u32),
-}
-
-impl NetnsRef {
-    /// The file to open to enter this namespace.
-    pub fn file(&self) -> PathBuf {
-        match self {
-            NetnsRef::Path(p) => p.clone(),
-            NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-        }
-    }
-}
-
-impl fmt::Display for NetnsRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NetnsRef::Path(p) => write!(f, "{}", p.display()),
-            NetnsRef::Pid(pid) => write!(f, "pid:{pid}"),
-        }
-    }
 }
 
 #[derive(Deserialize)]

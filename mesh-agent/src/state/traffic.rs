@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::l7::route::parse_duration;
+use crate::state::route::parse_duration;
 
 type FieldError = (String, String);
 

@@ -10,12 +10,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::MeshConfig;
-use crate::l7::balance::{Balancer, EndpointView};
-use crate::l7::budget::{RetryBudget, TokenBucket};
-use crate::l7::route::{Filter, HttpRoute};
-use crate::l7::traffic::{FaultInjection, LocalRateLimit, ServiceTraffic};
-use crate::service::{self, PortProtocol, Selectable, Service, ServicePort};
+use crate::proxy::l7::balance::{Balancer, EndpointView};
+use crate::proxy::l7::budget::{RetryBudget, TokenBucket};
+use crate::state::MeshConfig;
+use crate::state::route::{Filter, HttpRoute};
+use crate::state::service::{self, PortProtocol, Selectable, Service, ServicePort};
+use crate::state::traffic::{FaultInjection, LocalRateLimit, ServiceTraffic};
 
 /// One port of one Service: everything a request or connection to it needs.
 pub struct ServicePortState {
@@ -418,7 +418,7 @@ spec:
 
     #[test]
     fn consumer_routes_replace_producer_routes_for_their_namespace_only() {
-        let config = crate::config::parse(CONFIG).unwrap();
+        let config = crate::state::parse(CONFIG).unwrap();
         let catalog = Catalog::build(
             &config,
             &Catalog::default(),
@@ -440,7 +440,7 @@ spec:
 
     #[test]
     fn a_rebuild_keeps_endpoint_state_and_budgets() {
-        let config = crate::config::parse(CONFIG).unwrap();
+        let config = crate::state::parse(CONFIG).unwrap();
         let first = Catalog::build(
             &config,
             &Catalog::default(),

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde::Serialize;
 
-use crate::l7::traffic::{LoadBalancer, OutlierDetection, ServiceTraffic};
-use crate::service::Endpoint;
+use crate::state::service::Endpoint;
+use crate::state::traffic::{LoadBalancer, OutlierDetection, ServiceTraffic};
 
 /// Latency assumed for an endpoint that has not answered yet (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -351,7 +351,7 @@ fn ejection_allowed(outlier: &OutlierDetection, total: usize, ejected: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::WorkloadMeta;
+    use crate::state::workload::WorkloadMeta;
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
 

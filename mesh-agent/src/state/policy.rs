@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::Identity;
-use crate::workload::WorkloadMeta;
+use crate::state::workload::WorkloadMeta;
 
 /// Policies here apply to every workload in the mesh (Istio's root namespace).
 pub const ROOT_NAMESPACE: &str = "istio-system";

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Workload;
-use crate::workload::WorkloadMeta;
+use crate::state::workload::Workload;
+use crate::state::workload::WorkloadMeta;
 
 /// Annotation listing ports whose traffic is never inspected (as Linkerd's
 /// `config.linkerd.io/opaque-ports`): comma-separated ports.

@@ -24,18 +24,20 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::connections::{ByteCounter, ConnectionGuard, Peers};
-use crate::l7::balance::{NoEndpoint, Outcome, Pick};
-use crate::l7::budget::backoff;
-use crate::l7::catalog::{Catalog, ServicePortState};
-use crate::l7::detect::{Detected, sniff};
-use crate::l7::route::{self, Filter, RequestFacts, Selection, rewrite_path};
-use crate::l7::upstream::{MutualTls, ProxyBody, connect, relay_to};
 use crate::metrics::{
     DestinationLabels, DestinationServiceLabels, HttpLabels, Metrics, SourceLabels,
 };
-use crate::outbound::{OutboundContext, reset, transport};
-use crate::service::PortProtocol;
-use crate::workload::WorkloadMeta;
+use crate::proxy::l7::PodL7;
+use crate::proxy::l7::balance::{NoEndpoint, Outcome, Pick};
+use crate::proxy::l7::budget::backoff;
+use crate::proxy::l7::catalog::{Catalog, ServicePortState};
+use crate::proxy::l7::detect::{Detected, sniff};
+use crate::proxy::l7::upstream::ProxyBody;
+use crate::proxy::pod::{MutualTls, connect, relay_to};
+use crate::proxy::pod::{reset, transport};
+use crate::state::route::{self, Filter, RequestFacts, Selection, rewrite_path};
+use crate::state::service::PortProtocol;
+use crate::state::workload::WorkloadMeta;
 
 /// Request bodies up to this size are buffered so a retry or mirror can resend them.
 const REPLAY_LIMIT: u64 = 64 * 1024;
@@ -49,7 +51,7 @@ pub async fn serve(
     peer: SocketAddr,
     vip: SocketAddr,
     target: Arc<ServicePortState>,
-    ctx: Arc<OutboundContext>,
+    ctx: Arc<PodL7>,
     source: Arc<WorkloadMeta>,
 ) {
     let _ = client.set_nodelay(true);
@@ -70,7 +72,7 @@ pub async fn serve(
             }
         },
     };
-    ctx.metrics.detected(match protocol {
+    ctx.pod.metrics.detected(match protocol {
         Detected::Http1 => "http1",
         Detected::Http2 => "http2",
         Detected::Opaque => "tcp",
@@ -92,7 +94,7 @@ async fn serve_opaque(
     peer: SocketAddr,
     vip: SocketAddr,
     target: Arc<ServicePortState>,
-    ctx: Arc<OutboundContext>,
+    ctx: Arc<PodL7>,
     mut peers: Peers,
     prefix: Vec<u8>,
 ) {
@@ -111,15 +113,16 @@ async fn serve_opaque(
             }
         };
         let endpoint = pick.endpoint().clone();
-        let how = transport(Some(&endpoint.workload), ctx.identity.is_some());
-        match connect(&ctx, &source, endpoint.addr, how).await {
+        let how = transport(Some(&endpoint.workload), ctx.pod.identity.is_some());
+        match connect(&ctx.pod, &source, endpoint.addr, how).await {
             Ok(upstream) => {
                 target
                     .balancer
                     .record(&pick, Outcome::Success, Instant::now());
                 peers.mutual_tls = upstream.is_mutual_tls();
                 peers.destination = Some(endpoint.workload.clone());
-                let guard = ConnectionGuard::open(&ctx.connections, &ctx.metrics, peers, peer, vip);
+                let guard =
+                    ConnectionGuard::open(&ctx.pod.connections, &ctx.pod.metrics, peers, peer, vip);
                 if let Err(e) = relay_to(&client, upstream, &prefix, &guard).await {
                     tracing::debug!(service = %target.service.key(), error = %e, "connection ended with error");
                 }
@@ -131,7 +134,7 @@ async fn serve_opaque(
                     .balancer
                     .record(&pick, Outcome::Failure, Instant::now())
                 {
-                    ctx.metrics.ejected(&target.service.fqdn());
+                    ctx.pod.metrics.ejected(&target.service.fqdn());
                 }
                 tracing::warn!(service = %target.service.key(), endpoint = %endpoint.addr, error = %e, "endpoint connect failed; trying another");
                 last_error = format!("{}: {e}", endpoint.addr);
@@ -139,7 +142,7 @@ async fn serve_opaque(
             }
         }
     }
-    let mut guard = ConnectionGuard::open(&ctx.connections, &ctx.metrics, peers, peer, vip);
+    let mut guard = ConnectionGuard::open(&ctx.pod.connections, &ctx.pod.metrics, peers, peer, vip);
     guard.fail("UF");
     tracing::warn!(service = %target.service.key(), error = %last_error, "no endpoint accepted the connection; resetting client");
     reset(client);
@@ -147,7 +150,7 @@ async fn serve_opaque(
 
 /// What every request on one client connection shares.
 struct ConnCtx {
-    ctx: Arc<OutboundContext>,
+    ctx: Arc<PodL7>,
     source: Arc<WorkloadMeta>,
     principal: String,
     vip: SocketAddr,
@@ -159,13 +162,13 @@ async fn serve_http(
     client: TcpStream,
     peer: SocketAddr,
     vip: SocketAddr,
-    ctx: Arc<OutboundContext>,
+    ctx: Arc<PodL7>,
     peers: Peers,
     prefix: Vec<u8>,
     protocol: Detected,
 ) {
     let source = peers.source.clone().expect("outbound peers have a source");
-    let guard = ConnectionGuard::open(&ctx.connections, &ctx.metrics, peers, peer, vip);
+    let guard = ConnectionGuard::open(&ctx.pod.connections, &ctx.pod.metrics, peers, peer, vip);
     let io = TokioIo::new(MeteredIo {
         prefix: Bytes::from(prefix),
         stream: client,
@@ -555,7 +558,7 @@ async fn route_request(
                 Outcome::Success
             };
             if backend.balancer.record(&pick, outcome_kind, now) {
-                conn.ctx.metrics.ejected(&backend.service.fqdn());
+                conn.ctx.pod.metrics.ejected(&backend.service.fqdn());
                 tracing::warn!(service = %backend.service.key(), endpoint = %pick.endpoint().addr, "endpoint ejected by outlier detection");
             }
             let limit = retry
@@ -564,7 +567,7 @@ async fn route_request(
                 .unwrap_or(CONNECT_RETRIES);
             if retryable && buffered.is_some() && retries < limit {
                 let granted = backend.budget.try_withdraw(now);
-                conn.ctx.metrics.retry(&backend.service.fqdn(), granted);
+                conn.ctx.pod.metrics.retry(&backend.service.fqdn(), granted);
                 if granted {
                     retries += 1;
                     avoid = Some(pick.endpoint().clone());
@@ -832,7 +835,7 @@ impl RequestRecord {
             )
         });
         RequestRecord {
-            metrics: conn.ctx.metrics.clone(),
+            metrics: conn.ctx.pod.metrics.clone(),
             labels,
             started: Instant::now(),
             started_wall: SystemTime::now(),
@@ -975,11 +978,11 @@ struct ObservedBody<B, O> {
 impl<B, O> Body for ObservedBody<B, O>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<crate::l7::upstream::BoxError>,
+    B::Error: Into<crate::proxy::l7::upstream::BoxError>,
     O: FrameObserver,
 {
     type Data = Bytes;
-    type Error = crate::l7::upstream::BoxError;
+    type Error = crate::proxy::l7::upstream::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

@@ -8,6 +8,9 @@ use std::time::Duration;
 use http::{HeaderMap, Method};
 use serde::{Deserialize, Serialize, Serializer};
 
+/// The API group of nodemesh's own kinds, as `ExtensionRef` filters name it.
+pub const API_GROUP: &str = "nodemesh.io";
+
 /// The API version routes are read in.
 pub const GATEWAY_V1: &str = "gateway.networking.k8s.io/v1";
 
@@ -1007,7 +1010,7 @@ fn build_filter(field: &str, namespace: &str, f: RawFilter) -> Result<Filter, Fi
         }
         "ExtensionRef" => {
             let e = f.extension_ref.ok_or_else(|| missing("extensionRef"))?;
-            if e.group != crate::config::API_GROUP
+            if e.group != crate::state::route::API_GROUP
                 || !matches!(e.kind.as_str(), "FaultInjection" | "LocalRateLimit")
             {
                 return Err((
@@ -1016,7 +1019,7 @@ fn build_filter(field: &str, namespace: &str, f: RawFilter) -> Result<Filter, Fi
                         "{}/{} is not supported (expected group {}, kind FaultInjection or LocalRateLimit)",
                         e.group,
                         e.kind,
-                        crate::config::API_GROUP
+                        crate::state::route::API_GROUP
                     ),
                 ));
             }

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::l7::traffic::RetryBudgetConfig;
+use crate::state::traffic::RetryBudgetConfig;
 
 /// Retries allowed in a sliding window: `percent` of the requests seen in it, plus
 /// a reserve of `min_per_second` for every second of the window.

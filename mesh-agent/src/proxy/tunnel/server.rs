@@ -8,8 +8,8 @@
 //! counted, and never reaches the application.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,67 +19,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{ServingCert, server_config};
-use crate::agent::IdentityState;
 use crate::identity::{Identity, identity_of};
-use crate::inbound::{Refusal, admit};
-use crate::outbound::{OutboundContext, accept_until_cancelled};
-use crate::policy::PolicyStore;
-use crate::relay::relay_tunnel;
+use crate::proxy::inbound::{InboundContext, Refusal, admit};
+use crate::proxy::pod::accept_until_cancelled;
+use crate::proxy::relay::relay_tunnel;
 
 /// Bound on the TLS handshake of an inbound tunnel connection (slowloris guard).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams one client connection may have open at once.
 const MAX_STREAMS: u32 = 100;
-
-/// What the listener of one workload needs.
-pub struct InboundContext {
-    /// The workload's shared state (identity, netns, metrics, connection table).
-    pub workload: Arc<OutboundContext>,
-    /// Certificates and trust.
-    pub identity: Arc<IdentityState>,
-    /// The pod's IPs; a CONNECT to any other address is refused.
-    pub ips: Vec<IpAddr>,
-    /// Peer authentication and authorization in force.
-    pub policies: Arc<PolicyStore>,
-    /// The TLS config, rebuilt when the trust bundle changes.
-    tls: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
-    serving: Arc<ServingCert>,
-}
-
-impl InboundContext {
-    /// The listener context of `workload`, serving the certificate of `identity`.
-    pub fn new(
-        workload: Arc<OutboundContext>,
-        identity_state: Arc<IdentityState>,
-        identity: Identity,
-        ips: Vec<IpAddr>,
-        policies: Arc<PolicyStore>,
-    ) -> Self {
-        let serving = Arc::new(ServingCert::new(identity, identity_state.certs.clone()));
-        InboundContext {
-            workload,
-            identity: identity_state,
-            ips,
-            policies,
-            tls: Mutex::new(None),
-            serving,
-        }
-    }
-
-    fn tls_config(&self) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-        let trust = self.identity.trust();
-        let mut cached = self.tls.lock().expect("tls config lock");
-        if let Some((roots, config)) = cached.as_ref()
-            && Arc::ptr_eq(roots, &trust.roots)
-        {
-            return Ok(config.clone());
-        }
-        let config = Arc::new(server_config(self.serving.clone(), &trust)?);
-        *cached = Some((trust.roots.clone(), config.clone()));
-        Ok(config)
-    }
-}
 
 /// Accepts tunnel connections until `cancel`.
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: CancellationToken) {

@@ -7,19 +7,70 @@
 //! `PERMISSIVE` it is authorized (with no peer identity) and delivered to the
 //! application from inside the pod, labelled `connection_security_policy="none"`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::{ConnectionGuard, Peers};
 use crate::identity::Identity;
-use crate::outbound::{accept_until_cancelled, connect_in_pod};
-use crate::policy::{self, Decision};
-use crate::relay::relay;
-use crate::tunnel::server::InboundContext;
-use crate::workload::WorkloadMeta;
+use crate::identity::node::IdentityState;
+use crate::proxy::pod::{PodContext, accept_until_cancelled, connect_in_pod};
+use crate::proxy::relay::relay;
+use crate::proxy::tunnel::{ServingCert, server_config};
+use crate::state::policy::{self, Decision, PolicyStore};
+use crate::state::workload::WorkloadMeta;
+
+/// What the listener of one workload needs.
+pub struct InboundContext {
+    /// The workload's shared state (identity, netns, metrics, connection table).
+    pub workload: Arc<PodContext>,
+    /// Certificates and trust.
+    pub identity: Arc<IdentityState>,
+    /// The pod's IPs; a CONNECT to any other address is refused.
+    pub ips: Vec<IpAddr>,
+    /// Peer authentication and authorization in force.
+    pub policies: Arc<PolicyStore>,
+    /// The TLS config, rebuilt when the trust bundle changes.
+    tls: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
+    serving: Arc<ServingCert>,
+}
+
+impl InboundContext {
+    /// The listener context of `workload`, serving the certificate of `identity`.
+    pub fn new(
+        workload: Arc<PodContext>,
+        identity_state: Arc<IdentityState>,
+        identity: Identity,
+        ips: Vec<IpAddr>,
+        policies: Arc<PolicyStore>,
+    ) -> Self {
+        let serving = Arc::new(ServingCert::new(identity, identity_state.certs.clone()));
+        InboundContext {
+            workload,
+            identity: identity_state,
+            ips,
+            policies,
+            tls: Mutex::new(None),
+            serving,
+        }
+    }
+
+    /// The TLS config for the current trust bundle (rebuilt when it changes).
+    pub fn tls_config(&self) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let trust = self.identity.trust();
+        let mut cached = self.tls.lock().expect("tls config lock");
+        if let Some((roots, config)) = cached.as_ref()
+            && Arc::ptr_eq(roots, &trust.roots)
+        {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(server_config(self.serving.clone(), &trust)?);
+        *cached = Some((trust.roots.clone(), config.clone()));
+        Ok(config)
+    }
+}
 
 /// Accepts steered connections until `cancel`.
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: CancellationToken) {

@@ -1,0 +1,212 @@
+//! Workloads (pods): who they are and where they live on their node, the identity
+//! the data path carries for each, and the node-wide directory that maps pod IPs
+//! back to workloads for destination attribution.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// A pod on this node: who it is, and where its cgroup and network namespace are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod labels (for `app`/`version` metric labels and, later, policy selectors).
+    pub labels: Labels,
+    /// Kubernetes service account; part of the workload's identity.
+    pub service_account: String,
+    /// The node the pod runs on. Absent: the node of whichever agent reads it.
+    pub node_name: Option<String>,
+    /// Where the pod lives on its node; needed only by that node's agent.
+    pub placement: Option<Placement>,
+    /// Pod IPs; connections to them from the pod itself are never captured.
+    pub ips: Vec<IpAddr>,
+    /// Destination ports this workload reaches directly, bypassing the agent.
+    pub excluded_ports: Vec<u16>,
+    /// Destination CIDRs this workload reaches directly, bypassing the agent.
+    pub excluded_cidrs: Vec<IpNet>,
+    /// Istio's workload name (the pod's controller, e.g. its Deployment), used in
+    /// metric labels; the pod name when the pod has no controller.
+    pub workload_name: String,
+    /// Whether the pod is in the mesh. Pods outside it are still known, so that
+    /// Services can balance to them and metrics can name them, but they are never
+    /// enrolled and are reached without the tunnel.
+    pub meshed: bool,
+    /// The SPIFFE trust domain of the workload's identity.
+    pub trust_domain: Arc<str>,
+}
+
+/// A pod's labels, shared by every copy of the workload (its identity, the
+/// directory, Service endpoints) instead of copied into each.
+pub type Labels = Arc<BTreeMap<String, String>>;
+
+/// The trust domain of identities unless `--trust-domain` says otherwise.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// A pod's cgroup and network namespace on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// The pod's cgroup v2 directory, absolute or relative to the cgroup2 mount.
+    pub cgroup_path: PathBuf,
+    /// The pod's network namespace.
+    pub netns: NetnsRef,
+}
+
+impl Workload {
+    /// Whether the agent of node `node` (None: a node-agnostic agent) serves this pod.
+    pub fn is_local_to(&self, node: Option<&str>) -> bool {
+        match (&self.node_name, node) {
+            (None, _) => true,
+            (Some(theirs), Some(ours)) => theirs == ours,
+            (Some(_), None) => false,
+        }
+    }
+
+    /// `namespace/name`, the workload's unique key on a node.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether `other` differs only in fields that can be updated in place
+    /// (labels, identity, IPs, exclusions), keeping the listener and cgroup.
+    pub fn same_placement(&self, other: &Workload) -> bool {
+        self.placement == other.placement
+    }
+}
+
+/// How to find a pod's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NetnsRef {
+    /// A bind-mounted namespace file, e.g. `/var/run/netns/cni-…`.
+    Path(PathBuf),
+    /// Any process in the pod: `/proc/<pid>/ns/net`.
+    Pid(u32),
+}
+
+impl NetnsRef {
+    /// The file to open to enter this namespace.
+    pub fn file(&self) -> PathBuf {
+        match self {
+            NetnsRef::Path(p) => p.clone(),
+            NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        }
+    }
+}
+
+impl fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetnsRef::Path(p) => write!(f, "{}", p.display()),
+            NetnsRef::Pid(pid) => write!(f, "pid:{pid}"),
+        }
+    }
+}
+
+/// Identity and labels of one workload, shared by its connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadMeta {
+    /// Pod name.
+    pub name: String,
+    /// Pod namespace.
+    pub namespace: String,
+    /// Kubernetes service account.
+    pub service_account: String,
+    /// Pod labels, shared with the workload they came from.
+    pub labels: crate::state::workload::Labels,
+    /// Istio's workload name: the pod's controller (Deployment, CronJob, …) or the pod.
+    pub workload_name: String,
+    /// Whether the pod is in the mesh, and so reachable only through the tunnel.
+    pub meshed: bool,
+    /// The SPIFFE trust domain of its identity.
+    pub trust_domain: Arc<str>,
+}
+
+impl WorkloadMeta {
+    /// Identity fields of a configured workload.
+    pub fn from_config(w: &Workload) -> Self {
+        WorkloadMeta {
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            labels: w.labels.clone(),
+            workload_name: w.workload_name.clone(),
+            meshed: w.meshed,
+            trust_domain: w.trust_domain.clone(),
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// SPIFFE identity: `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    pub fn principal(&self) -> String {
+        self.identity().to_string()
+    }
+
+    /// The identity this workload's certificate carries.
+    pub fn identity(&self) -> crate::identity::Identity {
+        crate::identity::Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// Istio's canonical `app` label lookup.
+    pub fn app(&self) -> Option<String> {
+        [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|k| self.labels.get(*k).cloned())
+    }
+
+    /// Istio's canonical service: the canonical-name labels, else the workload name.
+    pub fn canonical_service(&self) -> String {
+        self.app().unwrap_or_else(|| self.workload_name.clone())
+    }
+
+    /// Istio's canonical revision: the canonical-revision labels, else `latest`.
+    pub fn canonical_revision(&self) -> String {
+        self.version().unwrap_or_else(|| "latest".to_owned())
+    }
+
+    /// Istio's canonical `version` label lookup.
+    pub fn version(&self) -> Option<String> {
+        [
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ]
+        .iter()
+        .find_map(|k| self.labels.get(*k).cloned())
+    }
+}
+
+/// Pod IP to workload, rebuilt on every config apply.
+#[derive(Default)]
+pub struct Directory {
+    by_ip: RwLock<HashMap<IpAddr, Arc<WorkloadMeta>>>,
+}
+
+impl Directory {
+    /// The workload owning `ip`, if it is a configured pod IP.
+    pub fn lookup(&self, ip: IpAddr) -> Option<Arc<WorkloadMeta>> {
+        self.by_ip.read().expect("directory lock").get(&ip).cloned()
+    }
+
+    /// Replaces the whole directory.
+    pub fn replace(&self, entries: HashMap<IpAddr, Arc<WorkloadMeta>>) {
+        *self.by_ip.write().expect("directory lock") = entries;
+    }
+}
