@@ -185,9 +185,10 @@ impl ApiServer {
             cut: watch::channel(0).0,
             bookmark_interval: Duration::from_millis(500),
         });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        // The first listener is kept, never reopened, so no other test can take
+        // its port in between; a restart rebinds the same port.
+        let listener = runtime.block_on(listen(SocketAddr::from(([127, 0, 0, 1], 0))))?;
         let addr = listener.local_addr()?;
-        drop(listener);
         let mut server = ApiServer {
             inner,
             addr,
@@ -195,7 +196,7 @@ impl ApiServer {
             running: None,
             dir: tempfile::tempdir()?,
         };
-        server.resume()?;
+        server.serve_on(listener);
         Ok(server)
     }
 
@@ -204,17 +205,16 @@ impl ApiServer {
         if self.running.is_some() {
             return Ok(());
         }
-        let listener = self.runtime.block_on(async {
-            let socket = tokio::net::TcpSocket::new_v4()?;
-            socket.set_reuseaddr(true)?;
-            socket.bind(self.addr)?;
-            socket.listen(1024)
-        })?;
+        let listener = self.runtime.block_on(listen(self.addr))?;
+        self.serve_on(listener);
+        Ok(())
+    }
+
+    fn serve_on(&mut self, listener: tokio::net::TcpListener) {
         let (running, stopped) = watch::channel(true);
         self.runtime
             .spawn(serve(listener, self.inner.clone(), stopped));
         self.running = Some(running);
-        Ok(())
     }
 
     /// Stops serving: the listener closes and every connection is dropped, as when
@@ -375,6 +375,14 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A loopback listener that may rebind a port just closed (SO_REUSEADDR).
+async fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 fn object_key(kind: &Kind, object: &Value) -> anyhow::Result<String> {
