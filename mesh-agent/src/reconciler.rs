@@ -303,7 +303,12 @@ impl Agent {
         }
 
         // One identity per pod, shared by the directory and every Service endpoint.
-        let selectable = Selectable::of(&config.workloads);
+        let metas = config
+            .workloads
+            .iter()
+            .map(|w| self.directory.identity_for(w))
+            .collect();
+        let selectable = Selectable::new(&config.workloads, metas);
         let mut by_ip = HashMap::with_capacity(config.workloads.len());
         for (w, meta) in config.workloads.iter().zip(selectable.metas()) {
             for ip in &w.ips {
