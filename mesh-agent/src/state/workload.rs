@@ -241,10 +241,20 @@ mod tests {
     use super::*;
 
     fn pod(name: &str, app: &str) -> Workload {
-        let text = format!(
-            "apiVersion: nodemesh.io/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec: {{nodeName: far, ips: [10.1.0.5]}}\n"
-        );
-        crate::state::parse(&text).unwrap().workloads.remove(0)
+        Workload {
+            name: name.into(),
+            namespace: "shop".into(),
+            labels: Arc::new([("app".to_owned(), app.to_owned())].into()),
+            service_account: "default".into(),
+            node_name: Some("far".into()),
+            placement: None,
+            ips: vec![first_ip()],
+            excluded_ports: Vec::new(),
+            excluded_cidrs: Vec::new(),
+            workload_name: name.into(),
+            meshed: true,
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+        }
     }
 
     #[test]
