@@ -239,8 +239,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let settings = Settings {
         source: match &args.config {
-            Some(path) => path.display().to_string(),
-            None => "kubernetes".to_owned(),
+            Some(path) => format!("file {}", path.display()),
+            None => "Kubernetes API".to_owned(),
         },
         outbound_port: args.outbound_port,
         connect_timeout: args.connect_timeout,
@@ -287,17 +287,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires --config or --kubernetes"),
     };
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
-    tracing::info!(admin = %args.admin_addr, source = %agent_source(&args), "agent serving");
+    tracing::info!(admin = %args.admin_addr, source = %agent.source(), "agent serving");
     let result = serve_until_stopped(&agent, source).await;
     tracing::info!("shutting down; programs detach as the agent exits");
     result
-}
-
-fn agent_source(args: &RunArgs) -> String {
-    match &args.config {
-        Some(path) => format!("file {}", path.display()),
-        None => "Kubernetes API".to_owned(),
-    }
 }
 
 /// Reloads the trust bundle when the CA directory changes or on SIGHUP, until

@@ -233,6 +233,11 @@ impl Agent {
         self.state.lock().await.status.last_error = Some(error.to_string());
     }
 
+    /// Where the desired state comes from (a file, or the Kubernetes API).
+    pub fn source(&self) -> &str {
+        &self.settings.source
+    }
+
     /// How many local workloads are waiting for a retry of their enrollment.
     pub async fn failed_workloads(&self) -> usize {
         self.state.lock().await.failed.len()
