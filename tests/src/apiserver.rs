@@ -18,11 +18,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
@@ -363,11 +363,6 @@ impl ApiServer {
         );
         std::fs::write(&path, text)?;
         Ok(path)
-    }
-
-    /// The directory holding the kubeconfig.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 
@@ -856,15 +851,6 @@ fn watch_response(
         .header("content-type", "application/json")
         .body(BodyExt::boxed(StreamBody::new(stream)))
         .expect("valid response")
-}
-
-/// Fails unless `served` shows at most `max` list starts since `before`.
-pub fn check_lists(before: &Served, after: &Served, max: u64, what: &str) -> anyhow::Result<()> {
-    let lists = after.list_starts - before.list_starts;
-    if lists > max {
-        bail!("{what}: {lists} lists (at most {max} expected)");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

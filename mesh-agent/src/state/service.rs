@@ -309,6 +309,7 @@ impl<'a> Selectable<'a> {
     }
 
     /// Indexes `workloads` with a fresh identity for each.
+    #[cfg(test)]
     pub fn of(workloads: &'a [Workload]) -> Self {
         let metas = workloads
             .iter()

@@ -47,18 +47,6 @@ pub struct KubeSettings {
     pub debounce: Duration,
 }
 
-/// The kinds read besides Pods and Namespaces, validated into model documents.
-const DOCUMENT_KINDS: [&str; 8] = [
-    "Service",
-    "HTTPRoute",
-    "XBackendTrafficPolicy",
-    "DestinationRule",
-    "PeerAuthentication",
-    "AuthorizationPolicy",
-    "FaultInjection",
-    "LocalRateLimit",
-];
-
 /// Everything the watchers have seen, converted.
 #[derive(Default)]
 struct Stores {
@@ -83,12 +71,8 @@ struct Shared {
 /// Runs the source until the process exits: watchers feed the stores, and every
 /// change (gathered for `debounce`) is applied through the one reconciler.
 pub async fn run(client: Client, settings: KubeSettings, agent: Arc<Agent>) -> anyhow::Result<()> {
-    let mut stores = Stores::default();
-    for kind in DOCUMENT_KINDS {
-        stores.documents.insert(kind, KindStore::default());
-    }
     let shared = Arc::new(Shared {
-        stores: Mutex::new(stores),
+        stores: Mutex::new(Stores::default()),
         changed: Notify::new(),
         metrics: agent.metrics.clone(),
     });
@@ -211,13 +195,13 @@ fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
         |s| &mut s.namespaces,
         |ns: &Namespace| Ok(Some(convert::namespace_meshed(ns))),
     ));
-    tokio::spawn(watch_documents(
+    spawn_document_watch(
         Api::<KubeService>::all(client.clone()),
         "Service",
         shared.clone(),
         |svc: &KubeService| convert::service(svc).transpose(),
-    ));
-    tokio::spawn(watch_documents(
+    );
+    spawn_document_watch(
         Api::<GatewayHttpRoute>::all(client.clone()),
         "HTTPRoute",
         shared.clone(),
@@ -229,8 +213,8 @@ fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
                 &r.spec,
             )
         },
-    ));
-    tokio::spawn(watch_documents(
+    );
+    spawn_document_watch(
         Api::<XBackendTrafficPolicy>::all(client.clone()),
         "XBackendTrafficPolicy",
         shared.clone(),
@@ -242,7 +226,7 @@ fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
                 &p.spec,
             )
         },
-    ));
+    );
     // Kinds without maintained Rust types are read as dynamic objects and
     // validated by the model's own parser, one object at a time, so one bad
     // object never stops the others of its kind.
@@ -281,7 +265,7 @@ fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
         let resource =
             ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
         let api_version = resource.api_version.clone();
-        tokio::spawn(watch_documents(
+        spawn_document_watch(
             Api::<DynamicObject>::all_with(client.clone(), &resource),
             kind,
             shared.clone(),
@@ -289,7 +273,7 @@ fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
                 let spec = o.data.get("spec").cloned().unwrap_or_default();
                 convert::document(&api_version, kind, &o.metadata, spec).map(Some)
             },
-        ));
+        );
     }
 }
 
@@ -308,7 +292,10 @@ fn typed_document<S: serde::Serialize>(
     convert::document(api_version, kind, meta, spec).map(Some)
 }
 
-async fn watch_documents<K>(
+/// Registers the store of a document kind, then feeds it from a watcher. The
+/// store exists before the source first checks that every kind is synced, so no
+/// kind can be applied before its first list.
+fn spawn_document_watch<K>(
     api: Api<K>,
     kind: &'static str,
     shared: Arc<Shared>,
@@ -316,14 +303,19 @@ async fn watch_documents<K>(
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    watch(
+    shared
+        .stores
+        .lock()
+        .expect("stores lock")
+        .documents
+        .insert(kind, KindStore::default());
+    tokio::spawn(watch(
         api,
         kind,
         shared,
-        move |s: &mut Stores| s.documents.get_mut(kind).expect("store per document kind"),
+        move |s: &mut Stores| s.documents.get_mut(kind).expect("registered at spawn"),
         convert,
-    )
-    .await
+    ));
 }
 
 /// Feeds one kind's store from a kube-rs watcher, forever: errors are retried
