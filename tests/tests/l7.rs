@@ -387,7 +387,7 @@ fn budget(service: &str, percent: u32) -> String {
 fn retries_hide_a_flaky_backend_and_the_budget_caps_extra_load() {
     let mesh = L7Mesh::new(
         vec![
-            web("flaky", "app: flaky", &["--fail-percent", "30"]),
+            web("flaky", "app: flaky", &["--fail-percent", "20"]),
             web("broken", "app: broken", &["--fail-percent", "100"]),
         ],
         &[
@@ -414,10 +414,13 @@ fn retries_hide_a_flaky_backend_and_the_budget_caps_extra_load() {
             ],
         )
         .unwrap();
-    // 30 % failures need about 43 % extra attempts; the budget allows 50 % plus a
-    // reserve of 1/s over the 10 s window.
+    // 20 % failures need about 25 % extra attempts (standard deviation about 18
+    // per 1,000 requests); the budget allows 50 % plus a reserve of 1/s over the
+    // 10 s window. With 30 % failures (43 % extra) the random walk of retries hit
+    // the 50 % ceiling early in a run often enough to fail about one CI run in 20:
+    // the headroom is what makes "retries hide the failures" a property, not luck.
     assert!(
-        retries > 0.2 * requests,
+        retries > 0.15 * requests,
         "retries actually happened: {retries}"
     );
     assert!(
