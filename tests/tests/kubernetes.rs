@@ -17,6 +17,9 @@ const ECHO_PORT: u16 = 9000;
 const RUN: Duration = Duration::from_secs(60);
 /// How quickly a change made through the API must be in force.
 const PROMPT: Duration = Duration::from_secs(1);
+/// Kinds the agent watches: Pods, Namespaces, Services, EndpointSlices and the
+/// seven routing and policy kinds.
+const WATCHED_KINDS: usize = 11;
 
 fn namespace(name: &str, meshed: bool) -> Value {
     let labels = if meshed {
@@ -497,7 +500,7 @@ fn cut_watches_restarts_and_410_resync_without_dropping_anything() {
     // Each watcher relists after its own backoff.
     wait_until("every kind relisted", Duration::from_secs(20), || {
         let lists = lists_since(&mesh.api, &before);
-        Ok(lists.len() == 10 && lists.iter().all(|(_, n)| *n >= 1))
+        Ok(lists.len() == WATCHED_KINDS && lists.iter().all(|(_, n)| *n >= 1))
     })
     .unwrap_or_else(|e| panic!("{e}: {:?}", lists_since(&mesh.api, &before)));
     std::thread::sleep(Duration::from_secs(1));
@@ -685,4 +688,153 @@ fn a_malformed_object_is_rejected_alone() {
         "the last good route is no longer in force"
     );
     assert_eq!(mesh.curl(&format!("http://{vip}/v1")), 200);
+}
+
+fn endpoint_slice(name: &str, service: &str, ip: &str, port: u16, ready: bool) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": service,
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": ready, "serving": ready, "terminating": false}}]})
+}
+
+/// EndpointSlices: a Service without a selector reaches an address no pod has
+/// (directly, as that server is outside the mesh), a named target port is
+/// resolved by its slice and reached over mTLS, and an endpoint that turns
+/// unready stops getting requests, all within a second of the change.
+#[test]
+fn endpoint_slices_give_services_their_endpoints_and_readiness() {
+    let mut mesh = KubeNode::new();
+    // A server the API does not know: a VM or database outside the cluster.
+    let outside = mesh
+        .node
+        .add_kube_pod(
+            "outside",
+            "legacy",
+            &uid(),
+            KubeletLayout::CgroupfsBestEffort,
+        )
+        .unwrap();
+    let _outside_web = outside
+        .serve(
+            &mesh.tools,
+            &[
+                "web",
+                "--name",
+                "outside",
+                "--listen",
+                &outside.addr(WEB_PORT).to_string(),
+            ],
+        )
+        .unwrap();
+    let request_metric = |service: &str, workload: &str| {
+        mesh.agent
+            .metric(
+                "istio_requests_total",
+                &[
+                    ("reporter", "source"),
+                    ("destination_service_name", service),
+                    ("destination_workload", workload),
+                    ("response_code", "200"),
+                ],
+            )
+            .unwrap_or(0.0)
+    };
+
+    // A Service without a selector: its slice is its only source of endpoints.
+    mesh.api
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "legacy", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.8.10", "ports": [{"name": "http", "port": 80, "targetPort": WEB_PORT}]}}))
+        .unwrap();
+    let legacy = "http://10.96.8.10/";
+    within(
+        "selector-less Service in the catalog",
+        Duration::from_secs(15),
+        || Ok(mesh.curl(legacy) == 503),
+    );
+    mesh.api
+        .apply(endpoint_slice(
+            "legacy-1",
+            "legacy",
+            &outside.ip.to_string(),
+            WEB_PORT,
+            true,
+        ))
+        .unwrap();
+    let took = within("slice endpoints in force", PROMPT, || {
+        Ok(mesh.curl(legacy) == 200)
+    });
+    eprintln!("EndpointSlice created -> in force in {took:?}");
+    assert!(request_metric("legacy", "unknown") >= 1.0);
+
+    // A named target port: the selector alone cannot resolve it, the slice does.
+    mesh.api
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "named", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.8.11", "selector": {"app": "backend"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "web"}]}}))
+        .unwrap();
+    let named = "http://10.96.8.11/";
+    within(
+        "named-port Service in the catalog",
+        Duration::from_secs(15),
+        || Ok(mesh.curl(named) == 503),
+    );
+    let server_ip = mesh.server.ip.to_string();
+    mesh.api
+        .apply(endpoint_slice(
+            "named-1", "named", &server_ip, WEB_PORT, true,
+        ))
+        .unwrap();
+    within(
+        "named port resolved",
+        PROMPT,
+        || Ok(mesh.curl(named) == 200),
+    );
+    let mtls = mesh
+        .agent
+        .metric(
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service_name", "named"),
+                ("destination_workload", "backend"),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        )
+        .unwrap();
+    assert!(mtls >= 1.0, "{}", mesh.agent.metrics().unwrap());
+
+    // Readiness: the endpoint turns unready, then ready again.
+    mesh.api
+        .apply(endpoint_slice(
+            "named-1", "named", &server_ip, WEB_PORT, false,
+        ))
+        .unwrap();
+    let took = within("unready endpoint dropped", PROMPT, || {
+        Ok(mesh.curl(named) == 503)
+    });
+    eprintln!("endpoint unready -> out of rotation in {took:?}");
+    mesh.api
+        .apply(endpoint_slice(
+            "named-1", "named", &server_ip, WEB_PORT, true,
+        ))
+        .unwrap();
+    within(
+        "ready endpoint back",
+        PROMPT,
+        || Ok(mesh.curl(named) == 200),
+    );
+    let dump = mesh.agent.config_dump().unwrap();
+    let view = dump["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["service"] == "shop/named")
+        .cloned()
+        .unwrap_or_else(|| panic!("no shop/named in {}", dump["services"]));
+    assert_eq!(view["targetPort"], "web", "{view}");
 }

@@ -19,7 +19,7 @@ pub mod workload;
 
 use crate::state::policy::{AuthorizationPolicy, PeerAuthentication};
 use crate::state::route::{GATEWAY_V1, HttpRoute};
-use crate::state::service::Service;
+use crate::state::service::{DISCOVERY_V1, EndpointSlice, Service};
 use crate::state::traffic::{
     BackendTrafficPolicy, DestinationRule, FaultInjection, GATEWAY_X_V1ALPHA1, ISTIO_NETWORKING,
     LocalRateLimit,
@@ -65,6 +65,8 @@ pub struct MeshConfig {
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// `Service` documents: VIPs the agent balances.
     pub services: Vec<Service>,
+    /// `EndpointSlice` documents: the endpoints of the Services they name.
+    pub endpoint_slices: Vec<EndpointSlice>,
     /// `HTTPRoute` documents attached to Services.
     pub http_routes: Vec<HttpRoute>,
     /// `DestinationRule` documents: per-Service load balancing and outlier detection.
@@ -98,6 +100,7 @@ pub enum Document {
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
     Service(Service),
+    EndpointSlice(EndpointSlice),
     HttpRoute(HttpRoute),
     DestinationRule(DestinationRule),
     BackendTrafficPolicy(BackendTrafficPolicy),
@@ -181,6 +184,7 @@ impl MeshConfig {
             Document::PeerAuthentication(p) => self.peer_authentications.push(p),
             Document::AuthorizationPolicy(p) => self.authorization_policies.push(p),
             Document::Service(x) => self.services.push(x),
+            Document::EndpointSlice(x) => self.endpoint_slices.push(x),
             Document::HttpRoute(x) => self.http_routes.push(x),
             Document::DestinationRule(x) => self.destination_rules.push(x),
             Document::BackendTrafficPolicy(x) => self.backend_traffic_policies.push(x),
@@ -257,6 +261,7 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document,
     let expected: &[&str] = match kind.as_str() {
         "PeerAuthentication" | "AuthorizationPolicy" => &ISTIO_SECURITY,
         "Service" => &["v1"],
+        "EndpointSlice" => &[DISCOVERY_V1],
         "HTTPRoute" => &[GATEWAY_V1, "gateway.networking.k8s.io/v1beta1"],
         "DestinationRule" => &ISTIO_NETWORKING,
         "XBackendTrafficPolicy" => &[GATEWAY_X_V1ALPHA1],
@@ -269,12 +274,18 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document,
             format!("expected {}, got {api_version:?}", expected.join(" or ")),
         ));
     }
+    // An EndpointSlice's fields sit beside its metadata; every other kind has a spec.
+    let body: &[&str] = if kind == "EndpointSlice" {
+        &["addressType", "endpoints", "ports"]
+    } else {
+        &["spec"]
+    };
     if let Some(extra) = value
         .as_mapping()
         .into_iter()
         .flat_map(|m| m.keys())
         .filter_map(|k| k.as_str())
-        .find(|k| !matches!(*k, "apiVersion" | "kind" | "metadata" | "spec"))
+        .find(|k| !matches!(*k, "apiVersion" | "kind" | "metadata") && !body.contains(k))
     {
         return Err(invalid(&unnamed, extra, "unknown top-level field".into()));
     }
@@ -336,6 +347,19 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document,
         )
         .map(Document::Service)
         .map_err(placed),
+        "EndpointSlice" => {
+            let mut fields = value.clone();
+            if let Some(m) = fields.as_mapping_mut() {
+                for k in ["apiVersion", "kind", "metadata"] {
+                    m.remove(k);
+                }
+            }
+            let raw = serde_yaml_ng::from_value(fields)
+                .map_err(|e| invalid(&subject, "(object)", e.to_string()))?;
+            EndpointSlice::from_raw(name, namespace, &meta.labels, raw)
+                .map(Document::EndpointSlice)
+                .map_err(placed)
+        }
         "HTTPRoute" => HttpRoute::from_raw(name, namespace, spec_of(&value, &subject, &invalid)?)
             .map(Document::HttpRoute)
             .map_err(placed),
@@ -371,11 +395,12 @@ fn parse_document(index: usize, value: serde_yaml_ng::Value) -> Result<Document,
 }
 
 /// Every kind the agent reads.
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "Workload",
     "PeerAuthentication",
     "AuthorizationPolicy",
     "Service",
+    "EndpointSlice",
     "HTTPRoute",
     "DestinationRule",
     "XBackendTrafficPolicy",

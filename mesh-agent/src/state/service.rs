@@ -1,7 +1,7 @@
-//! Services: a virtual IP and ports in front of the workloads its selector picks.
-//! The agent balances connections to a VIP itself, so no kube-proxy is needed, and
-//! a Service port's `appProtocol` or opaque-port annotation decides whether the
-//! agent looks at the bytes at all.
+//! Services: a virtual IP and ports in front of the workloads its selector picks,
+//! or that its EndpointSlices list. The agent balances connections to a VIP
+//! itself, so no kube-proxy is needed, and a Service port's `appProtocol` or
+//! opaque-port annotation decides whether the agent looks at the bytes at all.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -38,14 +38,83 @@ pub struct Service {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
-    /// Port name, if any.
+    /// Port name, if any: an EndpointSlice port of the same name carries its endpoints.
     pub name: Option<String>,
     /// The port on the VIP.
     pub port: u16,
     /// The port on the endpoints.
-    pub target_port: u16,
+    pub target_port: TargetPort,
     /// Declared application protocol; skips detection when set.
     pub app_protocol: Option<String>,
+}
+
+/// A Service port's `targetPort`: a number, or the name of a container port,
+/// which differs from pod to pod and so is resolved by the EndpointSlices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    /// The same port on every endpoint.
+    Number(u16),
+    /// A named container port.
+    Name(String),
+}
+
+impl std::fmt::Display for TargetPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetPort::Number(n) => write!(f, "{n}"),
+            TargetPort::Name(name) => write!(f, "{name}"),
+        }
+    }
+}
+
+/// The API version of EndpointSlices.
+pub const DISCOVERY_V1: &str = "discovery.k8s.io/v1";
+
+/// The label that names the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A `discovery.k8s.io/v1` EndpointSlice, reduced to what balancing needs. A
+/// Service that has any takes its endpoints from them, as kube-proxy does: they
+/// hold readiness, named target ports resolved per pod, and the addresses of
+/// Services without a selector (a database outside the cluster, say).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    /// Slice name.
+    pub name: String,
+    /// Slice namespace, which is its Service's.
+    pub namespace: String,
+    /// The Service it belongs to (its `kubernetes.io/service-name` label).
+    pub service: String,
+    /// Ports, named as the Service's ports are, with the number on the endpoints.
+    pub ports: Vec<SlicePort>,
+    /// The addresses.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One port of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlicePort {
+    /// The Service port's name (`None` for a Service's single unnamed port).
+    pub name: Option<String>,
+    /// The port on the endpoints.
+    pub port: u16,
+}
+
+/// One endpoint of an EndpointSlice: its first address (the others are
+/// fungible, by the API's definition) and its conditions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    /// The address.
+    pub address: IpAddr,
+    /// Ready for new connections.
+    pub ready: bool,
+    /// Serving while terminating: used only when no endpoint is ready, as
+    /// kube-proxy does, so a rollout's last pods still drain their clients.
+    pub serving_terminating: bool,
 }
 
 /// What the agent does with bytes on a Service port.
@@ -211,14 +280,15 @@ impl Service {
                 ));
             }
             let target_port = match &p.target_port {
-                None => p.port,
-                Some(v) => match v.as_u64() {
-                    Some(n) if (1..=65535).contains(&n) => n as u16,
+                None => TargetPort::Number(p.port),
+                Some(v) => match (v.as_u64(), v.as_str()) {
+                    (Some(n), _) if (1..=65535).contains(&n) => TargetPort::Number(n as u16),
+                    (_, Some(name)) if is_port_name(name) => TargetPort::Name(name.to_owned()),
                     _ => {
                         return Err((
                             format!("{field}.targetPort"),
                             format!(
-                                "{v:?}: use a port number (named target ports are not supported)"
+                                "{v:?}: use a port number (1-65535) or a container port name (at most 15 lowercase letters, digits and '-', with a letter)"
                             ),
                         ));
                     }
@@ -257,6 +327,159 @@ impl Service {
     }
 }
 
+/// Kubernetes' IANA_SVC_NAME: what a named container port may be called.
+fn is_port_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+/// An EndpointSlice's fields as written (they sit beside `metadata`, not in a `spec`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawEndpointSlice {
+    address_type: String,
+    #[serde(default)]
+    endpoints: Vec<RawSliceEndpoint>,
+    #[serde(default)]
+    ports: Vec<RawSlicePort>,
+}
+
+// Fields the agent accepts but never reads are declared so that a misspelt one
+// is still an error.
+#[allow(dead_code)]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSliceEndpoint {
+    addresses: Vec<String>,
+    #[serde(default)]
+    conditions: RawConditions,
+    #[serde(default)]
+    target_ref: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    node_name: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    zone: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    hostname: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    hints: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    deprecated_topology: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConditions {
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+}
+
+#[allow(dead_code)] // `appProtocol` is accepted; the Service's own is used
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSlicePort {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    port: Option<i64>,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default)]
+    app_protocol: Option<serde::de::IgnoredAny>,
+}
+
+impl EndpointSlice {
+    /// Validates a parsed slice; errors name the field at fault.
+    pub(crate) fn from_raw(
+        name: String,
+        namespace: String,
+        labels: &BTreeMap<String, String>,
+        raw: RawEndpointSlice,
+    ) -> Result<EndpointSlice, (String, String)> {
+        let service = labels.get(SERVICE_NAME_LABEL).cloned().ok_or_else(|| {
+            (
+                format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                "missing: it names the Service the slice belongs to".to_owned(),
+            )
+        })?;
+        let ipv4 = match raw.address_type.as_str() {
+            "IPv4" => true,
+            "IPv6" => false,
+            other => {
+                return Err((
+                    "addressType".into(),
+                    format!("{other:?} is not supported (only IPv4 and IPv6)"),
+                ));
+            }
+        };
+        let mut ports = Vec::with_capacity(raw.ports.len());
+        for (i, p) in raw.ports.into_iter().enumerate() {
+            if p.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                continue; // the Service's UDP and SCTP ports are not the mesh's
+            }
+            let port = match p.port {
+                Some(n) if (1..=65535).contains(&n) => n as u16,
+                other => {
+                    return Err((
+                        format!("ports[{i}].port"),
+                        format!("{other:?}: must be 1-65535"),
+                    ));
+                }
+            };
+            ports.push(SlicePort {
+                name: p.name.filter(|n| !n.is_empty()),
+                port,
+            });
+        }
+        let mut endpoints = Vec::with_capacity(raw.endpoints.len());
+        for (i, e) in raw.endpoints.into_iter().enumerate() {
+            let field = format!("endpoints[{i}].addresses");
+            let first = e
+                .addresses
+                .first()
+                .ok_or_else(|| (field.clone(), "at least one address is required".into()))?;
+            let address: IpAddr = first.parse().map_err(|_| {
+                (
+                    format!("{field}[0]"),
+                    format!("{first:?} is not an IP address"),
+                )
+            })?;
+            if address.is_ipv4() != ipv4 || address.is_unspecified() {
+                return Err((
+                    format!("{field}[0]"),
+                    format!("{address} is not a usable {} address", raw.address_type),
+                ));
+            }
+            // Unset conditions mean ready and serving, by the API's definition.
+            let c = e.conditions;
+            let ready = c.ready.unwrap_or(true);
+            endpoints.push(SliceEndpoint {
+                address,
+                ready,
+                serving_terminating: c.serving.unwrap_or(ready) && c.terminating.unwrap_or(false),
+            });
+        }
+        Ok(EndpointSlice {
+            name,
+            namespace,
+            service,
+            ports,
+            endpoints,
+        })
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// Parses `"25, 3306,5432"`.
 pub fn parse_port_list(list: &str) -> Result<Vec<u16>, String> {
     list.split(',')
@@ -274,8 +497,9 @@ pub fn parse_port_list(list: &str) -> Result<Vec<u16>, String> {
 pub struct Endpoint {
     /// Pod IP and target port.
     pub addr: SocketAddr,
-    /// The workload serving it.
-    pub workload: Arc<WorkloadMeta>,
+    /// The workload serving it; `None` for an address no known pod has (an
+    /// EndpointSlice entry outside the cluster), which is reached directly.
+    pub workload: Option<Arc<WorkloadMeta>>,
 }
 
 /// The workloads Services may select, indexed by namespace and label so that a
@@ -286,6 +510,7 @@ pub struct Selectable<'a> {
     workloads: &'a [Workload],
     metas: Vec<Arc<WorkloadMeta>>,
     by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    by_ip: HashMap<IpAddr, usize>,
 }
 
 impl<'a> Selectable<'a> {
@@ -293,7 +518,11 @@ impl<'a> Selectable<'a> {
     pub fn new(workloads: &'a [Workload], metas: Vec<Arc<WorkloadMeta>>) -> Self {
         debug_assert_eq!(workloads.len(), metas.len());
         let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        let mut by_ip = HashMap::with_capacity(workloads.len());
         for (i, w) in workloads.iter().enumerate() {
+            for ip in &w.ips {
+                by_ip.insert(*ip, i);
+            }
             for (k, v) in w.labels.iter() {
                 by_label
                     .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
@@ -305,7 +534,13 @@ impl<'a> Selectable<'a> {
             workloads,
             metas,
             by_label,
+            by_ip,
         }
+    }
+
+    /// The identity of the workload with address `ip`, if one is known.
+    pub fn at(&self, ip: IpAddr) -> Option<&Arc<WorkloadMeta>> {
+        self.by_ip.get(&ip).map(|i| &self.metas[*i])
     }
 
     /// Indexes `workloads` with a fresh identity for each.
@@ -346,15 +581,50 @@ impl<'a> Selectable<'a> {
     }
 }
 
-/// The endpoints of `service`'s `port`: one per selected pod, using the pod IP
-/// of the VIP's family when the pod has one.
+/// Each Service's EndpointSlices, by `(namespace, service name)`.
+pub fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut out: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        out.entry((slice.namespace.as_str(), slice.service.as_str()))
+            .or_default()
+            .push(slice);
+    }
+    out
+}
+
+/// The endpoints of `service`'s `port`. A Service with EndpointSlices takes them
+/// from its slices (ready endpoints, or serving-terminating ones when none is
+/// ready); one without takes every pod its selector picks, which needs a
+/// numeric target port. Addresses of `vip`'s family are preferred.
 pub fn endpoints(
     service: &Service,
     port: &ServicePort,
     vip: IpAddr,
     selectable: &Selectable<'_>,
+    slices: &[&EndpointSlice],
 ) -> Vec<Endpoint> {
-    let mut out: Vec<Endpoint> = selectable
+    let mut out = if slices.is_empty() {
+        selected_endpoints(service, port, vip, selectable)
+    } else {
+        slice_endpoints(port, vip, selectable, slices)
+    };
+    out.sort_by_key(|e| e.addr);
+    // A pod moving between slices may briefly be listed twice.
+    out.dedup_by_key(|e| e.addr);
+    out
+}
+
+fn selected_endpoints(
+    service: &Service,
+    port: &ServicePort,
+    vip: IpAddr,
+    selectable: &Selectable<'_>,
+) -> Vec<Endpoint> {
+    let TargetPort::Number(target) = port.target_port else {
+        // Only the EndpointSlice controller resolves a named port per pod.
+        return Vec::new();
+    };
+    selectable
         .selected_by(service)
         .filter_map(|(w, meta)| {
             let ip = w
@@ -363,13 +633,57 @@ pub fn endpoints(
                 .find(|ip| ip.is_ipv4() == vip.is_ipv4())
                 .or(w.ips.first())?;
             Some(Endpoint {
-                addr: SocketAddr::new(*ip, port.target_port),
-                workload: meta.clone(),
+                addr: SocketAddr::new(*ip, target),
+                workload: Some(meta.clone()),
             })
         })
-        .collect();
-    out.sort_by_key(|e| e.addr);
-    out
+        .collect()
+}
+
+fn slice_endpoints(
+    port: &ServicePort,
+    vip: IpAddr,
+    selectable: &Selectable<'_>,
+    slices: &[&EndpointSlice],
+) -> Vec<Endpoint> {
+    // A dual-stack Service has a slice per family; use the VIP's when there is one.
+    let same_family = |s: &&&EndpointSlice| {
+        s.endpoints
+            .first()
+            .is_none_or(|e| e.address.is_ipv4() == vip.is_ipv4())
+    };
+    let family: Vec<&EndpointSlice> = if slices.iter().any(|s| {
+        s.endpoints
+            .first()
+            .is_some_and(|e| e.address.is_ipv4() == vip.is_ipv4())
+    }) {
+        slices.iter().filter(same_family).copied().collect()
+    } else {
+        slices.to_vec()
+    };
+    let candidates = || {
+        family.iter().flat_map(|slice| {
+            slice
+                .ports
+                .iter()
+                .filter(|p| p.name == port.name)
+                .flat_map(move |p| slice.endpoints.iter().map(move |e| (e, p.port)))
+        })
+    };
+    let ready = candidates().any(|(e, _)| e.ready);
+    candidates()
+        .filter(|(e, _)| {
+            if ready {
+                e.ready
+            } else {
+                e.serving_terminating
+            }
+        })
+        .map(|(e, target)| Endpoint {
+            addr: SocketAddr::new(e.address, target),
+            workload: selectable.at(e.address).cloned(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -389,6 +703,225 @@ mod tests {
         for (value, expected) in cases {
             assert_eq!(app_protocol(value), expected, "{value}");
         }
+    }
+
+    const PODS: &str = r#"
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: n2, ips: [10.0.0.1, "fd00::1"]}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: n2, ips: [10.0.0.2]}
+---
+apiVersion: nodemesh.io/v1alpha1
+kind: Workload
+metadata: {name: other, namespace: elsewhere, labels: {app: web}}
+spec: {nodeName: n2, ips: [10.0.0.3]}
+"#;
+
+    fn service(target: &str, selector: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.1\n  selector: {{{selector}}}\n  ports: [{{name: http, port: 80, targetPort: {target}}}]\n"
+        )
+    }
+
+    fn slice(name: &str, family: &str, port_name: &str, endpoints: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {family}\nports: [{{name: {port_name}, port: 9090, protocol: TCP}}, {{name: dns, port: 53, protocol: UDP}}]\nendpoints: {endpoints}\n"
+        )
+    }
+
+    /// An endpoint as the table states it: address and pod name.
+    type Resolved = (String, Option<String>);
+
+    /// `(address, pod)` of each endpoint of the Service's one port.
+    fn resolve(docs: &[String]) -> Vec<Resolved> {
+        let config = crate::state::parse(&format!("{PODS}---\n{}", docs.join("---\n"))).unwrap();
+        let selectable = Selectable::of(&config.workloads);
+        let svc = &config.services[0];
+        let by_service = slices_by_service(&config.endpoint_slices);
+        let slices = by_service
+            .get(&("shop", "web"))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        endpoints(svc, &svc.ports[0], svc.cluster_ips[0], &selectable, slices)
+            .into_iter()
+            .map(|e| (e.addr.to_string(), e.workload.map(|w| w.name.clone())))
+            .collect()
+    }
+
+    fn at(addr: &str, pod: Option<&str>) -> Resolved {
+        (addr.to_owned(), pod.map(str::to_owned))
+    }
+
+    #[test]
+    fn endpoints_come_from_slices_when_a_service_has_them_and_else_from_its_selector() {
+        let ready = |ip: &str| format!("{{addresses: [\"{ip}\"], conditions: {{ready: true}}}}");
+        let cases: Vec<(&str, Vec<String>, Vec<Resolved>)> = vec![
+            (
+                "selector, numeric target: every selected pod of the namespace, IPv4 first",
+                vec![service("8080", "app: web")],
+                vec![
+                    at("10.0.0.1:8080", Some("web-1")),
+                    at("10.0.0.2:8080", Some("web-2")),
+                ],
+            ),
+            (
+                "selector, named target and no slices: nothing can resolve the name",
+                vec![service("http-alt", "app: web")],
+                vec![],
+            ),
+            (
+                "slices win over the selector, with the slice port's number; an unknown address has no pod",
+                vec![
+                    service("http-alt", "app: web"),
+                    slice(
+                        "web-a",
+                        "IPv4",
+                        "http",
+                        &format!("[{}, {}]", ready("10.0.0.2"), ready("192.0.2.7")),
+                    ),
+                ],
+                vec![
+                    at("10.0.0.2:9090", Some("web-2")),
+                    at("192.0.2.7:9090", None),
+                ],
+            ),
+            (
+                "a selector-less Service, split over two slices with a duplicate",
+                vec![
+                    service("5432", ""),
+                    slice(
+                        "web-a",
+                        "IPv4",
+                        "http",
+                        &format!("[{}]", ready("192.0.2.7")),
+                    ),
+                    slice(
+                        "web-b",
+                        "IPv4",
+                        "http",
+                        &format!("[{}, {}]", ready("192.0.2.7"), ready("192.0.2.8")),
+                    ),
+                ],
+                vec![at("192.0.2.7:9090", None), at("192.0.2.8:9090", None)],
+            ),
+            (
+                "unready endpoints are left out while any is ready",
+                vec![
+                    service("8080", ""),
+                    slice(
+                        "web-a",
+                        "IPv4",
+                        "http",
+                        &format!(
+                            "[{}, {{addresses: [\"10.0.0.1\"], conditions: {{ready: false, serving: true, terminating: true}}}}]",
+                            ready("10.0.0.2")
+                        ),
+                    ),
+                ],
+                vec![at("10.0.0.2:9090", Some("web-2"))],
+            ),
+            (
+                "with none ready, serving-terminating ones still drain the clients",
+                vec![
+                    service("8080", ""),
+                    slice(
+                        "web-a",
+                        "IPv4",
+                        "http",
+                        "[{addresses: [\"10.0.0.1\"], conditions: {ready: false, serving: true, terminating: true}}, {addresses: [\"10.0.0.2\"], conditions: {ready: false, serving: false}}]",
+                    ),
+                ],
+                vec![at("10.0.0.1:9090", Some("web-1"))],
+            ),
+            (
+                "a slice port of another name carries another Service port",
+                vec![
+                    service("8080", ""),
+                    slice(
+                        "web-a",
+                        "IPv4",
+                        "metrics",
+                        &format!("[{}]", ready("10.0.0.1")),
+                    ),
+                ],
+                vec![],
+            ),
+            (
+                "the VIP's family is preferred in a dual-stack Service",
+                vec![
+                    service("8080", ""),
+                    slice("web-v6", "IPv6", "http", &format!("[{}]", ready("fd00::1"))),
+                    slice(
+                        "web-v4",
+                        "IPv4",
+                        "http",
+                        &format!("[{}]", ready("10.0.0.1")),
+                    ),
+                ],
+                vec![at("10.0.0.1:9090", Some("web-1"))],
+            ),
+        ];
+        for (what, docs, expected) in cases {
+            assert_eq!(resolve(&docs), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn endpoint_slices_are_validated_like_every_other_object() {
+        let cases = [
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, namespace: shop}\naddressType: IPv4\nendpoints: []\n",
+                "metadata.labels[kubernetes.io/service-name]: missing",
+            ),
+            (
+                &slice("s", "FQDN", "http", "[]"),
+                "addressType: \"FQDN\" is not supported",
+            ),
+            (
+                &slice("s", "IPv4", "http", "[{addresses: [\"fd00::1\"]}]"),
+                "endpoints[0].addresses[0]: fd00::1 is not a usable IPv4 address",
+            ),
+            (
+                &slice("s", "IPv4", "http", "[{addresses: []}]"),
+                "endpoints[0].addresses: at least one address is required",
+            ),
+            (
+                &slice("s", "IPv4", "http", "[{adresses: [\"10.0.0.1\"]}]"),
+                "unknown field `adresses`",
+            ),
+            (
+                &service("\"Not_A_Name\"", "app: web"),
+                "spec.ports[0].targetPort",
+            ),
+        ];
+        for (doc, expected) in cases {
+            let err = crate::state::parse(doc).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}\nexpected: {expected}");
+        }
+        // Conditions left unset mean ready; UDP ports are not the mesh's.
+        let config = crate::state::parse(&slice(
+            "s",
+            "IPv4",
+            "\"\"",
+            "[{addresses: [\"10.0.0.1\", \"10.0.0.9\"], nodeName: n1, targetRef: {kind: Pod, name: web-1}}]",
+        ))
+        .unwrap();
+        let s = &config.endpoint_slices[0];
+        assert_eq!(s.service, "web");
+        assert_eq!(
+            s.ports,
+            vec![SlicePort {
+                name: None,
+                port: 9090
+            }]
+        );
+        assert_eq!(s.endpoints.len(), 1);
+        assert!(s.endpoints[0].ready);
     }
 
     #[test]

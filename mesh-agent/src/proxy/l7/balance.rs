@@ -117,8 +117,8 @@ impl Drop for Pick {
 pub struct EndpointView {
     /// `ip:port`.
     pub address: String,
-    /// `namespace/name` of the workload.
-    pub workload: String,
+    /// `namespace/name` of the workload; `None` for an address no known pod has.
+    pub workload: Option<String>,
     /// `healthy` or `ejected`.
     pub health: String,
     /// Seconds until an ejection ends.
@@ -296,7 +296,7 @@ impl Balancer {
                 let until = h.ejected_until.filter(|t| *t > now);
                 EndpointView {
                     address: s.endpoint.addr.to_string(),
-                    workload: s.endpoint.workload.key(),
+                    workload: s.endpoint.workload.as_ref().map(|w| w.key()),
                     health: if until.is_some() {
                         "ejected"
                     } else {
@@ -358,7 +358,7 @@ mod tests {
     fn endpoint(i: u8) -> Endpoint {
         Endpoint {
             addr: format!("10.0.0.{i}:80").parse().unwrap(),
-            workload: Arc::new(WorkloadMeta {
+            workload: Some(Arc::new(WorkloadMeta {
                 name: format!("pod-{i}"),
                 namespace: "shop".into(),
                 service_account: "default".into(),
@@ -366,7 +366,7 @@ mod tests {
                 workload_name: format!("pod-{i}"),
                 meshed: true,
                 trust_domain: "cluster.local".into(),
-            }),
+            })),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::proxy::l7::balance::{Balancer, EndpointView};
 use crate::proxy::l7::budget::{RetryBudget, TokenBucket};
 use crate::state::MeshConfig;
 use crate::state::route::{Filter, HttpRoute};
-use crate::state::service::{self, PortProtocol, Selectable, Service, ServicePort};
+use crate::state::service::{self, PortProtocol, Selectable, Service, ServicePort, TargetPort};
 use crate::state::traffic::{FaultInjection, LocalRateLimit, ServiceTraffic};
 
 /// One port of one Service: everything a request or connection to it needs.
@@ -151,8 +151,13 @@ impl Catalog {
                 });
             catalog.rate_limits.insert(key, limiter);
         }
+        let slices = service::slices_by_service(&config.endpoint_slices);
         for svc in &config.services {
             let service = Arc::new(svc.clone());
+            let svc_slices = slices
+                .get(&(svc.namespace.as_str(), svc.name.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             let traffic = traffic_for(config, svc);
             // Any port of the Service holds its budget.
             let budget = svc
@@ -168,7 +173,7 @@ impl Catalog {
                 .unwrap_or_else(|| Arc::new(RetryBudget::new(traffic.retry_budget.clone())));
             for port in &svc.ports {
                 let vip = svc.cluster_ips[0];
-                let endpoints = service::endpoints(svc, port, vip, selectable);
+                let endpoints = service::endpoints(svc, port, vip, selectable, svc_slices);
                 let key = (svc.namespace.clone(), svc.name.clone(), port.port);
                 let balancer = match previous.by_name.get(&key) {
                     Some(old) => {
@@ -231,7 +236,7 @@ impl Catalog {
                     .map(|ip| SocketAddr::new(*ip, s.port.port).to_string())
                     .collect(),
                 port: s.port.port,
-                target_port: s.port.target_port,
+                target_port: s.port.target_port.clone(),
                 protocol: s.protocol,
                 load_balancer: s.balancer.policy(),
                 producer_routes: s.producer_routes.iter().map(|r| r.key()).collect(),
@@ -359,8 +364,8 @@ pub struct ServiceRoutesView {
     pub vips: Vec<String>,
     /// Service port.
     pub port: u16,
-    /// Endpoint port.
-    pub target_port: u16,
+    /// Endpoint port, or the container port name the EndpointSlices resolve.
+    pub target_port: TargetPort,
     /// How bytes are treated.
     pub protocol: PortProtocol,
     /// Balancing, bounds, outlier detection and budget.

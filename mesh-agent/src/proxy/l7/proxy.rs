@@ -113,14 +113,14 @@ async fn serve_opaque(
             }
         };
         let endpoint = pick.endpoint().clone();
-        let how = transport(Some(&endpoint.workload), ctx.pod.identity.is_some());
+        let how = transport(endpoint.workload.as_deref(), ctx.pod.identity.is_some());
         match connect(&ctx.pod, &source, endpoint.addr, how).await {
             Ok(upstream) => {
                 target
                     .balancer
                     .record(&pick, Outcome::Success, Instant::now());
                 peers.mutual_tls = upstream.is_mutual_tls();
-                peers.destination = Some(endpoint.workload.clone());
+                peers.destination = endpoint.workload.clone();
                 let guard =
                     ConnectionGuard::open(&ctx.pod.connections, &ctx.pod.metrics, peers, peer, vip);
                 if let Err(e) = relay_to(&client, upstream, &prefix, &guard).await {
@@ -847,7 +847,7 @@ impl RequestRecord {
 
     fn set_destination(&mut self, pick: &Pick) {
         let w = &pick.endpoint().workload;
-        self.labels.destination = DestinationLabels::of(Some(w));
+        self.labels.destination = DestinationLabels::of(w.as_deref());
         if let Some((_, line)) = &mut self.log {
             line.upstream = Some(pick.endpoint().addr);
         }

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice as KubeEndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use serde::Deserialize;
@@ -200,7 +201,7 @@ pub fn namespace_meshed(ns: &Namespace) -> bool {
 }
 
 /// Converts a Service. `None`: nothing for the mesh to do with it (headless,
-/// ExternalName, or no TCP port with a numeric target).
+/// ExternalName, or no TCP port).
 pub fn service(svc: &KubeService) -> Option<Result<Document, ObjectError>> {
     let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -216,25 +217,19 @@ pub fn service(svc: &KubeService) -> Option<Result<Document, ObjectError>> {
     if cluster_ips.is_empty() {
         return None;
     }
-    // The mesh carries TCP; UDP ports and ports whose target is named (resolved
-    // per pod by EndpointSlices) are left to the node's own Service routing.
+    // The mesh carries TCP; UDP ports are left to the node's own Service routing.
     let ports: Vec<Value> = spec
         .ports
         .iter()
         .flatten()
         .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        .filter_map(|p| {
-            let target = match &p.target_port {
-                None => p.port,
-                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => *n,
-                Some(_) => return None,
-            };
-            Some(json!({
+        .map(|p| {
+            json!({
                 "name": p.name,
                 "port": p.port,
-                "targetPort": target,
+                "targetPort": p.target_port,
                 "appProtocol": p.app_protocol,
-            }))
+            })
         })
         .collect();
     if ports.is_empty() {
@@ -250,6 +245,56 @@ pub fn service(svc: &KubeService) -> Option<Result<Document, ObjectError>> {
     Some(document("v1", "Service", &svc.metadata, body))
 }
 
+/// Converts an EndpointSlice, keeping each endpoint's first address and its
+/// conditions only. `None`: nothing for the mesh to do with it (no Service named,
+/// or FQDN addresses, which kube-proxy ignores too).
+pub fn endpoint_slice(slice: &KubeEndpointSlice) -> Option<Result<Document, ObjectError>> {
+    let labels = slice.metadata.labels.as_ref()?;
+    labels.get(state::service::SERVICE_NAME_LABEL)?;
+    if slice.address_type == "FQDN" {
+        return None;
+    }
+    let endpoints: Vec<Value> = slice
+        .endpoints
+        .iter()
+        .map(|e| {
+            json!({
+                "addresses": e.addresses.first().into_iter().collect::<Vec<_>>(),
+                "conditions": e.conditions,
+            })
+        })
+        .collect();
+    let ports: Vec<Value> = slice
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol}))
+        .collect();
+    let mut fields = serde_json::Map::new();
+    fields.insert("addressType".into(), json!(slice.address_type));
+    fields.insert("endpoints".into(), Value::Array(endpoints));
+    fields.insert("ports".into(), Value::Array(ports));
+    // Only the Service's name is needed of the slice's labels.
+    let mut meta = ObjectMeta {
+        name: slice.metadata.name.clone(),
+        namespace: slice.metadata.namespace.clone(),
+        ..ObjectMeta::default()
+    };
+    meta.labels = Some(
+        labels
+            .iter()
+            .filter(|(k, _)| *k == state::service::SERVICE_NAME_LABEL)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
+    Some(object(
+        state::service::DISCOVERY_V1,
+        "EndpointSlice",
+        &meta,
+        fields,
+    ))
+}
+
 /// Validates an object of any kind by the config file's rules: the document is
 /// rebuilt from the fields the agent reads (name, namespace, labels, annotations
 /// and spec), leaving out what the API server adds (uid, managedFields, status…).
@@ -258,6 +303,19 @@ pub fn document(
     kind: &str,
     meta: &ObjectMeta,
     spec: Value,
+) -> Result<Document, ObjectError> {
+    let mut fields = serde_json::Map::new();
+    fields.insert("spec".into(), spec);
+    object(api_version, kind, meta, fields)
+}
+
+/// Validates an object whose body is `fields` (a kind's `spec`, or an
+/// EndpointSlice's top-level fields) by the config file's rules.
+fn object(
+    api_version: &str,
+    kind: &str,
+    meta: &ObjectMeta,
+    fields: serde_json::Map<String, Value>,
 ) -> Result<Document, ObjectError> {
     let mut metadata = serde_json::Map::new();
     metadata.insert("name".into(), json!(meta.name));
@@ -268,12 +326,13 @@ pub fn document(
     if let Some(annotations) = &meta.annotations {
         metadata.insert("annotations".into(), json!(annotations));
     }
-    let object = json!({
-        "apiVersion": api_version,
-        "kind": kind,
-        "metadata": metadata,
-        "spec": strip_nulls(spec),
-    });
+    let mut object = serde_json::Map::new();
+    object.insert("apiVersion".into(), json!(api_version));
+    object.insert("kind".into(), json!(kind));
+    object.insert("metadata".into(), Value::Object(metadata));
+    for (k, v) in fields {
+        object.insert(k, strip_nulls(v));
+    }
     let value = serde_yaml_ng::to_value(&object).map_err(|e| ObjectError {
         subject: subject(kind, meta),
         field: "(object)".into(),
@@ -425,7 +484,7 @@ mod tests {
     }
 
     #[test]
-    fn services_keep_tcp_ports_with_numeric_targets() {
+    fn services_keep_their_tcp_ports() {
         let svc: KubeService = serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": "x", "resourceVersion": "9"},
             "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
@@ -439,13 +498,59 @@ mod tests {
             panic!("not a service: {:?}", service(&svc))
         };
         assert_eq!(s.cluster_ips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
-        assert_eq!(s.ports.len(), 1);
-        assert_eq!(s.ports[0].target_port, 8080);
+        assert_eq!(s.ports.len(), 2, "the UDP port is left out");
+        assert_eq!(
+            s.ports[0].target_port,
+            state::service::TargetPort::Number(8080)
+        );
+        assert_eq!(
+            s.ports[1].target_port,
+            state::service::TargetPort::Name("http".into())
+        );
         let headless: KubeService = serde_json::from_value(json!({
             "metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}
         }))
         .unwrap();
         assert!(service(&headless).is_none());
+    }
+
+    #[test]
+    fn endpoint_slices_keep_first_addresses_and_conditions() {
+        let slice = |address_type: &str, labels: Value| -> KubeEndpointSlice {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web-x1", "namespace": "shop", "labels": labels,
+                             "managedFields": [{"manager": "kube-controller-manager"}]},
+                "addressType": address_type,
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["10.0.0.1", "10.0.0.9"], "conditions": {"ready": true},
+                     "nodeName": "n1", "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
+                    {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}}
+                ]
+            }))
+            .unwrap()
+        };
+        let named = json!({"kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"});
+        let Some(Ok(Document::EndpointSlice(s))) = endpoint_slice(&slice("IPv4", named.clone()))
+        else {
+            panic!("not a slice")
+        };
+        assert_eq!((s.namespace.as_str(), s.service.as_str()), ("shop", "web"));
+        assert_eq!(s.ports[0].port, 8080);
+        let kept: Vec<_> = s
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.ready, e.serving_terminating))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                ("10.0.0.1".to_owned(), true, false),
+                ("10.0.0.2".to_owned(), false, true)
+            ]
+        );
+        assert!(endpoint_slice(&slice("FQDN", named)).is_none());
+        assert!(endpoint_slice(&slice("IPv4", json!({"app": "web"}))).is_none());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The Kubernetes source: kube-rs watchers on Pods, Namespaces, Services and the
-//! policy and routing kinds, each feeding a [`store::KindStore`] of converted
+//! The Kubernetes source: kube-rs watchers on Pods, Namespaces, Services,
+//! EndpointSlices and the policy and routing kinds, each feeding a [`store::KindStore`] of converted
 //! model objects; one loop turns the stores into the model and hands it to the
 //! reconciler. The watchers page the initial list, use bookmarks, resume from the
 //! last resourceVersion after a cut, and relist only on `410 Gone`.
@@ -18,6 +18,7 @@ use futures::StreamExt;
 use gateway_api::experimental::httproutes::HttpRoute as GatewayHttpRoute;
 use gateway_api::experimental::xbackendtrafficpolicies::XBackendTrafficPolicy;
 use k8s_openapi::api::core::v1::{Namespace, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice as KubeEndpointSlice;
 use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
@@ -200,6 +201,12 @@ fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
         "Service",
         shared.clone(),
         |svc: &KubeService| convert::service(svc).transpose(),
+    );
+    spawn_document_watch(
+        Api::<KubeEndpointSlice>::all(client.clone()),
+        "EndpointSlice",
+        shared.clone(),
+        |slice: &KubeEndpointSlice| convert::endpoint_slice(slice).transpose(),
     );
     spawn_document_watch(
         Api::<GatewayHttpRoute>::all(client.clone()),
