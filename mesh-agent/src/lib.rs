@@ -12,6 +12,7 @@
 //! - [`metrics`], [`connections`], [`admin`], [`debug`]: what operators see.
 
 pub mod admin;
+pub mod allocator;
 pub mod connections;
 pub mod debug;
 pub mod identity;

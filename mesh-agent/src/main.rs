@@ -142,6 +142,7 @@ fn parse_ports(s: &str) -> Result<PortList, String> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    mesh_agent::allocator::tune(cli.worker_threads.into());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.worker_threads.into())
         .enable_all()

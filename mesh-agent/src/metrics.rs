@@ -94,8 +94,8 @@ impl DestinationLabels {
 fn workload_labels(workload: Option<&WorkloadMeta>) -> [String; 6] {
     match workload {
         Some(w) => [
-            w.workload_name.clone(),
-            w.namespace.clone(),
+            w.workload_name.to_string(),
+            w.namespace.to_string(),
             w.app().unwrap_or_else(unknown),
             w.version().unwrap_or_else(unknown),
             w.canonical_service(),

@@ -215,7 +215,7 @@ impl Agent {
         state.status.last_error = None;
         state.status.rejected_objects = rejected;
         self.reconcile(&mut state, config).await;
-        release_freed_memory();
+        crate::allocator::release_freed_memory();
         // Counted once in force, so a scrape never shows a state as applied early.
         self.metrics.config_reload(true);
         state.status.generation += 1;
@@ -631,16 +631,6 @@ fn exclusions_for(w: &Workload) -> Exclusions {
     ports.sort_unstable();
     ports.dedup();
     Exclusions { ports, cidrs }
-}
-
-/// A rebuild of a large state (10,000 pods) frees about as much as it allocated;
-/// handing the freed pages back to the kernel keeps RSS at the size of the state
-/// rather than of the last rebuild's peak.
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only walks and trims glibc's own heap.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 fn unix_now() -> f64 {

@@ -1,5 +1,6 @@
 //! `kube-scale` (run by `cargo xtask scale`): the Kubernetes source at cluster
-//! scale. The API server double holds N pods on other nodes and M Services;
+//! scale. The API server double holds N pods on other nodes, M Services and
+//! their EndpointSlices (kept up to date as the EndpointSlice controller would);
 //! an agent in Kubernetes mode lists and watches them. Reports how much the
 //! agent's memory grows per pod, and how long a change to one pod takes to be
 //! applied. Nothing here asserts a number; it reports.
@@ -31,8 +32,12 @@ struct Cli {
 
 /// A pod of Deployment `app-<service>` on a remote node. Its addresses are only
 /// data in the API: no traffic is ever sent to them.
+fn pod_ip(i: u32) -> String {
+    format!("100.64.{}.{}", i / 250, i % 250 + 1)
+}
+
 fn pod(i: u32, service: u32) -> Value {
-    let ip = format!("100.64.{}.{}", i / 250, i % 250 + 1);
+    let ip = pod_ip(i);
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": format!("app-{service}-5d8f7c9b4-{i:05}"), "namespace": "scale",
             "uid": format!("7a1e0000-0000-4000-8000-{i:012}"),
@@ -55,6 +60,27 @@ fn service(s: u32) -> Value {
         "spec": {"type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip],
                  "selector": {"app": format!("app-{s}")},
                  "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
+}
+
+/// The EndpointSlice of Service `s`, listing pods `members` (each slice holds at
+/// most 100 endpoints in Kubernetes; a Service here has about 10).
+fn slice(s: u32, members: &[u32]) -> Value {
+    let endpoints: Vec<Value> = members
+        .iter()
+        .map(|i| {
+            json!({"addresses": [pod_ip(*i)],
+                   "conditions": {"ready": true, "serving": true, "terminating": false},
+                   "nodeName": format!("remote-{}", i % 500),
+                   "targetRef": {"kind": "Pod", "namespace": "scale", "name": format!("app-{s}-5d8f7c9b4-{i:05}")}})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("app-{s}-x7k2p"), "namespace": "scale",
+                     "labels": {"kubernetes.io/service-name": format!("app-{s}"),
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints})
 }
 
 fn applies(agent: &Agent) -> anyhow::Result<f64> {
@@ -99,8 +125,13 @@ fn main() -> anyhow::Result<()> {
     for s in 0..cli.services {
         api.apply(service(s))?;
     }
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); cli.services as usize];
     for i in 0..cli.pods {
         api.apply(pod(i, i % cli.services))?;
+        members[(i % cli.services) as usize].push(i);
+    }
+    for (s, m) in members.iter().enumerate() {
+        api.apply(slice(s as u32, m))?;
     }
     let populate = started.elapsed();
     settle(&a, cli.pods, f64::from(cli.pods))?;
@@ -115,14 +146,23 @@ fn main() -> anyhow::Result<()> {
     let b_full = b.rss_kib()?;
     let pod_lists = api.served("pods");
 
-    // One pod changes Service: time until the agent has applied it.
+    // One pod changes Service (its labels, then both Services' slices, as the
+    // EndpointSlice controller follows): time until the agent has applied it.
     let mut latencies = Vec::new();
     for n in 0..cli.changes {
         let i = n * 7 % cli.pods;
         let target = (i + 1 + n) % cli.services;
+        let from = members
+            .iter()
+            .position(|m| m.contains(&i))
+            .expect("every pod is in a slice");
+        members[from].retain(|p| *p != i);
+        members[target as usize].push(i);
         let before = applies(&a)?;
         let t0 = Instant::now();
         api.apply(pod(i, target))?;
+        api.apply(slice(from as u32, &members[from]))?;
+        api.apply(slice(target, &members[target as usize]))?;
         wait_until("one pod's change applied", Duration::from_secs(30), || {
             Ok(applies(&a)? > before)
         })?;
@@ -134,7 +174,7 @@ fn main() -> anyhow::Result<()> {
     let moved = last * 7 % cli.pods;
     let target = (moved + 1 + last) % cli.services;
     let dump = a.config_dump()?;
-    let ip = format!("100.64.{}.{}:8080", moved / 250, moved % 250 + 1);
+    let ip = format!("{}:8080", pod_ip(moved));
     let in_view = dump["endpoints"].as_array().is_some_and(|ports| {
         ports.iter().any(|p| {
             p["service"].as_str() == Some(format!("scale/app-{target}").as_str())
@@ -156,7 +196,8 @@ fn main() -> anyhow::Result<()> {
     let per_pod = |full: u64| (full.saturating_sub(a_empty)) as f64 * 1024.0 / f64::from(cli.pods);
     let report = format!(
         "# Kubernetes source at scale\n\n\
-         `cargo xtask scale` ({pods} pods on 500 other nodes, {services} Services, one namespace; \
+         `cargo xtask scale` ({pods} pods on 500 other nodes, {services} Services with one \
+         EndpointSlice each, one namespace; \
          API server double on loopback; {rev}).\n\n\
          | measure | value |\n| --- | ---: |\n\
          | agent RSS, empty cluster | {a_empty} KiB |\n\

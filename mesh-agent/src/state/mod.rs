@@ -492,16 +492,17 @@ fn build_workload(
             format!("{service_account:?} is not a DNS-1123 name"),
         ));
     }
+    let name: Arc<str> = Arc::from(name);
     Ok(Workload {
         workload_name: name.clone(),
         meshed: true,
         trust_domain: Arc::from(DEFAULT_TRUST_DOMAIN),
         name,
-        namespace,
+        namespace: Arc::from(namespace),
         labels: Arc::new(labels),
-        service_account,
-        node_name: spec.node_name,
-        placement,
+        service_account: Arc::from(service_account),
+        node_name: spec.node_name.map(Arc::from),
+        placement: placement.map(Box::new),
         ips: spec.ips,
         excluded_ports: spec.excluded_ports,
         excluded_cidrs,
@@ -576,11 +577,11 @@ spec:
         assert_eq!(config.workloads.len(), 2);
         let client = &config.workloads[0];
         assert_eq!(client.key(), "shop/client");
-        assert_eq!(client.service_account, "client-sa");
+        assert_eq!(&*client.service_account, "client-sa");
         assert_eq!(client.excluded_cidrs[1].to_string(), "10.9.9.9/32");
         let server = &config.workloads[1];
-        assert_eq!(server.namespace, "default");
-        assert_eq!(server.service_account, "default");
+        assert_eq!(&*server.namespace, "default");
+        assert_eq!(&*server.service_account, "default");
         assert_eq!(server.placement.as_ref().unwrap().netns, NetnsRef::Pid(42));
     }
 

@@ -101,15 +101,14 @@ impl PeerAuthentication {
 /// wins (workload selector, then namespace, then mesh-wide); default PERMISSIVE.
 pub fn effective_mtls_mode(w: &WorkloadMeta, policies: &[PeerAuthentication]) -> MtlsMode {
     let set = |p: &&PeerAuthentication| p.mode != MtlsMode::Unset;
-    let workload = policies
-        .iter()
-        .filter(set)
-        .find(|p| p.namespace == w.namespace && p.selector.as_ref().is_some_and(|s| s.selects(w)));
+    let workload = policies.iter().filter(set).find(|p| {
+        *p.namespace == *w.namespace && p.selector.as_ref().is_some_and(|s| s.selects(w))
+    });
     let namespace = || {
         policies
             .iter()
             .filter(set)
-            .find(|p| p.namespace == w.namespace && p.selector.is_none())
+            .find(|p| *p.namespace == *w.namespace && p.selector.is_none())
     };
     let mesh = || {
         policies
@@ -278,7 +277,7 @@ impl AuthorizationPolicy {
     }
 
     fn applies_to(&self, w: &WorkloadMeta) -> bool {
-        let in_scope = self.namespace == w.namespace || self.namespace == ROOT_NAMESPACE;
+        let in_scope = *self.namespace == *w.namespace || self.namespace == ROOT_NAMESPACE;
         in_scope && self.selector.as_ref().is_none_or(|s| s.selects(w))
     }
 
@@ -440,7 +439,7 @@ mod tests {
 
     fn workload(ns: &str, app: &str) -> WorkloadMeta {
         WorkloadMeta {
-            name: format!("{app}-0"),
+            name: format!("{app}-0").into(),
             namespace: ns.into(),
             service_account: app.into(),
             labels: std::sync::Arc::new([("app".to_owned(), app.to_owned())].into()),

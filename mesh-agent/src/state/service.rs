@@ -145,7 +145,7 @@ impl Service {
     /// Whether workload `w` is one of this Service's endpoints.
     pub fn selects(&self, w: &Workload) -> bool {
         !self.selector.is_empty()
-            && w.namespace == self.namespace
+            && *w.namespace == *self.namespace
             && self
                 .selector
                 .iter()
@@ -525,7 +525,7 @@ impl<'a> Selectable<'a> {
             }
             for (k, v) in w.labels.iter() {
                 by_label
-                    .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
+                    .entry((&*w.namespace, k.as_str(), v.as_str()))
                     .or_default()
                     .push(i);
             }
@@ -749,7 +749,7 @@ spec: {nodeName: n2, ips: [10.0.0.3]}
             .unwrap_or_default();
         endpoints(svc, &svc.ports[0], svc.cluster_ips[0], &selectable, slices)
             .into_iter()
-            .map(|e| (e.addr.to_string(), e.workload.map(|w| w.name.clone())))
+            .map(|e| (e.addr.to_string(), e.workload.map(|w| w.name.to_string())))
             .collect()
     }
 

@@ -11,22 +11,27 @@ use std::sync::{Arc, RwLock};
 use ipnet::IpNet;
 use serde::Serialize;
 
-/// A pod on this node: who it is, and where its cgroup and network namespace are.
+/// A pod: who it is, and, on its own node, where its cgroup and network
+/// namespace are. Every pod of the cluster is one in Kubernetes mode, so the
+/// strings are shared (`Arc<str>`): copies of a workload into the model, its
+/// identity and the directory cost a reference count each, and the namespaces,
+/// service accounts and controller names of many pods are one allocation each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
     /// Pod name.
-    pub name: String,
+    pub name: Arc<str>,
     /// Pod namespace.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Pod labels (for `app`/`version` metric labels and, later, policy selectors).
     pub labels: Labels,
     /// Kubernetes service account; part of the workload's identity.
-    pub service_account: String,
+    pub service_account: Arc<str>,
     /// The node the pod runs on. Absent: the node of whichever agent reads it.
-    pub node_name: Option<String>,
-    /// Where the pod lives on its node; needed only by that node's agent.
-    pub placement: Option<Placement>,
+    pub node_name: Option<Arc<str>>,
+    /// Where the pod lives on its node; needed only by that node's agent, so
+    /// boxed to keep the many remote pods small.
+    pub placement: Option<Box<Placement>>,
     /// Pod IPs; connections to them from the pod itself are never captured.
     pub ips: Vec<IpAddr>,
     /// Destination ports this workload reaches directly, bypassing the agent.
@@ -35,7 +40,7 @@ pub struct Workload {
     pub excluded_cidrs: Vec<IpNet>,
     /// Istio's workload name (the pod's controller, e.g. its Deployment), used in
     /// metric labels; the pod name when the pod has no controller.
-    pub workload_name: String,
+    pub workload_name: Arc<str>,
     /// Whether the pod is in the mesh. Pods outside it are still known, so that
     /// Services can balance to them and metrics can name them, but they are never
     /// enrolled and are reached without the tunnel.
@@ -66,7 +71,7 @@ impl Workload {
     pub fn is_local_to(&self, node: Option<&str>) -> bool {
         match (&self.node_name, node) {
             (None, _) => true,
-            (Some(theirs), Some(ours)) => theirs == ours,
+            (Some(theirs), Some(ours)) => **theirs == *ours,
             (Some(_), None) => false,
         }
     }
@@ -116,15 +121,15 @@ impl fmt::Display for NetnsRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadMeta {
     /// Pod name.
-    pub name: String,
+    pub name: Arc<str>,
     /// Pod namespace.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Kubernetes service account.
-    pub service_account: String,
+    pub service_account: Arc<str>,
     /// Pod labels, shared with the workload they came from.
     pub labels: crate::state::workload::Labels,
     /// Istio's workload name: the pod's controller (Deployment, CronJob, …) or the pod.
-    pub workload_name: String,
+    pub workload_name: Arc<str>,
     /// Whether the pod is in the mesh, and so reachable only through the tunnel.
     pub meshed: bool,
     /// The SPIFFE trust domain of its identity.
@@ -185,7 +190,7 @@ impl WorkloadMeta {
 
     /// Istio's canonical service: the canonical-name labels, else the workload name.
     pub fn canonical_service(&self) -> String {
-        self.app().unwrap_or_else(|| self.workload_name.clone())
+        self.app().unwrap_or_else(|| self.workload_name.to_string())
     }
 
     /// Istio's canonical revision: the canonical-revision labels, else `latest`.

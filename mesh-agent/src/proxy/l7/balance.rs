@@ -359,11 +359,11 @@ mod tests {
         Endpoint {
             addr: format!("10.0.0.{i}:80").parse().unwrap(),
             workload: Some(Arc::new(WorkloadMeta {
-                name: format!("pod-{i}"),
+                name: format!("pod-{i}").into(),
                 namespace: "shop".into(),
                 service_account: "default".into(),
                 labels: Default::default(),
-                workload_name: format!("pod-{i}"),
+                workload_name: format!("pod-{i}").into(),
                 meshed: true,
                 trust_domain: "cluster.local".into(),
             })),

@@ -72,17 +72,22 @@ pub struct PodIp {
 /// that decide, together with its namespace, whether it is meshed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodRecord {
-    /// The pod UID: finds its cgroup on the node.
-    pub uid: String,
+    /// The pod UID, which finds its cgroup; kept for this node's pods only.
+    pub uid: Option<Box<str>>,
     /// The workload, not yet placed and with `meshed` still to be decided.
     pub workload: Workload,
     /// The pod label `nodemesh.io/mesh: disabled` opts it out.
     pub opted_out: bool,
 }
 
-/// Converts a Pod. `None`: nothing to know about it yet or any more (no address,
-/// finished, or on the host network, where its address is the node's).
-pub fn pod_record(pod: &PodLite) -> Result<Option<PodRecord>, ObjectError> {
+/// Converts a Pod, seen from the agent of `local_node`. `None`: nothing to know
+/// about it yet or any more (no address, finished, or on the host network, where
+/// its address is the node's). Strings many pods share come from `interner`.
+pub fn pod_record(
+    pod: &PodLite,
+    local_node: &str,
+    interner: &mut Interner,
+) -> Result<Option<PodRecord>, ObjectError> {
     let meta = &pod.metadata;
     let subject = subject("Pod", meta);
     if pod.spec.host_network == Some(true)
@@ -103,25 +108,33 @@ pub fn pod_record(pod: &PodLite) -> Result<Option<PodRecord>, ObjectError> {
     if ips.is_empty() {
         return Ok(None);
     }
-    let name = meta.name.clone().unwrap_or_default();
+    let name = meta.name.as_deref().unwrap_or_default();
     let labels: BTreeMap<String, String> = meta.labels.clone().unwrap_or_default();
     let opted_out = labels.get(MESH_LABEL).map(String::as_str) == Some("disabled");
     let owners = meta.owner_references.as_deref().unwrap_or_default();
+    let node_name = pod.spec.node_name.as_deref();
+    let local = node_name == Some(local_node);
+    let workload_name = istio_workload_name(name, &labels, owners);
     Ok(Some(PodRecord {
-        uid: meta.uid.clone().unwrap_or_default(),
+        uid: meta.uid.as_deref().filter(|_| local).map(Box::from),
         workload: Workload {
-            workload_name: istio_workload_name(&name, &labels, owners),
-            name,
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            service_account: pod
-                .spec
-                .service_account_name
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            node_name: pod.spec.node_name.clone(),
+            workload_name: if workload_name == name {
+                Arc::from(name)
+            } else {
+                interner.string(&workload_name)
+            },
+            name: Arc::from(name),
+            namespace: interner.string(meta.namespace.as_deref().unwrap_or("default")),
+            service_account: interner.string(
+                pod.spec
+                    .service_account_name
+                    .as_deref()
+                    .unwrap_or("default"),
+            ),
+            node_name: node_name.map(|n| interner.string(n)),
             placement: None,
             ips,
-            labels: Arc::new(labels),
+            labels: interner.labels(Arc::new(labels)),
             excluded_ports: Vec::new(),
             excluded_cidrs: Vec::new(),
             meshed: false,
@@ -131,28 +144,69 @@ pub fn pod_record(pod: &PodLite) -> Result<Option<PodRecord>, ObjectError> {
     }))
 }
 
-/// One shared copy of each distinct label set: the pods of a Deployment carry
-/// identical labels, so a cluster of 10,000 pods has far fewer label sets.
+/// One shared copy of each distinct label set and string: the pods of a
+/// Deployment carry identical labels, service account and controller name, and
+/// a namespace or node names many pods, so 10,000 pods need far fewer copies.
 #[derive(Default)]
-pub struct LabelInterner {
-    sets: HashSet<Labels>,
-    /// Size after the last sweep of sets no pod uses any more.
+pub struct Interner {
+    labels: Pool<Labels>,
+    strings: Pool<Arc<str>>,
+}
+
+impl Interner {
+    /// The shared copy of `labels`.
+    pub fn labels(&mut self, labels: Labels) -> Labels {
+        self.labels.intern(labels)
+    }
+
+    /// The shared copy of `s`.
+    pub fn string(&mut self, s: &str) -> Arc<str> {
+        match self.strings.items.get(s) {
+            Some(shared) => shared.clone(),
+            None => self.strings.intern(Arc::from(s)),
+        }
+    }
+}
+
+/// Shared values, swept of those no pod uses any more as the pool grows.
+struct Pool<T> {
+    items: HashSet<T>,
+    /// Size after the last sweep.
     swept: usize,
 }
 
-impl LabelInterner {
-    /// The shared copy of `labels`.
-    pub fn intern(&mut self, labels: Labels) -> Labels {
-        if let Some(shared) = self.sets.get(&labels) {
+impl<T> Default for Pool<T> {
+    fn default() -> Self {
+        Pool {
+            items: HashSet::new(),
+            swept: 0,
+        }
+    }
+}
+
+/// A reference-counted value, whose count tells whether anyone but the pool uses it.
+trait Shared: Clone + Eq + std::hash::Hash {
+    fn users(&self) -> usize;
+}
+
+impl<T: ?Sized + Eq + std::hash::Hash> Shared for Arc<T> {
+    fn users(&self) -> usize {
+        Arc::strong_count(self)
+    }
+}
+
+impl<T: Shared> Pool<T> {
+    fn intern(&mut self, value: T) -> T {
+        if let Some(shared) = self.items.get(&value) {
             return shared.clone();
         }
-        if self.sets.len() >= 2 * self.swept + 1024 {
-            // Only the interner still holds these.
-            self.sets.retain(|l| Arc::strong_count(l) > 1);
-            self.swept = self.sets.len();
+        if self.items.len() >= 2 * self.swept + 1024 {
+            // Only the pool still holds these.
+            self.items.retain(|v| v.users() > 1);
+            self.swept = self.items.len();
         }
-        self.sets.insert(labels.clone());
-        labels
+        self.items.insert(value.clone());
+        value
     }
 }
 
@@ -379,14 +433,17 @@ mod tests {
     }
 
     #[test]
-    fn equal_label_sets_are_shared() {
-        let mut interner = LabelInterner::default();
+    fn equal_label_sets_and_strings_are_shared() {
+        let mut interner = Interner::default();
         let set = || Labels::new([("app".to_owned(), "web".to_owned())].into());
-        let a = interner.intern(set());
-        let b = interner.intern(set());
+        let a = interner.labels(set());
+        let b = interner.labels(set());
         assert!(Arc::ptr_eq(&a, &b));
-        let other = interner.intern(Labels::default());
+        let other = interner.labels(Labels::default());
         assert!(!Arc::ptr_eq(&a, &other));
+        let shop = interner.string("shop");
+        assert!(Arc::ptr_eq(&shop, &interner.string("shop")));
+        assert!(!Arc::ptr_eq(&shop, &interner.string("web")));
     }
 
     #[test]
@@ -452,33 +509,38 @@ mod tests {
             "spec": {"nodeName": "node-1", "serviceAccountName": "web-sa", "containers": [{"name": "c", "image": "i"}]},
             "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.7"}, {"ip": "fd00::7"}]}
         }));
-        let record = pod_record(&full).unwrap().unwrap();
-        assert_eq!(record.uid, "u-1");
-        assert_eq!(record.workload.workload_name, "web");
-        assert_eq!(record.workload.service_account, "web-sa");
+        let mut interner = Interner::default();
+        let mut convert = |p: &PodLite| pod_record(p, "node-1", &mut interner);
+        let record = convert(&full).unwrap().unwrap();
+        assert_eq!(record.uid.as_deref(), Some("u-1"));
+        assert_eq!(&*record.workload.workload_name, "web");
+        assert_eq!(&*record.workload.service_account, "web-sa");
         assert_eq!(record.workload.ips.len(), 2);
         assert!(!record.opted_out);
+        // A pod of another node: no UID kept, as no cgroup is looked for.
+        let remote = pod_record(&full, "node-2", &mut Interner::default()).unwrap();
+        assert_eq!(remote.unwrap().uid, None);
 
         let host = pod(
             json!({"metadata": {"name": "h"}, "spec": {"hostNetwork": true},
             "status": {"podIPs": [{"ip": "10.0.0.1"}]}}),
         );
-        assert_eq!(pod_record(&host).unwrap(), None);
+        assert_eq!(convert(&host).unwrap(), None);
         let done = pod(
             json!({"metadata": {"name": "d"}, "status": {"phase": "Succeeded", "podIPs": [{"ip": "10.0.0.2"}]}}),
         );
-        assert_eq!(pod_record(&done).unwrap(), None);
+        assert_eq!(convert(&done).unwrap(), None);
         let unscheduled = pod(json!({"metadata": {"name": "p"}, "status": {"phase": "Pending"}}));
-        assert_eq!(pod_record(&unscheduled).unwrap(), None);
+        assert_eq!(convert(&unscheduled).unwrap(), None);
         let out = pod(
             json!({"metadata": {"name": "o", "labels": {"nodemesh.io/mesh": "disabled"}},
             "status": {"podIPs": [{"ip": "10.0.0.3"}]}}),
         );
-        assert!(pod_record(&out).unwrap().unwrap().opted_out);
+        assert!(convert(&out).unwrap().unwrap().opted_out);
         let bad = pod(
             json!({"metadata": {"name": "b", "namespace": "shop"}, "status": {"podIPs": [{"ip": "ten"}]}}),
         );
-        let err = pod_record(&bad).unwrap_err();
+        let err = convert(&bad).unwrap_err();
         assert_eq!(err.subject, "Pod shop/b");
         assert_eq!(err.field, "status.podIPs[0].ip");
     }

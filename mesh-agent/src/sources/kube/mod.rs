@@ -23,7 +23,7 @@ use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
@@ -77,7 +77,7 @@ pub async fn run(client: Client, settings: KubeSettings, agent: Arc<Agent>) -> a
         changed: Notify::new(),
         metrics: agent.metrics.clone(),
     });
-    spawn_watchers(&client, &shared);
+    spawn_watchers(&client, &shared, &settings);
     let mut placements: HashMap<String, Placement> = HashMap::new();
     let mut retry: Option<Duration> = None;
     loop {
@@ -128,23 +128,27 @@ fn snapshot(
     let mut starting = 0;
     let mut present = HashSet::new();
     config.workloads.reserve(stores.pods.len());
+    let meshed_namespaces: HashSet<&str> = stores
+        .namespaces
+        .good()
+        .filter(|(_, meshed)| **meshed)
+        .map(|(name, _)| &**name)
+        .collect();
     for (_, record) in stores.pods.good() {
         let mut w = record.workload.clone();
         w.trust_domain = settings.trust_domain.clone();
-        let namespace_meshed = stores
-            .namespaces
-            .get(&(String::new(), w.namespace.clone()))
-            .copied()
-            .unwrap_or(false);
-        w.meshed = namespace_meshed && !record.opted_out;
-        if w.meshed && w.is_local_to(Some(&settings.node_name)) {
-            present.insert(record.uid.as_str());
-            w.placement = match placements.get(&record.uid) {
-                Some(p) => Some(p.clone()),
-                None => match placement::discover(&settings.cgroup_root, &record.uid) {
+        w.meshed = meshed_namespaces.contains(&*w.namespace) && !record.opted_out;
+        if w.meshed
+            && w.is_local_to(Some(&settings.node_name))
+            && let Some(uid) = record.uid.as_deref()
+        {
+            present.insert(uid);
+            w.placement = match placements.get(uid) {
+                Some(p) => Some(Box::new(p.clone())),
+                None => match placement::discover(&settings.cgroup_root, uid) {
                     Discovery::Found(p) => {
-                        placements.insert(record.uid.clone(), p.clone());
-                        Some(p)
+                        placements.insert(uid.to_owned(), p.clone());
+                        Some(Box::new(p))
                     }
                     Discovery::Starting(_) | Discovery::Missing => {
                         starting += 1;
@@ -173,21 +177,15 @@ fn snapshot(
     }
 }
 
-fn spawn_watchers(client: &Client, shared: &Arc<Shared>) {
-    let interner = Mutex::new(convert::LabelInterner::default());
+fn spawn_watchers(client: &Client, shared: &Arc<Shared>, settings: &KubeSettings) {
+    let mut interner = convert::Interner::default();
+    let node_name = settings.node_name.clone();
     tokio::spawn(watch(
         Api::<PodLite>::all(client.clone()),
         "Pod",
         shared.clone(),
         |s| &mut s.pods,
-        move |pod: &PodLite| {
-            let mut record = convert::pod_record(pod)?;
-            if let Some(r) = &mut record {
-                let labels = std::mem::take(&mut r.workload.labels);
-                r.workload.labels = interner.lock().expect("interner lock").intern(labels);
-            }
-            Ok(record)
-        },
+        move |pod: &PodLite| convert::pod_record(pod, &node_name, &mut interner),
     ));
     tokio::spawn(watch(
         Api::<Namespace>::all(client.clone()),
@@ -332,7 +330,7 @@ async fn watch<K, T>(
     kind: &'static str,
     shared: Arc<Shared>,
     store: impl Fn(&mut Stores) -> &mut KindStore<T> + Send + 'static,
-    convert: impl Fn(&K) -> Converted<T> + Send + 'static,
+    mut convert: impl FnMut(&K) -> Converted<T> + Send + 'static,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     T: Clone + Send + 'static,
@@ -365,7 +363,7 @@ async fn watch<K, T>(
                 continue;
             }
         };
-        let checked = |object: &K| {
+        let mut checked = |object: &K| {
             let converted = convert(object);
             if let Err(e) = &converted {
                 tracing::error!(kind, object = %e.subject, field = %e.field, error = %e.message, "object rejected; the rest of the mesh state applies, and its last good version (if any) stays in force");
@@ -411,5 +409,10 @@ async fn watch<K, T>(
 }
 
 fn key<K: Resource>(object: &K) -> ObjectKey {
-    (object.namespace().unwrap_or_default(), object.name_any())
+    let meta = object.meta();
+    let name = meta.name.as_deref().unwrap_or_default();
+    match meta.namespace.as_deref() {
+        Some(namespace) => format!("{namespace}/{name}").into(),
+        None => name.into(),
+    }
 }

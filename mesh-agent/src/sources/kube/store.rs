@@ -8,8 +8,9 @@ use std::collections::HashMap;
 
 use crate::state::ObjectError;
 
-/// `(namespace, name)`; cluster-scoped objects have an empty namespace.
-pub type ObjectKey = (String, String);
+/// `namespace/name`, or `name` for a cluster-scoped object: one allocation per
+/// object, as every pod of the cluster has one.
+pub type ObjectKey = Box<str>;
 
 /// One object: its last good conversion, and why its current version was rejected.
 /// Both are boxed: a map slot holds every entry's inline size whether used or
@@ -125,7 +126,7 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> ObjectKey {
-        ("ns".into(), name.into())
+        format!("ns/{name}").into()
     }
 
     fn bad(name: &str) -> Converted<u32> {
