@@ -112,6 +112,15 @@ const KINDS: &[Kind] = &[
     },
 ];
 
+/// The API group of a resource the double serves (`""` for the core group).
+pub fn api_group(plural: &str) -> Option<&'static str> {
+    KINDS.iter().find(|k| k.plural == plural).map(|k| {
+        k.api_version
+            .rsplit_once('/')
+            .map_or("", |(group, _)| group)
+    })
+}
+
 fn kind_of(api_version: &str, kind: &str) -> Option<&'static Kind> {
     KINDS
         .iter()

@@ -11,8 +11,9 @@ use clap::{Parser, Subcommand};
 
 /// Debian packages: Debian's rustc with `core` for bpfel-unknown-none (rustup has no
 /// rust-src here, so `-Z build-std` is impossible), LLVM 22 for bpf-linker, the
-/// tools the tests drive (ip, curl, tcpdump, openssl) and the benchmark's sidecar
-/// baseline (haproxy).
+/// tools the tests drive (ip, curl, tcpdump, openssl, kubectl for the manifests
+/// in `deploy/`), Python's venv for `kubernetes-validate`, and the benchmark's
+/// sidecar baseline (haproxy).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -25,7 +26,19 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "openssl",
     "tcpdump",
+    "kubectl",
+    "python3-venv",
 ];
+
+/// `kubernetes-validate` (PyPI) checks the rendered manifests against the
+/// Kubernetes schemas; it lives in a venv of its own under `target/`, as
+/// Debian's Python is externally managed.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// Where `setup` installs `kubernetes-validate`.
+fn kubernetes_validate(root: &Path) -> PathBuf {
+    root.join("target/tools/venv/bin/kubernetes-validate")
+}
 const BPF_RUSTC: &str = "/usr/bin/rustc";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -83,7 +96,7 @@ fn run() -> anyhow::Result<()> {
         .expect("xtask lives in the workspace")
         .to_owned();
     match Cli::parse().command {
-        Cmd::Setup => setup(),
+        Cmd::Setup => setup(&root),
         Cmd::Build => build(&root).map(|_| ()),
         Cmd::Test { args } => test(&root, &args),
         Cmd::Demo => demo(&root),
@@ -104,7 +117,7 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn setup() -> anyhow::Result<()> {
+fn setup(root: &Path) -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
@@ -148,6 +161,22 @@ fn setup() -> anyhow::Result<()> {
                 .env("PATH", path),
         )?;
     }
+    let validate = kubernetes_validate(root);
+    if !validate.exists() {
+        let venv = root.join("target/tools/venv");
+        eprintln!(
+            "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
+            venv.display()
+        );
+        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        status(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check"])
+                .arg(format!(
+                    "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+                )),
+        )?;
+    }
     Ok(())
 }
 
@@ -176,7 +205,7 @@ struct Built {
 }
 
 fn build(root: &Path) -> anyhow::Result<Built> {
-    setup()?;
+    setup(root)?;
     let ebpf_dir = root.join("mesh-ebpf");
     let mut path = std::env::var_os("PATH").unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
@@ -227,6 +256,7 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         .args(args)
         .env("NODEMESH_EBPF_OBJECT", &built.ebpf_object)
         .env("NODEMESH_AGENT_BIN", &built.agent)
+        .env("NODEMESH_KUBERNETES_VALIDATE", kubernetes_validate(root))
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;
