@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod allocator;
+pub mod cni;
 pub mod connections;
 pub mod debug;
 pub mod identity;

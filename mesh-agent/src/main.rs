@@ -92,6 +92,10 @@ struct RunArgs {
     /// How long Kubernetes changes are gathered before they are applied together.
     #[arg(long, env = "NODEMESH_KUBE_DEBOUNCE", default_value = "20ms", value_parser = humantime::parse_duration)]
     kube_debounce: Duration,
+    /// Answer the nodemesh-cni plugin on this unix socket (Kubernetes mode), so a
+    /// meshed pod is enrolled before its containers start.
+    #[arg(long, env = "NODEMESH_CNI_SOCKET", requires = "kubernetes")]
+    cni_socket: Option<PathBuf>,
     /// Node-local debug endpoint (keep it on loopback).
     #[arg(long, env = "NODEMESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -276,6 +280,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 trust_domain,
                 cgroup_root: attach_cgroup_root,
                 debounce: args.kube_debounce,
+                cni_socket: args.cni_socket.clone(),
             };
             // Ready once every kind has been listed and applied.
             tokio::spawn(kube_source::run(client, settings, agent.clone()))

@@ -266,6 +266,12 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CniLabels {
+    command: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WatchEventLabels {
     kind: &'static str,
     event: &'static str,
@@ -314,6 +320,7 @@ pub struct Metrics {
     rejected_objects: Family<KindLabels, Gauge>,
     watch_events: Family<WatchEventLabels, Counter>,
     watch_errors: Family<KindLabels, Counter>,
+    cni_requests: Family<CniLabels, Counter>,
     /// Last kernel counter values, so Prometheus counters advance by the delta.
     last_decisions: Mutex<[u64; mesh_common::stat::COUNT as usize]>,
 }
@@ -355,6 +362,7 @@ impl Metrics {
             detections: Family::default(),
             rejected_objects: Family::default(),
             watch_events: Family::default(),
+            cni_requests: Family::default(),
             watch_errors: Family::default(),
             last_decisions: Mutex::new([0; mesh_common::stat::COUNT as usize]),
             registry: Registry::default(),
@@ -485,6 +493,11 @@ impl Metrics {
             m.rejected_objects.clone(),
         );
         registry.register(
+            "nodemesh_cni_requests",
+            "Requests from the CNI plugin, per command (ADD, DEL, CHECK) and outcome (enrolled, not_meshed, removed, failed)",
+            m.cni_requests.clone(),
+        );
+        registry.register(
             "nodemesh_kube_watch_events",
             "Events received from Kubernetes API watches, per kind and event",
             m.watch_events.clone(),
@@ -595,6 +608,13 @@ impl Metrics {
     pub fn watch_event(&self, kind: &'static str, event: &'static str) {
         self.watch_events
             .get_or_create(&WatchEventLabels { kind, event })
+            .inc();
+    }
+
+    /// Counts a CNI plugin request and how it was answered.
+    pub fn cni_request(&self, command: &'static str, outcome: &'static str) {
+        self.cni_requests
+            .get_or_create(&CniLabels { command, outcome })
             .inc();
     }
 

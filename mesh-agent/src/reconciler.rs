@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -35,7 +35,7 @@ use crate::proxy::tunnel::{self, HBONE_PORT};
 use crate::state::policy::{Policies, PolicyStore};
 use crate::state::route::HttpRoute;
 use crate::state::service::Selectable;
-use crate::state::workload::{Directory, Workload, WorkloadMeta};
+use crate::state::workload::{Directory, NetnsRef, Workload, WorkloadMeta};
 use crate::state::{ConfigError, MeshConfig};
 use aya::programs::sk_lookup::SkLookupLink;
 use mesh_common::INBOUND_PORT;
@@ -119,6 +119,17 @@ struct State {
     draining: HashMap<u64, Vec<JoinHandle<()>>>,
     next_workload_id: u32,
     status: ConfigStatus,
+}
+
+/// Where one workload stands with the reconciler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollmentState {
+    /// Captured: its cgroup is in the kernel map and its listeners are bound.
+    Enrolled,
+    /// Its last enrollment failed, with this error; it is retried.
+    Failed(String),
+    /// Not enrolled (not desired, or not yet reconciled).
+    Absent,
 }
 
 /// The running agent.
@@ -235,6 +246,28 @@ impl Agent {
     /// Where the desired state comes from (a file, or the Kubernetes API).
     pub fn source(&self) -> &str {
         &self.settings.source
+    }
+
+    /// How the workload `namespace/name` stands: enrolled (with its network
+    /// namespace at `netns`, when given), failed and why, or neither. The CNI
+    /// plugin's ADD waits on this.
+    pub async fn enrollment(&self, key: &str, netns: Option<&Path>) -> EnrollmentState {
+        let state = self.state.lock().await;
+        if let Some(e) = state.enrolled.get(key) {
+            let same_netns = netns.is_none_or(|want| {
+                e.workload
+                    .placement
+                    .as_ref()
+                    .is_some_and(|p| p.netns == NetnsRef::Path(want.to_owned()))
+            });
+            if same_netns {
+                return EnrollmentState::Enrolled;
+            }
+        }
+        match state.failed.get(key) {
+            Some((_, error)) => EnrollmentState::Failed(error.clone()),
+            None => EnrollmentState::Absent,
+        }
     }
 
     /// How many local workloads are waiting for a retry of their enrollment.

@@ -21,6 +21,7 @@ use mesh_agent::connections::ConnectionView;
 use mesh_agent::node::cgroup::Cgroup2;
 
 pub mod apiserver;
+pub mod cni;
 
 /// Deterministic bytes by absolute stream position, so any chunking of a
 /// stream can be checked against `pattern(total, 0)`.
@@ -323,6 +324,8 @@ pub struct Tools {
     pub agent: PathBuf,
     /// `podtool`.
     pub podtool: PathBuf,
+    /// `nodemesh-cni`, built beside the agent.
+    pub cni_plugin: PathBuf,
 }
 
 /// A mesh CA made by `mesh-agent ca init` in a temporary directory, removed on drop.
@@ -363,6 +366,7 @@ impl Tools {
             agent.display()
         );
         Ok(Tools {
+            cni_plugin: agent.with_file_name("nodemesh-cni"),
             agent,
             podtool: podtool.into(),
         })
@@ -562,6 +566,7 @@ impl Node {
             node_name: self.name(),
             uid: format!("uid-{}", unique_name(name)),
             sandbox: None,
+            sandbox_id: None,
             netns,
             cgroup,
             ip,
@@ -637,6 +642,8 @@ pub struct Pod {
     pub uid: String,
     /// The sandbox process holding the pod's netns, for kubelet-shaped pods.
     pub sandbox: Option<Process>,
+    /// The sandbox's container ID, for pods networked through the CNI chain.
+    pub sandbox_id: Option<String>,
     /// Pod name.
     pub name: String,
     /// The node it runs on, as its agent's `--node-name`.

@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand};
 /// Debian packages: Debian's rustc with `core` for bpfel-unknown-none (rustup has no
 /// rust-src here, so `-Z build-std` is impossible), LLVM 22 for bpf-linker, the
 /// tools the tests drive (ip, curl, tcpdump, openssl, kubectl for the manifests
-/// in `deploy/`), Python's venv for `kubernetes-validate`, and the benchmark's
-/// sidecar baseline (haproxy).
+/// in `deploy/`, the CNI `bridge` and `host-local` plugins that network pods as a
+/// container runtime does), Python's venv for `kubernetes-validate`, and the
+/// benchmark's sidecar baseline (haproxy).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -28,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "kubectl",
     "python3-venv",
+    "containernetworking-plugins",
 ];
 
 /// `kubernetes-validate` (PyPI) checks the rendered manifests against the

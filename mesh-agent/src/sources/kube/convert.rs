@@ -105,15 +105,17 @@ pub fn pod_record(
         })?;
         ips.push(ip);
     }
-    if ips.is_empty() {
+    let node_name = pod.spec.node_name.as_deref();
+    let local = node_name == Some(local_node);
+    // A pod of another node without an address can be neither reached nor
+    // enrolled; one of this node may be announced by the CNI plugin first.
+    if ips.is_empty() && !local {
         return Ok(None);
     }
     let name = meta.name.as_deref().unwrap_or_default();
     let labels: BTreeMap<String, String> = meta.labels.clone().unwrap_or_default();
     let opted_out = labels.get(MESH_LABEL).map(String::as_str) == Some("disabled");
     let owners = meta.owner_references.as_deref().unwrap_or_default();
-    let node_name = pod.spec.node_name.as_deref();
-    let local = node_name == Some(local_node);
     let workload_name = istio_workload_name(name, &labels, owners);
     Ok(Some(PodRecord {
         uid: meta.uid.as_deref().filter(|_| local).map(Box::from),

@@ -4,6 +4,7 @@
 //! reconciler. The watchers page the initial list, use bookmarks, resume from the
 //! last resourceVersion after a cut, and relist only on `410 Gone`.
 
+pub mod cni;
 pub mod convert;
 pub mod placement;
 pub mod store;
@@ -29,7 +30,7 @@ use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::reconciler::Agent;
-use crate::state::workload::Placement;
+use crate::state::workload::{NetnsRef, Placement};
 use crate::state::{Document, MeshConfig};
 use convert::{PodLite, PodRecord};
 use placement::Discovery;
@@ -46,6 +47,8 @@ pub struct KubeSettings {
     pub cgroup_root: PathBuf,
     /// How long changes are gathered before they are applied together.
     pub debounce: Duration,
+    /// Where to answer the CNI plugin, if it is installed.
+    pub cni_socket: Option<PathBuf>,
 }
 
 /// Everything the watchers have seen, converted.
@@ -65,8 +68,54 @@ impl Stores {
 /// The stores, and the signal that one of them changed.
 struct Shared {
     stores: Mutex<Stores>,
+    /// Pod sandboxes the CNI plugin announced.
+    sandboxes: Mutex<cni::Sandboxes>,
     changed: Notify,
+    /// Counts applies, so a CNI request can wait for the next one.
+    applied: tokio::sync::watch::Sender<u64>,
     metrics: Arc<Metrics>,
+}
+
+impl cni::Source for Shared {
+    fn verdict(&self, namespace: &str, name: &str) -> cni::Verdict {
+        use convert::MESH_LABEL;
+        let stores = self.stores.lock().expect("stores lock");
+        if !stores.namespaces.synced {
+            return cni::Verdict::Unknown("the agent has not listed the namespaces yet".into());
+        }
+        match stores.namespaces.get(namespace) {
+            None => {
+                return cni::Verdict::Unknown(format!(
+                    "namespace {namespace} not seen from the API yet"
+                ));
+            }
+            Some(false) => {
+                return cni::Verdict::NotMeshed(format!(
+                    "namespace {namespace} is not labelled {MESH_LABEL}=enabled"
+                ));
+            }
+            Some(true) => {}
+        }
+        match stores.pods.get(&format!("{namespace}/{name}")) {
+            None => cni::Verdict::Unknown("the pod has not been seen from the API yet".into()),
+            Some(record) if record.opted_out => {
+                cni::Verdict::NotMeshed(format!("the pod is labelled {MESH_LABEL}=disabled"))
+            }
+            Some(_) => cni::Verdict::Meshed,
+        }
+    }
+
+    fn sandboxes(&self) -> &Mutex<cni::Sandboxes> {
+        &self.sandboxes
+    }
+
+    fn changed(&self) {
+        self.changed.notify_one();
+    }
+
+    fn applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
 }
 
 /// Runs the source until the process exits: watchers feed the stores, and every
@@ -74,10 +123,22 @@ struct Shared {
 pub async fn run(client: Client, settings: KubeSettings, agent: Arc<Agent>) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         stores: Mutex::new(Stores::default()),
+        sandboxes: Mutex::new(cni::Sandboxes::new()),
         changed: Notify::new(),
+        applied: tokio::sync::watch::Sender::new(0),
         metrics: agent.metrics.clone(),
     });
     spawn_watchers(&client, &shared, &settings);
+    if let Some(socket) = settings.cni_socket.clone() {
+        let (shared, agent) = (shared.clone(), agent.clone());
+        tokio::spawn(async move {
+            if let Err(e) = cni::serve(&socket, shared, agent).await {
+                // Without it, the plugin's ADDs fail and kubelet keeps retrying:
+                // pods do not start, rather than start unmeshed.
+                tracing::error!(socket = %socket.display(), error = %e, "CNI plugin socket failed; new pods cannot be enrolled through the CNI chain");
+            }
+        });
+    }
     let mut placements: HashMap<String, Placement> = HashMap::new();
     let mut retry: Option<Duration> = None;
     loop {
@@ -94,9 +155,11 @@ pub async fn run(client: Client, settings: KubeSettings, agent: Arc<Agent>) -> a
             if !stores.synced() {
                 continue;
             }
-            snapshot(&stores, &settings, &mut placements)
+            let mut sandboxes = shared.sandboxes.lock().expect("sandboxes lock");
+            snapshot(&stores, &mut sandboxes, &settings, &mut placements)
         };
         let failed = agent.apply(snapshot.config, snapshot.rejected).await;
+        shared.applied.send_modify(|n| *n += 1);
         // Pods whose sandbox is still starting, or that failed to enroll, are
         // retried with a growing delay until they are in.
         retry = if failed + snapshot.starting > 0 {
@@ -121,6 +184,7 @@ struct Snapshot {
 
 fn snapshot(
     stores: &Stores,
+    sandboxes: &mut cni::Sandboxes,
     settings: &KubeSettings,
     placements: &mut HashMap<String, Placement>,
 ) -> Snapshot {
@@ -138,6 +202,42 @@ fn snapshot(
         let mut w = record.workload.clone();
         w.trust_domain = settings.trust_domain.clone();
         w.meshed = meshed_namespaces.contains(&*w.namespace) && !record.opted_out;
+        let sandbox = record
+            .uid
+            .as_deref()
+            .and_then(|uid| sandboxes.get(&w.key()).filter(|s| s.is_for(uid)));
+        match sandbox {
+            // The runtime removed the pod's sandbox: it is not enrolled again
+            // until a new one is added, even while its processes linger.
+            Some(cni::Sandbox::Deleted { .. }) => w.meshed = false,
+            // The runtime's view comes first: the pod may have no process and no
+            // address in the API yet.
+            Some(cni::Sandbox::Added { netns, ips, .. }) if w.meshed => {
+                if w.ips.is_empty() {
+                    w.ips = ips.clone();
+                }
+                let uid = record.uid.as_deref().unwrap_or_default();
+                w.placement = match placement::discover(&settings.cgroup_root, uid) {
+                    Discovery::Found(Placement { cgroup_path, .. })
+                    | Discovery::Starting(cgroup_path) => Some(Box::new(Placement {
+                        cgroup_path,
+                        netns: NetnsRef::Path(netns.clone()),
+                    })),
+                    Discovery::Missing => {
+                        starting += 1;
+                        None
+                    }
+                };
+                config.workloads.push(w);
+                continue;
+            }
+            _ => {}
+        }
+        if w.ips.is_empty() {
+            // A pod of this node that has no address yet and was not announced
+            // by the CNI plugin: nothing can reach it, and nothing to enroll.
+            continue;
+        }
         if w.meshed
             && w.is_local_to(Some(&settings.node_name))
             && let Some(uid) = record.uid.as_deref()
@@ -160,6 +260,12 @@ fn snapshot(
         config.workloads.push(w);
     }
     placements.retain(|uid, _| present.contains(uid.as_str()));
+    // Sandboxes of pods the API no longer has are forgotten (a pod announced
+    // before the API showed it is kept until then).
+    sandboxes.retain(|key, sandbox| match stores.pods.get(key.as_str()) {
+        Some(record) => record.uid.as_deref().is_none_or(|uid| sandbox.is_for(uid)),
+        None => matches!(sandbox, cni::Sandbox::Added { .. }),
+    });
     let mut kinds: Vec<_> = stores.documents.iter().collect();
     kinds.sort_by_key(|(kind, _)| **kind);
     let mut rejected: Vec<String> = stores.pods.rejections().map(|e| e.to_string()).collect();

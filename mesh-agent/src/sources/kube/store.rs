@@ -88,7 +88,7 @@ impl<T: Clone> KindStore<T> {
     }
 
     /// The good object at `key`.
-    pub fn get(&self, key: &ObjectKey) -> Option<&T> {
+    pub fn get(&self, key: &str) -> Option<&T> {
         self.items.get(key).and_then(|e| e.good.as_deref())
     }
 
