@@ -39,6 +39,9 @@ enum Command {
     /// Manage the mesh CA files.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Install or remove the nodemesh-cni plugin on this node.
+    #[command(subcommand)]
+    Cni(CniCommand),
     /// Print the running agent's state as tables.
     Debug {
         /// What to show.
@@ -61,6 +64,44 @@ enum CaCommand {
         /// The mesh's SPIFFE trust domain, named in the CA certificates.
         #[arg(long, default_value = mesh_agent::state::workload::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy nodemesh-cni into the CNI binary directory and chain it into the pod
+    /// network's config (the first file of the config directory), waiting for
+    /// that config to appear. Run by the DaemonSet's init container.
+    Install {
+        /// The runtime's CNI binary directory, as mounted.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// The runtime's CNI config directory, as mounted.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The agent's --cni-socket, as the node sees it.
+        #[arg(long, default_value = mesh_agent::cni::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// How long ADD waits for the agent to enroll a pod.
+        #[arg(long, default_value_t = 30)]
+        timeout_seconds: u64,
+        /// How long to wait for the pod network's config to appear.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Remove the chained entry and the binary: a deliberate step, since while
+    /// the entry is in place no meshed pod starts on a node without an agent.
+    Uninstall {
+        /// The runtime's CNI binary directory, as mounted.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// The runtime's CNI config directory, as mounted.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// Keep running afterwards (until stopped), so a DaemonSet's rollout
+        /// status tells when every node is done.
+        #[arg(long)]
+        stay: bool,
     },
 }
 
@@ -161,6 +202,7 @@ fn main() -> std::process::ExitCode {
                 }
                 Ok(())
             }
+            Command::Cni(command) => cni(command).await,
             Command::Debug { what, admin_addr } => {
                 print!("{}", debug::render(admin_addr, what).await?);
                 Ok(())
@@ -172,6 +214,68 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("mesh-agent: error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn cni(command: CniCommand) -> anyhow::Result<()> {
+    use mesh_agent::cni::install;
+    match command {
+        CniCommand::Install {
+            bin_dir,
+            conf_dir,
+            socket,
+            timeout_seconds,
+            wait,
+        } => {
+            let binary = std::env::current_exe()?.with_file_name(install::PLUGIN);
+            let entry = install::entry(&socket, timeout_seconds);
+            let deadline = std::time::Instant::now() + wait;
+            loop {
+                if let Some(report) = install::install(&binary, &bin_dir, &conf_dir, &entry)? {
+                    println!(
+                        "installed {} and chained it into {}",
+                        report.binary.display(),
+                        report
+                            .config
+                            .map(|c| c.display().to_string())
+                            .unwrap_or_default()
+                    );
+                    return Ok(());
+                }
+                if std::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "no pod network config in {} after {wait:?}: install the pod network first",
+                        conf_dir.display()
+                    );
+                }
+                eprintln!(
+                    "waiting for the pod network's config in {}",
+                    conf_dir.display()
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+        CniCommand::Uninstall {
+            bin_dir,
+            conf_dir,
+            stay,
+        } => {
+            let report = install::uninstall(&bin_dir, &conf_dir)?;
+            match report.config {
+                Some(c) => println!("removed nodemesh-cni from {}", c.display()),
+                None => println!("no config in {} chains nodemesh-cni", conf_dir.display()),
+            }
+            println!("removed {}", report.binary.display());
+            if stay {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Ok(())
         }
     }
 }

@@ -21,14 +21,19 @@ fn workspace() -> PathBuf {
 
 /// `kubectl kustomize deploy/`, as the documented install renders it.
 fn rendered() -> String {
+    kustomize("deploy")
+}
+
+/// `kubectl kustomize <dir>` of a kustomization in the workspace.
+fn kustomize(dir: &str) -> String {
     let out = Command::new("kubectl")
         .arg("kustomize")
-        .arg(workspace().join("deploy"))
+        .arg(workspace().join(dir))
         .output()
         .expect("running kubectl (installed by `cargo xtask setup`)");
     assert!(
         out.status.success(),
-        "kubectl kustomize deploy/ failed: {}",
+        "kubectl kustomize {dir} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("UTF-8 manifests")
@@ -52,19 +57,39 @@ fn rendered_manifests_pass_the_kubernetes_schemas() {
         validate.display()
     );
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("nodemesh.yaml");
     let yaml = rendered();
-    std::fs::write(&path, &yaml).unwrap();
-    let out = Command::new(&validate)
-        .args(["--strict", "--quiet"])
-        .arg(&path)
-        .output()
+    // The install, and the step that removes the CNI entry before uninstalling.
+    for (name, text) in [
+        ("install", yaml.clone()),
+        ("uninstall", kustomize("deploy/uninstall")),
+    ] {
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, &text).unwrap();
+        let out = Command::new(&validate)
+            .args(["--strict", "--quiet"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubernetes-validate refused the {name} manifests:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The agent answers the CNI plugin on the socket its init container chains in.
+    let daemonset = documents(&yaml)
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
         .unwrap();
+    let text = serde_yaml_ng::to_string(&daemonset).unwrap();
     assert!(
-        out.status.success(),
-        "kubernetes-validate refused the manifests:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        text.contains("--socket=/var/run/nodemesh/cni.sock"),
+        "{text}"
+    );
+    assert!(
+        text.contains("--cni-socket=/var/run/nodemesh/cni.sock"),
+        "{text}"
     );
     let kinds: BTreeSet<String> = documents(&yaml)
         .iter()

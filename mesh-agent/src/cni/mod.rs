@@ -7,6 +7,7 @@
 //! The plugin and the agent speak one JSON line each way over a node-local unix
 //! socket: a [`Request`], then a [`Reply`].
 
+pub mod install;
 pub mod plugin;
 
 use serde::{Deserialize, Serialize};
