@@ -1,5 +1,5 @@
-//! `cargo xtask setup|build|test|demo|bench|scale`: installs the toolchain, builds the eBPF
-//! object and the agent, and runs the suite or the demo. Every step is
+//! `cargo xtask setup|build|test|demo|bench|scale|image`: installs the toolchain, builds the
+//! eBPF object and the agent, and runs the suite or the demo, or makes the image. Every step is
 //! idempotent and quick when there is nothing to do.
 
 use std::io::{BufRead, BufReader};
@@ -62,7 +62,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build, then run a small local mesh, send traffic through it, show the debug views.
+    /// Build, then run Kubernetes mode on this machine (the API server double, pods made
+    /// through the CNI chain, mTLS): a route split, a denial, the debug views, the metrics.
     Demo,
     /// Build, then measure the mesh against no mesh and a sidecar pair (see docs/performance.md).
     Bench {
@@ -72,6 +73,14 @@ enum Cmd {
         /// Only the paths whose name contains this text (repeatable).
         #[arg(long)]
         only: Vec<String>,
+    },
+    /// Build, then make the OCI image of the agent and the CNI plugin with buildah
+    /// (from scratch: the stripped binaries and the libraries `ldd` lists), and
+    /// check it by running `mesh-agent --version` in it with podman.
+    Image {
+        /// The image name, in local container storage.
+        #[arg(long, default_value = "localhost/nodemesh/mesh-agent:dev")]
+        tag: String,
     },
     /// Build, then measure the Kubernetes source at cluster scale (10,000 pods and
     /// 1,000 Services in the API server double): memory per pod and change latency.
@@ -99,6 +108,7 @@ fn run() -> anyhow::Result<()> {
         .to_owned();
     match Cli::parse().command {
         Cmd::Setup => setup(&root),
+        Cmd::Image { tag } => image(&root, &tag),
         Cmd::Build => build(&root).map(|_| ()),
         Cmd::Test { args } => test(&root, &args),
         Cmd::Demo => demo(&root),
@@ -119,8 +129,9 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn setup(root: &Path) -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `packages` that are missing.
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -145,6 +156,11 @@ fn setup(root: &Path) -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
+    Ok(())
+}
+
+fn setup(root: &Path) -> anyhow::Result<()> {
+    apt_install(APT_PACKAGES)?;
     if !Path::new(BPF_RUSTC).exists() {
         bail!("{BPF_RUSTC} is missing even though rustc-web is installed");
     }
@@ -296,6 +312,183 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
             .and_then(|n| n.trim().parse::<u64>().ok())
     };
     Some((count(" passed")?, count(" failed")?))
+}
+
+/// What `cargo xtask image` needs beyond the build: buildah makes the image,
+/// podman and runc run it (runc, as crun refuses hybrid cgroup hosts).
+const IMAGE_PACKAGES: &[&str] = &["buildah", "podman", "runc", "binutils"];
+
+/// Both tools use the `vfs` storage driver: it works everywhere (overlay does
+/// not inside every container), and an image is small.
+const STORAGE: [&str; 2] = ["--storage-driver", "vfs"];
+
+fn image(root: &Path, tag: &str) -> anyhow::Result<()> {
+    let built = build(root)?;
+    apt_install(IMAGE_PACKAGES)?;
+    let rootfs = root.join("target/image/rootfs");
+    if rootfs.exists() {
+        std::fs::remove_dir_all(&rootfs)?;
+    }
+    let bin = rootfs.join("usr/local/bin");
+    std::fs::create_dir_all(&bin)?;
+    let mut libraries = std::collections::BTreeSet::new();
+    for name in ["mesh-agent", "nodemesh-cni"] {
+        let from = built.release_dir.join(name);
+        status(
+            Command::new("strip")
+                .arg("-o")
+                .arg(bin.join(name))
+                .arg(&from),
+        )?;
+        libraries.extend(shared_libraries(&from)?);
+    }
+    for lib in &libraries {
+        let to = rootfs.join(lib.strip_prefix("/").unwrap_or(lib));
+        std::fs::create_dir_all(to.parent().expect("a library path has a directory"))?;
+        // Follows symlinks: the image holds the files themselves.
+        std::fs::copy(lib, &to).with_context(|| format!("copying {}", lib.display()))?;
+    }
+    let buildah = || {
+        let mut c = Command::new("buildah");
+        c.args(STORAGE);
+        c
+    };
+    let out = buildah().args(["from", "scratch"]).output()?;
+    if !out.status.success() {
+        bail!(
+            "buildah from scratch: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let container = String::from_utf8(out.stdout)?.trim().to_owned();
+    let made = (|| -> anyhow::Result<()> {
+        status(
+            buildah()
+                .arg("copy")
+                .arg(&container)
+                .arg(&rootfs)
+                .arg("/")
+                .stdout(Stdio::null()),
+        )?;
+        status(buildah().args([
+            "config",
+            "--entrypoint",
+            r#"["/usr/local/bin/mesh-agent"]"#,
+            "--cmd",
+            r#"["run", "--kubernetes"]"#,
+            "--label",
+            &format!("org.opencontainers.image.revision={}", git_rev(root)),
+            "--label",
+            "org.opencontainers.image.title=nodemesh node agent and CNI plugin",
+            &container,
+        ]))?;
+        status(
+            buildah()
+                .args(["commit", "--quiet", &container, tag])
+                .stdout(Stdio::null()),
+        )
+    })();
+    let _ = buildah().args(["rm", &container]).output();
+    made?;
+
+    // The check: the agent and the plugin run in the image.
+    let podman = |entrypoint: &str, args: &[&str], env: &[&str]| -> anyhow::Result<String> {
+        let mut c = Command::new("podman");
+        c.args(STORAGE)
+            .args([
+                "--runtime",
+                "runc",
+                "run",
+                "--rm",
+                "--pull=never",
+                "--network=none",
+            ])
+            .args(["--cgroup-manager=cgroupfs", "--events-backend=file"])
+            // Not above the limits this process has: raising them needs
+            // CAP_SYS_RESOURCE, which a CI container may lack.
+            .args([
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .arg(format!("--entrypoint={entrypoint}"));
+        for e in env {
+            c.args(["--env", e]);
+        }
+        let out = c.arg(tag).args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "podman run {entrypoint} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let version = podman("/usr/local/bin/mesh-agent", &["--version"], &[])?;
+    if !version.starts_with("mesh-agent ") {
+        bail!("unexpected `mesh-agent --version` output: {version:?}");
+    }
+    let cni = podman("/usr/local/bin/nodemesh-cni", &[], &["CNI_COMMAND=VERSION"])?;
+    if !cni.contains("supportedVersions") {
+        bail!("unexpected `nodemesh-cni` VERSION output: {cni:?}");
+    }
+    let size = dir_size(&rootfs)?;
+    println!(
+        "built {tag} ({:.1} MB: mesh-agent, nodemesh-cni and {} libraries)\nin the image: {version}; nodemesh-cni VERSION: {cni}",
+        size as f64 / 1e6,
+        libraries.len()
+    );
+    Ok(())
+}
+
+/// The files of the shared libraries `binary` loads, its loader included (`ldd`).
+fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(binary).output()?;
+    if !out.status.success() {
+        bail!(
+            "ldd {}: {}",
+            binary.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)"; linux-vdso has no file.
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.trim(),
+                None => line.trim(),
+            };
+            let path = path.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+fn dir_size(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            dir_size(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
+}
+
+fn git_rev(root: &Path) -> String {
+    Command::new("git")
+        .current_dir(root)
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()> {
