@@ -238,9 +238,10 @@ impl Agent {
     /// Records a desired state the source could not read at all; the last good
     /// state stays in force.
     pub async fn reject(&self, error: &ConfigError) {
-        self.metrics.config_reload(false);
         tracing::error!(source = %self.settings.source, error = %error, "config rejected; the last good config stays in force");
         self.state.lock().await.status.last_error = Some(error.to_string());
+        // Counted last, so a scrape that shows the failure finds its reason too.
+        self.metrics.config_reload(false);
     }
 
     /// Where the desired state comes from (a file, or the Kubernetes API).

@@ -988,6 +988,21 @@ impl Agent {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// The first log line `matches` accepts, waiting up to 5 s for it: the agent
+    /// writes its log from a thread of its own, so a line can land just after
+    /// the metric or state that reports the same event. Panics with the log.
+    pub fn log_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let mut found = None;
+        let waited = wait_until(what, Duration::from_secs(5), || {
+            found = self.log().lines().find(|l| matches(l)).map(str::to_owned);
+            Ok(found.is_some())
+        });
+        match (waited, found) {
+            (Ok(()), Some(line)) => line,
+            _ => panic!("no log line: {what}\n{}", self.log()),
+        }
+    }
 }
 
 /// A `/proc/PID/status` field in KiB (`VmRSS`, `VmHWM`, …).

@@ -430,11 +430,12 @@ fn invalid_reload_keeps_last_good_config() {
     })
     .unwrap();
     let expected = "document 2 (Workload shop/a): spec.excludedPorts[0]";
-    assert!(
-        mesh.agent.log().contains(expected),
-        "log lacks {expected:?}:\n{}",
-        mesh.agent.log()
-    );
+    // The log is written by its own thread, so the line may land just after
+    // the counter moves.
+    wait_until("rejection logged", Duration::from_secs(5), || {
+        Ok(mesh.agent.log().contains(expected))
+    })
+    .unwrap_or_else(|_| panic!("log lacks {expected:?}:\n{}", mesh.agent.log()));
     let dump = mesh.agent.config_dump().unwrap();
     assert!(
         dump["config"]["lastError"]

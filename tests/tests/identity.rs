@@ -78,6 +78,37 @@ fn workload_certificates_are_issued_rotated_and_dropped() {
     );
 }
 
+/// The trust bundle is reloaded when the CA directory changes, and only then:
+/// reading the CA files is not a change (taken for one, each reload triggered
+/// the next, several times a second for as long as the agent ran).
+#[test]
+fn the_trust_bundle_is_reloaded_on_a_change_only() {
+    let tools = Tools::new(env!("CARGO_BIN_EXE_podtool")).unwrap();
+    let ca = MeshCa::init(&tools).unwrap();
+    let mut node = Node::new().unwrap();
+    let a = node.add_pod("a", "shop").unwrap();
+    let agent =
+        Agent::start_with(&tools, &node, &yaml_docs(&[a.workload_yaml()]), &ca.args()).unwrap();
+    wait_until("a certificate", Duration::from_secs(10), || {
+        Ok(certificates(&agent).len() == 1)
+    })
+    .unwrap();
+    let reloads = || agent.log().matches("trust bundle reloaded").count();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(reloads(), 0, "reloaded with no change:\n{}", agent.log());
+
+    // A Secret update rewrites the root: one reload, then quiet again.
+    let root = ca.dir.join("root-cert.pem");
+    let pem = std::fs::read_to_string(&root).unwrap();
+    std::fs::write(&root, pem).unwrap();
+    wait_until("reloaded after the change", Duration::from_secs(5), || {
+        Ok(reloads() >= 1)
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(reloads(), 1, "{}", agent.log());
+}
+
 /// A broken CA directory stops the agent at start with one line naming the file.
 #[test]
 fn a_missing_ca_file_is_a_clear_start_error() {

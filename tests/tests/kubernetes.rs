@@ -649,11 +649,9 @@ fn a_malformed_object_is_rejected_alone() {
         Ok(mesh.probe(&echo) != "data")
     })
     .unwrap();
-    let log = mesh.agent.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("object rejected"))
-        .unwrap_or_else(|| panic!("no rejection logged:\n{log}"));
+    let line = mesh
+        .agent
+        .log_line("rejection logged", |l| l.contains("object rejected"));
     assert!(line.contains("HTTPRoute shop/bad-route"), "{line}");
     assert!(line.contains("spec.rules[0].matches[0].path"), "{line}");
     let rejected = mesh.agent.config_dump().unwrap()["config"]["rejectedObjects"].clone();

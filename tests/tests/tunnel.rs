@@ -326,13 +326,11 @@ fn a_server_proving_another_identity_is_refused() {
         )? == 1.0)
     })
     .unwrap();
-    let log = mesh.near.log();
-    assert!(
-        log.contains(
-            "peer certificate rejected: peer is spiffe://cluster.local/ns/backend/sa/b-sa, expected spiffe://cluster.local/ns/backend/sa/payments"
-        ),
-        "{log}"
-    );
+    mesh.near.log_line("the peer's identity named", |l| {
+        l.contains(
+            "peer certificate rejected: peer is spiffe://cluster.local/ns/backend/sa/b-sa, expected spiffe://cluster.local/ns/backend/sa/payments",
+        )
+    });
     assert_eq!(
         mesh.far
             .metric("istio_tcp_connections_opened_total", &[])
@@ -424,8 +422,9 @@ fn strangers_at_the_tunnel_port_are_refused() {
         )? >= 4.0)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.far.metrics().unwrap()));
-    let log = mesh.far.log();
-    assert!(log.contains("tunnel connection refused"), "{log}");
+    mesh.far.log_line("refusal logged", |l| {
+        l.contains("tunnel connection refused")
+    });
     assert_eq!(
         mesh.far
             .metric("istio_tcp_connections_opened_total", &[])
@@ -488,7 +487,11 @@ fn inbound_plaintext_is_permissive_by_default_and_refused_when_strict() {
         )? == 1.0)
     })
     .unwrap();
-    assert!(mesh.far.log().contains("PeerAuthentication mode is STRICT"));
+    // The log has its own writer thread: the line may follow the counter.
+    wait_until("refusal logged", Duration::from_secs(5), || {
+        Ok(mesh.far.log().contains("PeerAuthentication mode is STRICT"))
+    })
+    .unwrap();
 
     // The meshed client is unaffected.
     let streamed = mesh.podtool(&mesh.a, &["stream", "--to", &echo, "--bytes", "100000"]);
@@ -592,11 +595,9 @@ spec:
         )? == 1.0)
     })
     .unwrap();
-    assert!(
-        mesh.far
-            .log()
-            .contains("closing a live connection the new policy no longer allows")
-    );
+    mesh.far.log_line("revocation logged", |l| {
+        l.contains("closing a live connection the new policy no longer allows")
+    });
 }
 
 fn serial(agent: &Agent, identity: &str) -> Option<String> {
@@ -758,13 +759,9 @@ fn an_expired_peer_certificate_is_refused() {
         Ok(refusals() > before)
     })
     .unwrap();
-    let log = mesh.far.log();
-    assert!(
-        log.lines().any(
-            |l| l.contains("tunnel connection refused") && l.to_lowercase().contains("expired")
-        ),
-        "{log}"
-    );
+    mesh.far.log_line("the expiry named", |l| {
+        l.contains("tunnel connection refused") && l.to_lowercase().contains("expired")
+    });
     assert_eq!(
         mesh.far
             .metric("istio_tcp_connections_opened_total", &[])

@@ -89,7 +89,7 @@ pub fn watch_dir(
 ) -> anyhow::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>)> {
     let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| is_change(&e.kind)) {
             let _ = tx.try_send(());
         }
     })
@@ -100,8 +100,54 @@ pub fn watch_dir(
     Ok((watcher, rx))
 }
 
+/// Whether an event changes what is in the directory. Opening and reading a
+/// file is an event too (inotify's `IN_OPEN`, `IN_CLOSE_NOWRITE`): taken for a
+/// change, the reload that reads the files would trigger the next reload, for
+/// ever.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::AccessKind;
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+        // A file written and closed: some writers are seen only by this.
+        EventKind::Access(AccessKind::Close(notify::event::AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Other => false,
+        EventKind::Any => true,
+    }
+}
+
 /// Lets a burst of writes settle before reading, and swallows its other events.
 pub async fn settle(changes: &mut tokio::sync::mpsc::Receiver<()>) {
     tokio::time::sleep(Duration::from_millis(100)).await;
     while changes.try_recv().is_ok() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reading_the_files_is_not_a_change_and_writing_or_swapping_them_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("root-cert.pem");
+        std::fs::write(&file, "a").unwrap();
+        let (_watcher, mut changes) = watch_dir(dir.path(), "test").unwrap();
+        for _ in 0..5 {
+            std::fs::read_to_string(&file).unwrap();
+        }
+        let quiet = tokio::time::timeout(Duration::from_millis(300), changes.recv()).await;
+        assert!(quiet.is_err(), "reading the files was taken for a change");
+
+        std::fs::write(&file, "b").unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+        assert!(seen.is_ok(), "a write was missed");
+        settle(&mut changes).await;
+
+        // Kubernetes updates a mounted Secret by swapping the `..data` symlink.
+        std::fs::write(dir.path().join("next"), "c").unwrap();
+        settle(&mut changes).await;
+        std::fs::rename(dir.path().join("next"), &file).unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+        assert!(seen.is_ok(), "a rename over the file was missed");
+    }
 }
