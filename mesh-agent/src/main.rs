@@ -391,8 +391,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         (None, Some(path)) => {
             let mut file = FileSource::new(path.clone(), trust_domain);
+            // Watching first: a change right after the first read is not missed.
+            let changes = file.changes()?;
             file.reload(&agent, true).await.context("initial config")?;
-            tokio::spawn(file.watch(agent.clone()))
+            tokio::spawn(file.watch(agent.clone(), changes))
         }
         (None, None) => unreachable!("clap requires --config or --kubernetes"),
     };
@@ -413,6 +415,9 @@ async fn serve_until_stopped(
     let (_ca_watcher, mut ca_changes) = match &agent.identity {
         Some(identity) => {
             let (w, rx) = watch_dir(&identity.ca_dir, "CA")?;
+            // A change since the CA was loaded at start, before the watch: a
+            // no-op unless the file's content differs.
+            identity.reload_trust();
             (Some(w), rx)
         }
         None => (None, tokio::sync::mpsc::channel(1).1),

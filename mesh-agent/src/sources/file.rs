@@ -57,16 +57,23 @@ impl FileSource {
         Ok(())
     }
 
-    /// Re-applies the file whenever it changes or SIGHUP arrives; runs until dropped.
-    pub async fn watch(mut self, agent: Arc<Agent>) -> anyhow::Result<()> {
-        // Watch the directory: editors and Kubernetes ConfigMaps replace files by rename.
+    /// Starts watching the file's directory (editors and Kubernetes ConfigMaps
+    /// replace files by rename). Called before the first read, so that a change
+    /// made between that read and [`FileSource::watch`] is not missed.
+    pub fn changes(&self) -> anyhow::Result<DirChanges> {
         let dir = self
             .path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_owned();
-        let (_watcher, mut changes) = watch_dir(&dir, "config")?;
+        watch_dir(&dir, "config")
+    }
+
+    /// Re-applies the file whenever `changes` reports a change or SIGHUP
+    /// arrives; runs until dropped.
+    pub async fn watch(mut self, agent: Arc<Agent>, changes: DirChanges) -> anyhow::Result<()> {
+        let (_watcher, mut changes) = changes;
         let mut hangup = signal(SignalKind::hangup())?;
         loop {
             let force = tokio::select! {
@@ -82,11 +89,11 @@ impl FileSource {
     }
 }
 
-/// A watcher on `dir` (kept alive by the caller) and the channel it signals changes on.
-pub fn watch_dir(
-    dir: &Path,
-    what: &str,
-) -> anyhow::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>)> {
+/// A directory watcher (kept alive by its holder) and the channel it signals changes on.
+pub type DirChanges = (notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>);
+
+/// Watches `dir`, signalling changes of its content.
+pub fn watch_dir(dir: &Path, what: &str) -> anyhow::Result<DirChanges> {
     let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| is_change(&e.kind)) {
