@@ -112,6 +112,25 @@ const KINDS: &[Kind] = &[
     },
 ];
 
+/// A Namespace object, opted into the mesh (`nodemesh.io/mesh: enabled`) or not.
+pub fn namespace(name: &str, meshed: bool) -> Value {
+    let labels = if meshed {
+        json!({"nodemesh.io/mesh": "enabled"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+/// A UUID-shaped pod UID, unique to this process and call.
+pub fn pod_uid() -> String {
+    let n = crate::unique_name("u").replace(|c: char| !c.is_ascii_digit(), "");
+    format!(
+        "6f1c2a3b-0d4e-4f50-9a6b-{:0>12}",
+        &n[n.len().saturating_sub(12)..]
+    )
+}
+
 /// The API group of a resource the double serves (`""` for the core group).
 pub fn api_group(plural: &str) -> Option<&'static str> {
     KINDS.iter().find(|k| k.plural == plural).map(|k| {

@@ -249,17 +249,9 @@ impl CniNetwork {
                 uid,
             },
         )?;
-        let mut ip = Ipv4Addr::UNSPECIFIED;
-        let mut ip6 = Ipv6Addr::UNSPECIFIED;
-        // The bridge plugin's result, whatever nodemesh-cni said.
-        let addresses = if run.ok { run.json() } else { Value::Null };
-        for entry in addresses["ips"].as_array().into_iter().flatten() {
-            let cidr = entry["address"].as_str().unwrap_or_default();
-            match cidr.split('/').next().unwrap_or_default().parse::<IpAddr>() {
-                Ok(IpAddr::V4(v4)) => ip = v4,
-                Ok(IpAddr::V6(v6)) => ip6 = v6,
-                Err(_) => {}
-            }
+        let (mut ip, mut ip6) = (Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED);
+        if run.ok {
+            set_addresses(&run.json(), &mut ip, &mut ip6);
         }
         Ok((
             Pod {
@@ -304,14 +296,19 @@ impl CniNetwork {
             },
         )?;
         pod.sandbox_id = Some(container_id);
-        for entry in run.json()["ips"].as_array().into_iter().flatten() {
-            let cidr = entry["address"].as_str().unwrap_or_default();
-            match cidr.split('/').next().unwrap_or_default().parse::<IpAddr>() {
-                Ok(IpAddr::V4(v4)) => pod.ip = v4,
-                Ok(IpAddr::V6(v6)) => pod.ip6 = v6,
-                Err(_) => {}
-            }
-        }
+        set_addresses(&run.json(), &mut pod.ip, &mut pod.ip6);
         Ok(run)
+    }
+}
+
+/// Takes a pod's addresses from a CNI result (`ips[].address`, in CIDR notation).
+fn set_addresses(result: &Value, ip: &mut Ipv4Addr, ip6: &mut Ipv6Addr) {
+    for entry in result["ips"].as_array().into_iter().flatten() {
+        let cidr = entry["address"].as_str().unwrap_or_default();
+        match cidr.split('/').next().unwrap_or_default().parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => *ip = v4,
+            Ok(IpAddr::V6(v6)) => *ip6 = v6,
+            Err(_) => {}
+        }
     }
 }

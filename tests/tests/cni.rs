@@ -6,32 +6,15 @@
 
 use std::time::Duration;
 
-use nodemesh_testkit::apiserver::ApiServer;
+use nodemesh_testkit::apiserver::{ApiServer, namespace, pod_uid as uid};
 use nodemesh_testkit::cni::CniNetwork;
 use nodemesh_testkit::{
-    Agent, KubeletLayout, MeshCa, Node, Pod, Process, Tools, run_json, unique_name, wait_until,
+    Agent, KubeletLayout, MeshCa, Node, Pod, Process, Tools, run_json, wait_until,
 };
 use serde_json::{Value, json};
 
 const ECHO_PORT: u16 = 9000;
 const RUN: Duration = Duration::from_secs(60);
-
-fn namespace(name: &str, meshed: bool) -> Value {
-    let labels = if meshed {
-        json!({"nodemesh.io/mesh": "enabled"})
-    } else {
-        json!({})
-    };
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
-}
-
-fn uid() -> String {
-    let n = unique_name("u").replace(|c: char| !c.is_ascii_digit(), "");
-    format!(
-        "7c2d3e4f-1a2b-4c3d-8e9f-{:0>12}",
-        &n[n.len().saturating_sub(12)..]
-    )
-}
 
 /// A scheduled pod as the API has it before kubelet reports an address.
 fn scheduled(name: &str, ns: &str, uid: &str, node: &Node, labels: Value) -> Value {
@@ -132,10 +115,13 @@ impl CniNode {
         self.agent.as_ref().expect("agent started")
     }
 
-    fn podtool(&self, pod: &Pod, args: &[&str]) -> Value {
-        let mut cmd = pod.command(&self.tools.podtool).unwrap();
-        cmd.args(args);
-        run_json(&mut cmd, RUN).unwrap()
+    /// What `from` saw connecting to `to`'s echo server: `data` when it answered.
+    fn probe(&self, from: &Pod, to: &Pod) -> String {
+        let mut cmd = from.command(&self.tools.podtool).unwrap();
+        let to = to.addr(ECHO_PORT).to_string();
+        cmd.args(["probe", "--to", &to, "--timeout-ms", "3000"]);
+        let report = run_json(&mut cmd, RUN).unwrap();
+        report["outcome"].as_str().unwrap_or("").to_owned()
     }
 }
 
@@ -233,17 +219,7 @@ fn add_enrolls_before_the_first_instruction_del_frees_and_unmeshed_pods_pass() {
         Ok(out.contains(&format!(":{ECHO_PORT}")))
     })
     .unwrap();
-    let report = mesh.podtool(
-        &client,
-        &[
-            "probe",
-            "--to",
-            &server.addr(ECHO_PORT).to_string(),
-            "--timeout-ms",
-            "3000",
-        ],
-    );
-    assert_eq!(report["outcome"], "data", "{report}");
+    assert_eq!(mesh.probe(&client, &server), "data");
     mesh.api.apply(running(&client, client_labels)).unwrap();
     let wanted = [
         ("reporter", "destination"),
@@ -381,17 +357,7 @@ fn without_the_agent_add_fails_closed_and_a_retry_succeeds_once_it_runs() {
         Ok(state_of(agent, &server).as_deref() == Some("enrolled"))
     })
     .unwrap();
-    let report = mesh.podtool(
-        &pod,
-        &[
-            "probe",
-            "--to",
-            &server.addr(ECHO_PORT).to_string(),
-            "--timeout-ms",
-            "3000",
-        ],
-    );
-    assert_eq!(report["outcome"], "data", "{report}");
+    assert_eq!(mesh.probe(&pod, &server), "data");
     let late = principal("shop", "late-sa");
     wait_until("mTLS connection counted", Duration::from_secs(10), || {
         Ok(agent.metric(

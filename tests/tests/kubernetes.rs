@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nodemesh_testkit::apiserver::{ApiServer, Served};
+use nodemesh_testkit::apiserver::{ApiServer, Served, namespace, pod_uid as uid};
 use nodemesh_testkit::{
-    Agent, KubeletLayout, MeshCa, Node, Pod, Process, Tools, run_json, unique_name, wait_until,
+    Agent, KubeletLayout, MeshCa, Node, Pod, Process, Tools, run_json, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -20,24 +20,6 @@ const PROMPT: Duration = Duration::from_secs(1);
 /// Kinds the agent watches: Pods, Namespaces, Services, EndpointSlices and the
 /// seven routing and policy kinds.
 const WATCHED_KINDS: usize = 11;
-
-fn namespace(name: &str, meshed: bool) -> Value {
-    let labels = if meshed {
-        json!({"nodemesh.io/mesh": "enabled"})
-    } else {
-        json!({})
-    };
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
-}
-
-fn uid() -> String {
-    // A UUID-shaped UID, unique to this process and call.
-    let n = unique_name("u").replace(|c: char| !c.is_ascii_digit(), "");
-    format!(
-        "6f1c2a3b-0d4e-4f50-9a6b-{:0>12}",
-        &n[n.len().saturating_sub(12)..]
-    )
-}
 
 /// The workload states in `/config_dump`, by pod name.
 fn states(agent: &Agent) -> anyhow::Result<Vec<(String, String)>> {
