@@ -217,17 +217,27 @@ fn snapshot(
                     w.ips = ips.clone();
                 }
                 let uid = record.uid.as_deref().unwrap_or_default();
-                w.placement = match placement::discover(&settings.cgroup_root, uid) {
-                    Discovery::Found(Placement { cgroup_path, .. })
-                    | Discovery::Starting(cgroup_path) => Some(Box::new(Placement {
-                        cgroup_path,
-                        netns: NetnsRef::Path(netns.clone()),
-                    })),
-                    Discovery::Missing => {
-                        starting += 1;
-                        None
-                    }
+                let netns = NetnsRef::Path(netns.clone());
+                // Found once per sandbox, as the pods found by discovery are:
+                // not a walk of the cgroup tree on every apply.
+                w.placement = match placements.get(uid).filter(|p| p.netns == netns) {
+                    Some(p) => Some(Box::new(p.clone())),
+                    None => match placement::discover(&settings.cgroup_root, uid) {
+                        Discovery::Found(Placement { cgroup_path, .. })
+                        | Discovery::Starting(cgroup_path) => {
+                            let p = Placement { cgroup_path, netns };
+                            placements.insert(uid.to_owned(), p.clone());
+                            Some(Box::new(p))
+                        }
+                        Discovery::Missing => {
+                            starting += 1;
+                            None
+                        }
+                    },
                 };
+                if w.placement.is_some() {
+                    present.insert(uid);
+                }
                 config.workloads.push(w);
                 continue;
             }
