@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_agent::identity::manager::CertPolicy;
 use mesh_agent::identity::node::{IdentitySettings, IdentityState};
-use mesh_agent::node::capture::Capture;
+use mesh_agent::node::capture::{AgentDown, Capture, CaptureOptions, Startup};
 use mesh_agent::node::cgroup;
 use mesh_agent::reconciler::{Agent, Settings};
 use mesh_agent::sources::file::{FileSource, settle, watch_dir};
@@ -42,6 +42,14 @@ enum Command {
     /// Install or remove the nodemesh-cni plugin on this node.
     #[command(subcommand)]
     Cni(CniCommand),
+    /// Remove nodemesh's pinned programs and maps from this node: capture stops
+    /// once no agent runs. Meshed pods then reach each other directly, without
+    /// mTLS or policy; run it only to take the mesh off the node.
+    Uninstall {
+        /// The agents' --bpf-dir.
+        #[arg(long, env = "NODEMESH_BPF_DIR", default_value = mesh_agent::node::pins::DEFAULT_ROOT)]
+        bpf_dir: PathBuf,
+    },
     /// Print the running agent's state as tables.
     Debug {
         /// What to show.
@@ -143,6 +151,15 @@ struct RunArgs {
     /// Port of the outbound listener inside each pod.
     #[arg(long, env = "NODEMESH_OUTBOUND_PORT", default_value_t = 15001)]
     outbound_port: u16,
+    /// bpffs directory where the programs' maps and links are pinned, so capture
+    /// outlives the agent process (mounted at /sys/fs/bpf when the node has none).
+    #[arg(long, env = "NODEMESH_BPF_DIR", default_value = mesh_agent::node::pins::DEFAULT_ROOT)]
+    bpf_dir: PathBuf,
+    /// What meshed pods' connections do while no agent serves them (crash, OOM
+    /// kill, a stop without a successor): `closed` refuses them at once; `open`
+    /// lets them go direct, unencrypted and without policy.
+    #[arg(long, env = "NODEMESH_ON_AGENT_DOWN", default_value = "closed", value_parser = ["closed", "open"])]
+    on_agent_down: String,
     /// Cgroup to attach the programs to; default: the cgroup2 root.
     #[arg(long, env = "NODEMESH_ATTACH_CGROUP")]
     attach_cgroup: Option<PathBuf>,
@@ -203,6 +220,14 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Cni(command) => cni(command).await,
+            Command::Uninstall { bpf_dir } => {
+                let removed = mesh_agent::node::capture::uninstall(&bpf_dir)?;
+                println!(
+                    "removed {removed} pinned objects under {}; capture stops once no agent runs",
+                    bpf_dir.display()
+                );
+                Ok(())
+            }
             Command::Debug { what, admin_addr } => {
                 print!("{}", debug::render(admin_addr, what).await?);
                 Ok(())
@@ -336,9 +361,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None
     };
     let admin_listener = admin::bind(args.admin_addr).await?;
-    let capture = Capture::load(&attach_cgroup)?;
+    let on_agent_down = match args.on_agent_down.as_str() {
+        "open" => AgentDown::Open,
+        _ => AgentDown::Closed,
+    };
+    let capture = Capture::load(
+        &attach_cgroup,
+        &CaptureOptions {
+            pin_root: args.bpf_dir.clone(),
+            on_agent_down,
+        },
+    )?;
     let attach_cgroup_root = attach_cgroup.clone();
-    tracing::info!(cgroup = %attach_cgroup.display(), programs = ?capture.programs().iter().map(|p| p.id).collect::<Vec<_>>(), "eBPF programs attached");
+    tracing::info!(cgroup = %attach_cgroup.display(), pins = %capture.pin_dir().display(), startup = ?capture.startup(), on_agent_down = ?on_agent_down, programs = ?capture.programs().iter().map(|p| p.id).collect::<Vec<_>>(), "eBPF programs in force");
+    if on_agent_down == AgentDown::Open {
+        tracing::warn!(
+            "--on-agent-down open: while no agent runs, meshed pods' connections go direct, without mTLS, policy or metrics"
+        );
+    }
+    if capture.startup() != Startup::Fresh {
+        // Records of connections captured for a previous agent: those died with it.
+        let cleared = capture.clear_connection_records();
+        tracing::info!(
+            cleared,
+            "adopted pinned capture state; cleared records of the previous agent's connections"
+        );
+    }
     let identity_settings = args.ca_dir.as_ref().map(|dir| IdentitySettings {
         ca_dir: dir.clone(),
         policy: CertPolicy {

@@ -22,6 +22,7 @@ use crate::identity::manager::CertView;
 use crate::identity::node::{IdentitySettings, IdentityState};
 use crate::metrics::Metrics;
 use crate::node::capture::{Capture, Exclusions, MapOccupancy, ProgramSummary};
+use crate::node::capture::{LiveSet, NetnsLink};
 use crate::node::cgroup::{Cgroup2, cgroup_id};
 use crate::node::netns::NetnsHandle;
 use crate::proxy::inbound::{self, InboundContext};
@@ -37,7 +38,6 @@ use crate::state::route::HttpRoute;
 use crate::state::service::Selectable;
 use crate::state::workload::{Directory, NetnsRef, Workload, WorkloadMeta};
 use crate::state::{ConfigError, MeshConfig};
-use aya::programs::sk_lookup::SkLookupLink;
 use mesh_common::INBOUND_PORT;
 
 /// Agent settings that come from flags, not from the desired state.
@@ -95,19 +95,34 @@ struct Enrollment {
 }
 
 /// A pod's inbound steering: its addresses in the kernel's steering map and the
-/// `sk_lookup` link on its namespace. Dropping it removes both.
+/// pinned `sk_lookup` link on its namespace. Both outlive the agent process
+/// (that is what keeps a pod fail-closed while no agent runs); they are removed
+/// by [`InboundSteering::remove`] when the pod leaves the mesh, or on drop while
+/// `armed` (an enrollment that failed half way).
 struct InboundSteering {
     capture: Arc<Capture>,
     ips: Vec<IpAddr>,
-    link: Option<SkLookupLink>,
+    link: Option<NetnsLink>,
+    armed: bool,
+}
+
+impl InboundSteering {
+    fn remove(mut self) {
+        self.armed = true;
+    }
 }
 
 impl Drop for InboundSteering {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         for ip in &self.ips {
             self.capture.unsteer_inbound(*ip);
         }
-        // The link detaches as its field drops.
+        if let Some(link) = self.link.take() {
+            self.capture.detach_inbound(link);
+        }
     }
 }
 
@@ -118,6 +133,9 @@ struct State {
     /// Listener tasks of unenrolled workloads, still draining, by netns inode.
     draining: HashMap<u64, Vec<JoinHandle<()>>>,
     next_workload_id: u32,
+    /// Pinned kernel state from an earlier agent may still hold entries for pods
+    /// that are gone; swept once every desired pod is enrolled.
+    sweep_pending: bool,
     status: ConfigStatus,
 }
 
@@ -167,7 +185,10 @@ impl Agent {
     ) -> Self {
         let own_cgroup = cgroup2.own_cgroup().ok();
         let state = State {
-            next_workload_id: 1,
+            // Above every id still in the adopted maps, so a new id never inherits
+            // a previous agent's exclusions.
+            next_workload_id: capture.highest_workload_id() + 1,
+            sweep_pending: true,
             status: ConfigStatus {
                 source: settings.source.clone(),
                 ..ConfigStatus::default()
@@ -226,6 +247,9 @@ impl Agent {
         state.status.last_error = None;
         state.status.rejected_objects = rejected;
         self.reconcile(&mut state, config).await;
+        if state.sweep_pending {
+            self.sweep_kernel_state(&mut state);
+        }
         crate::allocator::release_freed_memory();
         // Counted once in force, so a scrape never shows a state as applied early.
         self.metrics.config_reload(true);
@@ -370,6 +394,50 @@ impl Agent {
         self.metrics.failed_workloads.set(state.failed.len() as i64);
     }
 
+    /// Takes over another build's links once this agent's maps hold the enrolled
+    /// pods, and removes pinned entries no desired pod accounts for.
+    fn sweep_kernel_state(&self, state: &mut State) {
+        match self.capture.take_over() {
+            Ok(0) => {}
+            Ok(links) => {
+                tracing::info!(links, "took over capture from another build's programs")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "taking over another build's links failed; they stay in force")
+            }
+        }
+        let mut live = LiveSet::default();
+        let mut cookies = std::collections::HashSet::new();
+        for e in state.enrolled.values() {
+            live.cgroups.insert(e.cgroup_id);
+            live.addrs.extend(e.workload.ips.iter().copied());
+            cookies.insert(e.ctx.netns.cookie);
+        }
+        // A desired pod that failed to enroll keeps its pinned entries: refused,
+        // not uncaptured, until it is enrolled again.
+        for (w, _) in state.failed.values() {
+            live.addrs.extend(w.ips.iter().copied());
+            if let Some(p) = &w.placement
+                && let Ok(id) = cgroup_id(&self.cgroup2.resolve(&p.cgroup_path))
+            {
+                live.cgroups.insert(id);
+            }
+        }
+        let complete = state.failed.is_empty();
+        live.netns_cookies = complete.then_some(cookies);
+        let swept = self.capture.sweep(&live);
+        if swept != Default::default() {
+            tracing::info!(
+                workloads = swept.workloads,
+                exclusions = swept.exclusions,
+                addresses = swept.addrs,
+                netns_links = swept.netns_links,
+                "removed kernel state left for pods no longer served"
+            );
+        }
+        state.sweep_pending = !complete;
+    }
+
     async fn enroll(&self, state: &mut State, w: &Workload) -> anyhow::Result<Enrollment> {
         let placement = w.placement.as_ref().ok_or_else(|| {
             anyhow!("its cgroup and network namespace are not known (yet): a file must set spec.cgroupPath and spec.netns; in Kubernetes mode the pod cgroup has not been found on this node")
@@ -492,6 +560,7 @@ impl Agent {
                 capture: self.capture.clone(),
                 ips: Vec::new(),
                 link: None,
+                armed: true,
             };
             for ip in &w.ips {
                 if let Some((_, l)) = by_family.iter().find(|(v6, _)| *v6 == ip.is_ipv6()) {
@@ -511,7 +580,7 @@ impl Agent {
             let ns = std::fs::File::open(&ns_file)?;
             steered.link = Some(
                 self.capture
-                    .attach_inbound(&ns)
+                    .attach_inbound(&ns, ctx.netns.cookie)
                     .context("attaching inbound steering (sk_lookup) to the pod")?,
             );
             steering = Some(steered);
@@ -528,6 +597,9 @@ impl Agent {
             return Err(e).context("writing capture maps");
         }
         stop_on_error.disarm();
+        if let Some(s) = &mut steering {
+            s.armed = false;
+        }
         Ok(Enrollment {
             inbound: steering,
             workload: w.clone(),
@@ -562,7 +634,9 @@ impl Agent {
         self.capture
             .unenroll(e.cgroup_id, e.workload_id, &e.exclusions);
         // Stop steering inbound connections before their listeners close.
-        drop(e.inbound);
+        if let Some(steering) = e.inbound {
+            steering.remove();
+        }
         e.cancel.cancel();
         state
             .draining

@@ -29,6 +29,20 @@ pub const INBOUND_PORT: u16 = 15006;
 /// Upper bound on steered pod addresses (a few per workload).
 pub const MAX_INBOUND_ADDRS: u32 = MAX_WORKLOADS * 4;
 
+/// Node-wide settings the kernel programs read, by index into the `SETTINGS` array.
+/// They live in a pinned map, so they still apply while no agent runs.
+pub mod setting {
+    /// What a meshed pod's connections do while no agent serves it
+    /// (`AGENT_DOWN_CLOSED` or `AGENT_DOWN_OPEN`).
+    pub const ON_AGENT_DOWN: u32 = 0;
+    /// Number of settings.
+    pub const COUNT: u32 = 1;
+    /// Refuse at once: nothing leaves or enters a meshed pod outside the mesh (the default).
+    pub const AGENT_DOWN_CLOSED: u32 = 0;
+    /// Let connections go direct, unencrypted and unenforced (availability over enforcement).
+    pub const AGENT_DOWN_OPEN: u32 = 1;
+}
+
 /// A pod address whose inbound TCP the `sk_lookup` program steers to the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -118,10 +132,19 @@ pub mod stat {
     pub const LOOPBACK: u32 = 2;
     /// IPv6 connects left alone because the workload has no IPv6 listener.
     pub const NO_V6_LISTENER: u32 = 3;
-    /// Captured connects whose original destination could not be recorded; they go direct.
+    /// Captured connects whose original destination could not be recorded: refused
+    /// (or sent direct under `AGENT_DOWN_OPEN`).
     pub const RECORD_FAILED: u32 = 4;
+    /// Outbound connects refused because no agent listened for the pod (fail-closed).
+    pub const AGENT_DOWN_REFUSED: u32 = 5;
+    /// Outbound connects sent direct because no agent listened (`--on-agent-down open`).
+    pub const AGENT_DOWN_DIRECT: u32 = 6;
+    /// Inbound connections to a meshed pod reset because no agent listened (fail-closed).
+    pub const INBOUND_AGENT_DOWN_REFUSED: u32 = 7;
+    /// Inbound connections let straight to the application because no agent listened (open).
+    pub const INBOUND_AGENT_DOWN_DIRECT: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 9;
     /// Metric label for each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "captured",
@@ -129,6 +152,10 @@ pub mod stat {
         "loopback",
         "no_v6_listener",
         "record_failed",
+        "agent_down_refused",
+        "agent_down_direct",
+        "inbound_agent_down_refused",
+        "inbound_agent_down_direct",
     ];
 }
 

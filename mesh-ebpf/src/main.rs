@@ -15,6 +15,12 @@
 //!   sends to itself (including the agent delivering to the app from inside the
 //!   pod) are left to the normal socket lookup.
 //!
+//! While no agent listens for a meshed pod (it crashed, or is being replaced
+//! without a handoff), both directions fail closed: its connects are refused
+//! with `EPERM` and connections to it are reset, unless the node's
+//! `setting::ON_AGENT_DOWN` says open. The maps and links are pinned by the
+//! agent, so these programs keep deciding when no agent process exists.
+//!
 //! Everything is decided from kernel state (cgroup id, socket cookie, netns
 //! cookie); nothing the application sends is trusted.
 #![no_std]
@@ -28,18 +34,23 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
+    bindings::{
+        BPF_F_CURRENT_NETNS, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6,
+    },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie,
+        bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
     CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, FAMILY_V6, HBONE_PORT, INBOUND_PORT,
     InboundKey, MAX_CGROUP_ANCESTORS, MAX_EXCLUSIONS, MAX_INBOUND_ADDRS, MAX_PENDING_CONNECTIONS,
-    MAX_WORKLOADS, OrigDst, PortKey, WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry, stat, v4_mapped,
+    MAX_WORKLOADS, OrigDst, PortKey, WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry, setting, stat,
+    v4_mapped,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -47,6 +58,8 @@ const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
 /// Allow the syscall to proceed (cgroup sock_addr programs return 1 to allow).
 const ALLOW: i32 = 1;
+/// Fail the syscall with `EPERM` (cgroup sock_addr programs return 0 to deny).
+const DENY: i32 = 0;
 
 /// Enrolled workloads by cgroup id (filled by the agent).
 #[map]
@@ -74,22 +87,40 @@ static ORIG_DST: LruHashMap<ConnKey, OrigDst> =
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 /// The agent's inbound listener in each meshed pod, by pod address (filled by the agent).
+/// A listener's entry goes away with the socket, so a miss means no agent serves it.
 #[map]
 static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::with_max_entries(MAX_INBOUND_ADDRS, 0);
 
+/// Every steered pod address, kept while the pod is meshed whether or not an agent
+/// listens (filled by the agent): what makes a missing listener a refusal.
+#[map]
+static MESHED_ADDRS: HashMap<InboundKey, u8> = HashMap::with_max_entries(MAX_INBOUND_ADDRS, 0);
+
+/// Node-wide settings, indexed by `mesh_common::setting` (written by the agent).
+#[map]
+static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
+
 /// `sk_lookup` verdict: continue (with or without a selected socket).
 const SK_PASS: u32 = 1;
+/// `sk_lookup` verdict: no socket; the client gets a reset.
+const SK_DROP: u32 = 0;
 /// Every network namespace numbers its loopback device 1.
 const LOOPBACK_IFINDEX: u32 = 1;
 
 #[sk_lookup]
 pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
-    // Never drop: a miss or a failed assignment falls back to the normal lookup.
-    let _ = steer(&ctx);
-    SK_PASS
+    steer(&ctx)
 }
 
-fn steer(ctx: &SkLookupContext) -> Option<()> {
+/// Whether the node says to let traffic go direct while no agent serves a pod.
+#[inline(always)]
+fn agent_down_open() -> bool {
+    SETTINGS
+        .get(setting::ON_AGENT_DOWN)
+        .is_some_and(|v| *v == setting::AGENT_DOWN_OPEN)
+}
+
+fn steer(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the kernel passes a valid bpf_sk_lookup for the program's lifetime.
     let l = unsafe { &*ctx.lookup };
     // Every field is read up front, each with its own constant offset from the
@@ -123,7 +154,7 @@ fn steer(ctx: &SkLookupContext) -> Option<()> {
         ]
     };
     if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
-        return None;
+        return SK_PASS;
     }
     // From the pod's own address to itself: the pod talking to itself, or the agent
     // delivering to the application from inside the pod. Loopback routing reports
@@ -134,10 +165,10 @@ fn steer(ctx: &SkLookupContext) -> Option<()> {
         remote6 == ip6
     };
     if own {
-        return None;
+        return SK_PASS;
     }
     if port == u32::from(HBONE_PORT) || port == u32::from(INBOUND_PORT) {
-        return None;
+        return SK_PASS;
     }
     let addr = if family == AF_INET {
         v4_mapped(ip4.to_ne_bytes())
@@ -153,21 +184,32 @@ fn steer(ctx: &SkLookupContext) -> Option<()> {
             d[2], d[3],
         ]
     };
-    INBOUND_LISTENERS
-        .redirect_sk_lookup(ctx, InboundKey { addr }, 0)
-        .ok()
+    let key = InboundKey { addr };
+    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+        return SK_PASS;
+    }
+    // No listener: either the address is not meshed (the normal lookup decides)
+    // or its agent is gone.
+    if unsafe { MESHED_ADDRS.get(&key) }.is_none() {
+        return SK_PASS;
+    }
+    if agent_down_open() {
+        count(stat::INBOUND_AGENT_DOWN_DIRECT);
+        SK_PASS
+    } else {
+        count(stat::INBOUND_AGENT_DOWN_REFUSED);
+        SK_DROP
+    }
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
-    capture(&ctx, false);
-    ALLOW
+    capture(&ctx, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
-    capture(&ctx, true);
-    ALLOW
+    capture(&ctx, true)
 }
 
 #[sock_ops]
@@ -245,15 +287,56 @@ fn is_excluded(workload_id: u32, addr: &[u8; 16], port: u16) -> bool {
     EXCLUDED_CIDRS.get(&cidr_key).is_some()
 }
 
+/// Whether the agent's outbound listener for this pod exists: loopback `port`
+/// in the connecting socket's network namespace, IPv6 (`::1`) or IPv4. The
+/// listener is the agent's presence; it closes when the agent dies.
 #[inline(always)]
-fn capture(ctx: &SockAddrContext, v6: bool) {
+fn agent_listening(ctx: &SockAddrContext, v6_listener: bool, port: u16) -> bool {
+    // SAFETY: a plain-data union, zeroed, then one variant filled.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if v6_listener {
+        tuple.__bindgen_anon_1.ipv6 = Tuple6 {
+            saddr: [0; 4],
+            daddr: [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<Tuple6>()
+    } else {
+        tuple.__bindgen_anon_1.ipv4 = Tuple4 {
+            saddr: 0,
+            daddr: u32::from_ne_bytes([127, 0, 0, 1]),
+            sport: 0,
+            dport: port.to_be(),
+        };
+        core::mem::size_of::<Tuple4>()
+    };
+    // SAFETY: the tuple lives on this stack frame; a found socket is released below.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
+
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
     if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP {
-        return;
+        return ALLOW;
     }
     let Some((cgroup_id, workload)) = enrolled_workload() else {
-        return;
+        return ALLOW;
     };
 
     let (addr, family) = if v6 {
@@ -276,15 +359,24 @@ fn capture(ctx: &SockAddrContext, v6: bool) {
 
     if is_local(&addr, family) {
         count(stat::LOOPBACK);
-        return;
+        return ALLOW;
     }
     if is_excluded(workload.workload_id, &addr, port) {
         count(stat::EXCLUDED);
-        return;
+        return ALLOW;
     }
     if family == FAMILY_V6 && workload.flags & WORKLOAD_FLAG_V6_LISTENER == 0 {
         count(stat::NO_V6_LISTENER);
-        return;
+        return ALLOW;
+    }
+    // IPv4 destinations (v4-mapped ones included) are redirected to 127.0.0.1.
+    if !agent_listening(ctx, family == FAMILY_V6, workload.outbound_port) {
+        if agent_down_open() {
+            count(stat::AGENT_DOWN_DIRECT);
+            return ALLOW;
+        }
+        count(stat::AGENT_DOWN_REFUSED);
+        return DENY;
     }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -296,9 +388,10 @@ fn capture(ctx: &SockAddrContext, v6: bool) {
         cgroup_id,
     };
     if PENDING.insert(&cookie, &orig, 0).is_err() {
-        // Without a record the agent could not forward it: let it go direct.
+        // Without a record the agent could not forward it: refuse it, unless the
+        // node chose availability over enforcement.
         count(stat::RECORD_FAILED);
-        return;
+        return if agent_down_open() { ALLOW } else { DENY };
     }
 
     let listener_port = u32::from(workload.outbound_port.to_be());
@@ -319,6 +412,7 @@ fn capture(ctx: &SockAddrContext, v6: bool) {
         (*sa).user_port = listener_port;
     }
     count(stat::CAPTURED);
+    ALLOW
 }
 
 /// The key the agent will compute from its accepted socket's peer address.

@@ -387,7 +387,17 @@ pub struct Node {
     pub cgroup2: Cgroup2,
     /// Which 198.18.i.0/24 this node owns.
     pub index: u8,
+    /// Where this node's agents pin their kernel state (a bpffs directory of its
+    /// own, removed with the node).
+    pub bpf_dir: PathBuf,
     next_host: u8,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Pins first: links pinned on the node's cgroup would keep it alive.
+        let _ = std::fs::remove_dir_all(&self.bpf_dir);
+    }
 }
 
 impl Node {
@@ -414,12 +424,14 @@ impl Node {
             "br0",
             "nodad",
         ])?;
+        let bpf_dir = PathBuf::from("/sys/fs/bpf/nodemesh-tests").join(&netns.name);
         Ok(Node {
             netns,
             cgroup,
             bridge_ip,
             cgroup2,
             index,
+            bpf_dir,
             next_host: 2,
         })
     }
@@ -853,6 +865,8 @@ impl Agent {
             .arg(admin.to_string())
             .arg("--attach-cgroup")
             .arg(&node.cgroup.path)
+            .arg("--bpf-dir")
+            .arg(&node.bpf_dir)
             .arg("--node-name")
             .arg(node.name())
             .args(args)
@@ -976,6 +990,26 @@ impl Agent {
     /// Open file descriptors, from /proc.
     pub fn fd_count(&self) -> anyhow::Result<usize> {
         Ok(std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))?.count())
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the agent to exit; its exit
+    /// status, or `None` if it still runs.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        self.signal(signal);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.exited() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Sends the agent a signal (e.g. `libc::SIGHUP`).

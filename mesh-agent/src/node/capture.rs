@@ -1,24 +1,33 @@
 //! Kernel capture: loads the eBPF programs, attaches them to a cgroup, and owns
 //! the maps through which the agent enrolls workloads and learns original
 //! destinations.
+//!
+//! Maps and links are pinned (see [`crate::node::pins`]), so capture stays in
+//! force when the agent exits or crashes: a meshed pod's connections are then
+//! refused instead of leaving the pod unencrypted. A new agent of the same build
+//! adopts the pinned objects; one of another build loads its own and, once its
+//! maps are filled, swaps each link's program atomically ([`Capture::take_over`]).
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
-use aya::programs::sk_lookup::SkLookupLink;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, SockHash};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use mesh_common::{
     CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, InboundKey, MAX_EXCLUSIONS,
     MAX_INBOUND_ADDRS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OrigDst, PortKey,
-    V4_MAPPED_PREFIX_BITS, WorkloadEntry, stat, v4_mapped,
+    V4_MAPPED_PREFIX_BITS, WorkloadEntry, setting, stat, v4_mapped,
 };
 use serde::Serialize;
+
+use crate::node::pins::{self, Generation, PinError};
 
 /// The kernel programs, built by `cargo xtask build` and embedded so the agent is one file.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -64,6 +73,50 @@ pub enum CaptureError {
     /// The object is missing a program the agent needs (a build mismatch).
     #[error("the embedded eBPF object has no program named {0}")]
     MissingProgram(&'static str),
+    /// The bpffs pin directory could not be used.
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    /// A link could not be pinned, adopted or taken over.
+    #[error("link {path}: {message}")]
+    Link {
+        /// The link's pin path.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// What a meshed pod's connections do while no agent serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentDown {
+    /// Refused at once, both ways: the mesh never silently stops enforcing.
+    #[default]
+    Closed,
+    /// Direct and unencrypted, without policy: availability over enforcement.
+    Open,
+}
+
+/// Where the kernel state is pinned and how it behaves without an agent.
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    /// bpffs directory holding the pinned maps and links of every generation.
+    pub pin_root: PathBuf,
+    /// What meshed pods' connections do while no agent serves them.
+    pub on_agent_down: AgentDown,
+}
+
+/// How the agent found the kernel side at start, for the log and `/config_dump`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Startup {
+    /// Nothing was pinned: programs attached afresh.
+    Fresh,
+    /// This build's pinned maps and links were adopted.
+    Adopted,
+    /// Another build's links were found; they are taken over once this agent's
+    /// maps are filled.
+    TakingOver,
 }
 
 /// Program names in the object, with the hook each attaches to.
@@ -73,6 +126,24 @@ const SOCK_ADDR_PROGRAMS: [(&str, &str); 2] = [
 ];
 const SOCK_OPS_PROGRAM: &str = "track_captured_sockets";
 const SK_LOOKUP_PROGRAM: &str = "steer_inbound";
+/// Cgroup programs with the name of their pinned link.
+const CGROUP_LINKS: [(&str, &str); 3] = [
+    ("capture_connect4", "connect4"),
+    ("capture_connect6", "connect6"),
+    (SOCK_OPS_PROGRAM, "sock_ops"),
+];
+/// Every map in the object; each is pinned by name in the generation directory.
+const MAPS: [&str; 9] = [
+    "WORKLOADS",
+    "EXCLUDED_PORTS",
+    "EXCLUDED_CIDRS",
+    "PENDING",
+    "ORIG_DST",
+    "STATS",
+    "INBOUND_LISTENERS",
+    "MESHED_ADDRS",
+    "SETTINGS",
+];
 
 /// Cgroup bpf_links (5.7+, always used on our minimum kernel) coexist with other
 /// programs by construction and reject attach flags, so the mode must be `Single`
@@ -118,16 +189,58 @@ struct ConfigMaps {
     excluded_cidrs: LpmTrie<MapData, CidrKey, u8>,
 }
 
-/// The loaded kernel side. Dropping it detaches every program (bpf_link).
+/// The loaded kernel side. Dropping it leaves the pinned links attached and the
+/// pinned maps in place: only [`uninstall`] removes them.
 pub struct Capture {
-    /// Keeps programs and their links alive; per-pod `sk_lookup` links are made from it.
+    /// Programs; per-pod `sk_lookup` links are made from it.
     ebpf: Mutex<Ebpf>,
     inbound: Mutex<SockHash<MapData, InboundKey>>,
+    meshed_addrs: Mutex<HashMap<MapData, InboundKey, u8>>,
     config: Mutex<ConfigMaps>,
     pending: Mutex<HashMap<MapData, u64, OrigDst>>,
     orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
     stats: PerCpuArray<MapData, u64>,
     programs: Vec<ProgramSummary>,
+    generation: Generation,
+    /// The cgroup links, held so this process's fds keep them for as long as it runs.
+    cgroup_links: Mutex<Vec<PinnedLink>>,
+    /// Other builds' generations whose links this agent takes over.
+    takeover: Mutex<Vec<Generation>>,
+    startup: Startup,
+    on_agent_down: AgentDown,
+}
+
+/// A pod network namespace's pinned `sk_lookup` link. Dropping it only closes
+/// this process's fd; [`Capture::detach_inbound`] unpins it.
+pub struct NetnsLink {
+    link: PinnedLink,
+    cookie: u64,
+}
+
+/// What the agent serves now; everything else pinned is stale and swept.
+#[derive(Debug, Default)]
+pub struct LiveSet {
+    /// Cgroups whose `WORKLOADS` entry stays (enrolled, or desired but failed:
+    /// those stay refused rather than go uncaptured).
+    pub cgroups: HashSet<u64>,
+    /// Pod addresses that stay in `MESHED_ADDRS`.
+    pub addrs: HashSet<IpAddr>,
+    /// Network namespaces whose `sk_lookup` link stays; `None` keeps them all
+    /// (some desired pod's namespace is not known yet).
+    pub netns_cookies: Option<HashSet<u64>>,
+}
+
+/// What a sweep removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// `WORKLOADS` entries.
+    pub workloads: usize,
+    /// Exclusion entries (ports and CIDRs).
+    pub exclusions: usize,
+    /// `MESHED_ADDRS` entries.
+    pub addrs: usize,
+    /// Pinned `sk_lookup` links.
+    pub netns_links: usize,
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
@@ -139,56 +252,118 @@ where
 }
 
 impl Capture {
-    /// Loads the programs and attaches them to `attach_cgroup` (normally the cgroup2 root,
-    /// so every pod below it is covered; enrollment is then decided per cgroup by map).
-    pub fn load(attach_cgroup: &Path) -> Result<Self, CaptureError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .map_err(CaptureError::Load)?;
+    /// Loads the programs with their maps pinned under `options.pin_root` and makes
+    /// sure they are attached to `attach_cgroup` (normally the cgroup2 root, so
+    /// every pod below it is covered; enrollment is then decided per cgroup by map):
+    /// adopting this build's pinned links, attaching and pinning new ones, or
+    /// leaving another build's in force until [`Capture::take_over`].
+    pub fn load(attach_cgroup: &Path, options: &CaptureOptions) -> Result<Self, CaptureError> {
+        pins::ensure_bpffs(&options.pin_root)?;
+        let stamp = pins::stamp(EBPF_OBJECT);
+        let generation = Generation::new(&options.pin_root, &stamp);
+        let adopted = generation.map("WORKLOADS").exists();
+        generation.create()?;
+        let map_paths: Vec<(&str, PathBuf)> =
+            MAPS.iter().map(|m| (*m, generation.map(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(CaptureError::Load)?;
         let cgroup = File::open(attach_cgroup).map_err(|source| CaptureError::Cgroup {
             path: attach_cgroup.to_owned(),
             source,
         })?;
-        let mut programs = Vec::new();
         let program_err = |name| move |source| CaptureError::Program { name, source };
-        for (name, hook) in SOCK_ADDR_PROGRAMS {
-            let program = ebpf
+        for (name, _) in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
+                .ok_or(CaptureError::MissingProgram(name))?
+                .try_into()
+                .map_err(program_err(name))?;
+            prog.load().map_err(program_err(name))?;
+        }
+        let sock_ops: &mut SockOps = ebpf
+            .program_mut(SOCK_OPS_PROGRAM)
+            .ok_or(CaptureError::MissingProgram(SOCK_OPS_PROGRAM))?
+            .try_into()
+            .map_err(program_err(SOCK_OPS_PROGRAM))?;
+        sock_ops.load().map_err(program_err(SOCK_OPS_PROGRAM))?;
+        let sk_lookup: &mut SkLookup = ebpf
+            .program_mut(SK_LOOKUP_PROGRAM)
+            .ok_or(CaptureError::MissingProgram(SK_LOOKUP_PROGRAM))?
+            .try_into()
+            .map_err(program_err(SK_LOOKUP_PROGRAM))?;
+        sk_lookup.load().map_err(program_err(SK_LOOKUP_PROGRAM))?;
+
+        let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
+        let down = match options.on_agent_down {
+            AgentDown::Closed => setting::AGENT_DOWN_CLOSED,
+            AgentDown::Open => setting::AGENT_DOWN_OPEN,
+        };
+        settings
+            .set(setting::ON_AGENT_DOWN, down, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "SETTINGS",
+                source,
+            })?;
+
+        let others = pins::other_generations(&options.pin_root, &stamp);
+        let others_have_links = others
+            .iter()
+            .any(|g| CGROUP_LINKS.iter().any(|(_, l)| g.link(l).exists()));
+        let mut cgroup_links = Vec::new();
+        let startup = if others_have_links && !adopted {
+            // Another build captures now; its links get this build's programs
+            // only once this agent's maps hold every workload.
+            Startup::TakingOver
+        } else {
+            for (program, link) in CGROUP_LINKS {
+                let path = generation.link(link);
+                let pinned = if path.exists() {
+                    PinnedLink::from_pin(&path).map_err(|e| CaptureError::Link {
+                        path: path.clone(),
+                        message: format!("adopting: {e}"),
+                    })?
+                } else {
+                    attach_cgroup_program(&mut ebpf, program, &cgroup, &path)?
+                };
+                cgroup_links.push(pinned);
+            }
+            if adopted {
+                Startup::Adopted
+            } else {
+                Startup::Fresh
+            }
+        };
+        let takeover = if startup == Startup::TakingOver {
+            others
+        } else {
+            // Generations without links hold nothing in force: remove them.
+            for g in others {
+                pins::remove_tree(&g.dir)?;
+            }
+            Vec::new()
+        };
+
+        let mut programs = Vec::new();
+        for (name, hook) in SOCK_ADDR_PROGRAMS
+            .into_iter()
+            .chain([(SOCK_OPS_PROGRAM, "cgroup/sock_ops")])
+        {
+            let program = ebpf
+                .program(name)
                 .ok_or(CaptureError::MissingProgram(name))?;
-            let id = {
-                let prog: &mut CgroupSockAddr = program.try_into().map_err(program_err(name))?;
-                prog.load().map_err(program_err(name))?;
-                prog.attach(&cgroup, LINK_MODE).map_err(program_err(name))?;
-                prog.info().map_err(program_err(name))?.id()
-            };
             programs.push(ProgramSummary {
                 name,
                 hook,
-                id,
+                id: program.info().map_err(program_err(name))?.id(),
                 cgroup: attach_cgroup.to_owned(),
             });
         }
-        let program = ebpf
-            .program_mut(SOCK_OPS_PROGRAM)
-            .ok_or(CaptureError::MissingProgram(SOCK_OPS_PROGRAM))?;
-        let sock_ops: &mut SockOps = program.try_into().map_err(program_err(SOCK_OPS_PROGRAM))?;
-        sock_ops.load().map_err(program_err(SOCK_OPS_PROGRAM))?;
-        sock_ops
-            .attach(&cgroup, LINK_MODE)
-            .map_err(program_err(SOCK_OPS_PROGRAM))?;
-        programs.push(ProgramSummary {
-            name: SOCK_OPS_PROGRAM,
-            hook: "cgroup/sock_ops",
-            id: sock_ops.info().map_err(program_err(SOCK_OPS_PROGRAM))?.id(),
-            cgroup: attach_cgroup.to_owned(),
-        });
-
-        let program = ebpf
-            .program_mut(SK_LOOKUP_PROGRAM)
+        let sk_lookup = ebpf
+            .program(SK_LOOKUP_PROGRAM)
             .ok_or(CaptureError::MissingProgram(SK_LOOKUP_PROGRAM))?;
-        let sk_lookup: &mut SkLookup =
-            program.try_into().map_err(program_err(SK_LOOKUP_PROGRAM))?;
-        sk_lookup.load().map_err(program_err(SK_LOOKUP_PROGRAM))?;
         programs.push(ProgramSummary {
             name: SK_LOOKUP_PROGRAM,
             hook: "sk_lookup (per meshed pod netns)",
@@ -210,9 +385,115 @@ impl Capture {
             orig_dst: Mutex::new(take_map(&mut ebpf, "ORIG_DST")?),
             stats: take_map(&mut ebpf, "STATS")?,
             inbound: Mutex::new(take_map(&mut ebpf, "INBOUND_LISTENERS")?),
+            meshed_addrs: Mutex::new(take_map(&mut ebpf, "MESHED_ADDRS")?),
             programs,
             ebpf: Mutex::new(ebpf),
+            generation,
+            cgroup_links: Mutex::new(cgroup_links),
+            takeover: Mutex::new(takeover),
+            startup,
+            on_agent_down: options.on_agent_down,
         })
+    }
+
+    /// How the kernel side was found at start.
+    pub fn startup(&self) -> Startup {
+        self.startup
+    }
+
+    /// What meshed pods' connections do while no agent serves them.
+    pub fn on_agent_down(&self) -> AgentDown {
+        self.on_agent_down
+    }
+
+    /// The generation directory this agent's objects are pinned in.
+    pub fn pin_dir(&self) -> &Path {
+        &self.generation.dir
+    }
+
+    /// The highest workload id in the adopted `WORKLOADS` map, so ids this agent
+    /// assigns never collide with entries (and their exclusions) still in force.
+    pub fn highest_workload_id(&self) -> u32 {
+        let maps = self.config.lock().expect("capture map lock");
+        maps.workloads
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, e)| e.workload_id)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Drops every recorded original destination: after a crash they belong to
+    /// connections that died with the old process (their clients saw a reset).
+    /// Call before any listener is bound.
+    pub fn clear_connection_records(&self) -> usize {
+        let mut cleared = 0;
+        let mut pending = self.pending.lock().expect("pending lock");
+        let keys: Vec<u64> = pending.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            cleared += usize::from(pending.remove(&k).is_ok());
+        }
+        let mut orig = self.orig_dst.lock().expect("orig dst lock");
+        let keys: Vec<ConnKey> = orig.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            cleared += usize::from(orig.remove(&k).is_ok());
+        }
+        cleared
+    }
+
+    /// Gives another build's pinned links this build's programs, one atomic
+    /// `BPF_LINK_UPDATE` per hook, re-pins them here and removes that build's
+    /// directory. Call once this agent's maps hold every workload; a no-op
+    /// otherwise. Returns how many links were taken over.
+    pub fn take_over(&self) -> Result<usize, CaptureError> {
+        let others = std::mem::take(&mut *self.takeover.lock().expect("takeover lock"));
+        if others.is_empty() {
+            return Ok(0);
+        }
+        let ebpf = self.ebpf.lock().expect("ebpf lock");
+        let mut links = self.cgroup_links.lock().expect("cgroup links lock");
+        let mut taken = 0;
+        for (program, link) in CGROUP_LINKS {
+            let mine = self.generation.link(link);
+            let Some(old) = others.iter().map(|g| g.link(link)).find(|p| p.exists()) else {
+                continue;
+            };
+            let link_fd = pins::open_pinned(&old).map_err(|e| CaptureError::Link {
+                path: old.clone(),
+                message: format!("opening: {e}"),
+            })?;
+            let fd = ebpf
+                .program(program)
+                .ok_or(CaptureError::MissingProgram(program))?
+                .fd()
+                .map_err(|source| CaptureError::Program {
+                    name: program,
+                    source,
+                })?;
+            pins::update_link_program(&link_fd, fd).map_err(|e| CaptureError::Link {
+                path: old.clone(),
+                message: format!("replacing its program (BPF_LINK_UPDATE): {e}"),
+            })?;
+            // The same link, now running this build's program, moves to this
+            // build's directory (bpffs renames within one mount).
+            std::fs::rename(&old, &mine).map_err(|e| CaptureError::Link {
+                path: mine.clone(),
+                message: format!("moving the pin from {}: {e}", old.display()),
+            })?;
+            links.push(PinnedLink::from_pin(&mine).map_err(|e| CaptureError::Link {
+                path: mine.clone(),
+                message: format!("opening: {e}"),
+            })?);
+            taken += 1;
+        }
+        drop(links);
+        drop(ebpf);
+        // The old build's per-pod links and maps go with its directory; this
+        // agent attached its own sk_lookup links when it enrolled each pod.
+        for g in &others {
+            pins::remove_tree(&g.dir)?;
+        }
+        Ok(taken)
     }
 
     /// Starts capturing connects from `cgroup_id` (call only once its listener is bound,
@@ -272,9 +553,18 @@ impl Capture {
         maps.remove_exclusions(workload_id, exclusions);
     }
 
-    /// Attaches inbound steering to a pod's network namespace. It stays attached
-    /// while the returned link lives.
-    pub fn attach_inbound(&self, netns: &File) -> Result<SkLookupLink, CaptureError> {
+    /// Attaches inbound steering to a pod's network namespace (whose cookie is
+    /// `cookie`), pinned so it outlives the agent; adopts the pinned link when
+    /// this build already steers that namespace.
+    pub fn attach_inbound(&self, netns: &File, cookie: u64) -> Result<NetnsLink, CaptureError> {
+        let path = self.generation.netns_link(cookie);
+        if path.exists() {
+            let link = PinnedLink::from_pin(&path).map_err(|e| CaptureError::Link {
+                path: path.clone(),
+                message: format!("adopting: {e}"),
+            })?;
+            return Ok(NetnsLink { link, cookie });
+        }
         let err = |source| CaptureError::Program {
             name: SK_LOOKUP_PROGRAM,
             source,
@@ -286,16 +576,38 @@ impl Capture {
             .try_into()
             .map_err(err)?;
         let id = program.attach(netns).map_err(err)?;
-        program.take_link(id).map_err(err)
+        let link: FdLink = program.take_link(id).map_err(err)?.into();
+        let link = link.pin(&path).map_err(|e| CaptureError::Link {
+            path: path.clone(),
+            message: format!("pinning: {e}"),
+        })?;
+        Ok(NetnsLink { link, cookie })
+    }
+
+    /// Stops steering a pod's namespace: unpins its link, which detaches once
+    /// this process's fd closes too.
+    pub fn detach_inbound(&self, link: NetnsLink) {
+        if let Err(e) = link.link.unpin() {
+            tracing::warn!(netns_cookie = link.cookie, error = %e, "unpinning a pod's sk_lookup link failed");
+        }
     }
 
     /// Steers inbound TCP for pod address `ip` to `listener` (the agent's inbound
-    /// listener in that pod).
+    /// listener in that pod), and marks the address meshed, so it is refused
+    /// rather than reached directly whenever that listener is gone.
     pub fn steer_inbound(
         &self,
         ip: IpAddr,
         listener: &impl std::os::fd::AsRawFd,
     ) -> Result<(), CaptureError> {
+        self.meshed_addrs
+            .lock()
+            .expect("meshed addrs lock")
+            .insert(inbound_key(ip), 1, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "MESHED_ADDRS",
+                source,
+            })?;
         self.inbound
             .lock()
             .expect("inbound map lock")
@@ -306,13 +618,72 @@ impl Capture {
             })
     }
 
-    /// Stops steering `ip`.
+    /// Stops steering `ip`: it is no longer meshed.
     pub fn unsteer_inbound(&self, ip: IpAddr) {
         let _ = self
             .inbound
             .lock()
             .expect("inbound map lock")
             .remove(&inbound_key(ip));
+        let _ = self
+            .meshed_addrs
+            .lock()
+            .expect("meshed addrs lock")
+            .remove(&inbound_key(ip));
+    }
+
+    /// Removes pinned kernel state that nothing in `live` accounts for: entries
+    /// and links a dead or previous agent left for pods that are gone or no
+    /// longer meshed.
+    pub fn sweep(&self, live: &LiveSet) -> Swept {
+        let mut swept = Swept::default();
+        {
+            let mut maps = self.config.lock().expect("capture map lock");
+            let entries: Vec<(u64, WorkloadEntry)> =
+                maps.workloads.iter().filter_map(Result::ok).collect();
+            let mut kept_ids = HashSet::new();
+            for (cgroup, entry) in entries {
+                if live.cgroups.contains(&cgroup) {
+                    kept_ids.insert(entry.workload_id);
+                } else if maps.workloads.remove(&cgroup).is_ok() {
+                    swept.workloads += 1;
+                }
+            }
+            let ports: Vec<PortKey> = maps.excluded_ports.keys().filter_map(Result::ok).collect();
+            for k in ports {
+                if !kept_ids.contains(&k.workload_id) && maps.excluded_ports.remove(&k).is_ok() {
+                    swept.exclusions += 1;
+                }
+            }
+            let cidrs: Vec<Key<CidrKey>> =
+                maps.excluded_cidrs.keys().filter_map(Result::ok).collect();
+            for k in cidrs {
+                let id = u32::from_be_bytes(k.data().workload_id);
+                if !kept_ids.contains(&id) && maps.excluded_cidrs.remove(&k).is_ok() {
+                    swept.exclusions += 1;
+                }
+            }
+        }
+        {
+            let keep: HashSet<InboundKey> = live.addrs.iter().map(|ip| inbound_key(*ip)).collect();
+            let mut meshed = self.meshed_addrs.lock().expect("meshed addrs lock");
+            let keys: Vec<InboundKey> = meshed.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                if !keep.contains(&k) && meshed.remove(&k).is_ok() {
+                    swept.addrs += 1;
+                }
+            }
+        }
+        if let Some(cookies) = &live.netns_cookies {
+            for cookie in self.generation.netns_links() {
+                if !cookies.contains(&cookie)
+                    && std::fs::remove_file(self.generation.netns_link(cookie)).is_ok()
+                {
+                    swept.netns_links += 1;
+                }
+            }
+        }
+        swept
     }
 
     /// Takes the original destination of a captured connection, as recorded by the kernel.
@@ -368,6 +739,16 @@ impl Capture {
                 capacity: MAX_INBOUND_ADDRS.into(),
             },
             MapOccupancy {
+                name: "MESHED_ADDRS",
+                entries: self
+                    .meshed_addrs
+                    .lock()
+                    .expect("meshed addrs lock")
+                    .keys()
+                    .count() as u64,
+                capacity: MAX_INBOUND_ADDRS.into(),
+            },
+            MapOccupancy {
                 name: "ORIG_DST",
                 entries: orig_dst,
                 capacity: MAX_PENDING_CONNECTIONS.into(),
@@ -388,6 +769,44 @@ impl Capture {
     pub fn programs(&self) -> &[ProgramSummary] {
         &self.programs
     }
+}
+
+/// Attaches a cgroup program through a bpf_link and pins the link at `path`.
+fn attach_cgroup_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    path: &Path,
+) -> Result<PinnedLink, CaptureError> {
+    let err = |source| CaptureError::Program { name, source };
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::MissingProgram(name))?;
+    let link: FdLink = if name == SOCK_OPS_PROGRAM {
+        let prog: &mut SockOps = program.try_into().map_err(err)?;
+        let id = prog.attach(cgroup, LINK_MODE).map_err(err)?;
+        prog.take_link(id).map_err(err)?.try_into()
+    } else {
+        let prog: &mut CgroupSockAddr = program.try_into().map_err(err)?;
+        let id = prog.attach(cgroup, LINK_MODE).map_err(err)?;
+        prog.take_link(id).map_err(err)?.try_into()
+    }
+    .map_err(|e| CaptureError::Link {
+        path: path.to_owned(),
+        message: format!("not a bpf_link: {e}"),
+    })?;
+    link.pin(path).map_err(|e| CaptureError::Link {
+        path: path.to_owned(),
+        message: format!("pinning: {e}"),
+    })
+}
+
+/// Removes every pinned map and link under `pin_root`: capture stops once no
+/// agent holds them either. The deliberate way to take nodemesh off a node.
+pub fn uninstall(pin_root: &Path) -> Result<usize, CaptureError> {
+    let pinned = pins::count_pins(pin_root);
+    pins::remove_tree(pin_root)?;
+    Ok(pinned)
 }
 
 impl ConfigMaps {

@@ -1,6 +1,8 @@
 //! This host's kernel side: the eBPF capture programs and their maps, cgroup v2
-//! discovery and start-up checks, and sockets made inside pod network namespaces.
+//! discovery and start-up checks, pinned kernel state that outlives the agent,
+//! and sockets made inside pod network namespaces.
 
 pub mod capture;
 pub mod cgroup;
 pub mod netns;
+pub mod pins;

@@ -1,0 +1,351 @@
+//! The mesh never fails open: with the agent killed, a meshed pod's connections
+//! are refused at once in both directions (the pinned programs keep deciding),
+//! nothing leaves the pod in the clear, unmeshed pods are unaffected; a new
+//! agent adopts the pinned state and serves again. `--on-agent-down open` and
+//! `mesh-agent uninstall` are the deliberate ways out.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use nodemesh_testkit::{Agent, MeshCa, Node, Pod, Process, Tools, run, run_json, yaml_docs};
+
+const ECHO_PORT: u16 = 9000;
+const RUN: Duration = Duration::from_secs(30);
+
+/// Node 0: meshed client `a`, meshed server `s`, unmeshed client `u` and
+/// unmeshed server `v`. Node 1: meshed server `b`. One CA, an agent per node.
+struct Cluster {
+    tools: Tools,
+    near: Agent,
+    far: Agent,
+    a: Pod,
+    s: Pod,
+    u: Pod,
+    v: Pod,
+    b: Pod,
+    config: String,
+    args: Vec<String>,
+    _servers: Vec<Process>,
+    node0: Node,
+    _node1: Node,
+    _ca: MeshCa,
+}
+
+impl Cluster {
+    fn new(extra_args: &[&str]) -> Self {
+        let tools = Tools::new(env!("CARGO_BIN_EXE_podtool")).unwrap();
+        let ca = MeshCa::init(&tools).unwrap();
+        let mut node0 = Node::with_index(0).unwrap();
+        let mut node1 = Node::with_index(1).unwrap();
+        node0.link(&node1).unwrap();
+        let a = node0.add_pod("a", "shop").unwrap();
+        let s = node0.add_pod("s", "shop").unwrap();
+        let u = node0.add_pod("u", "legacy").unwrap();
+        let v = node0.add_pod("v", "legacy").unwrap();
+        let b = node1.add_pod("b", "backend").unwrap();
+        let servers = [&s, &v, &b]
+            .iter()
+            .map(|p| {
+                p.serve(
+                    &tools,
+                    &["echo", "--listen", &p.addr(ECHO_PORT).to_string()],
+                )
+                .unwrap()
+            })
+            .collect();
+        // `u` and `v` are not in the mesh.
+        let config = yaml_docs(&[a.workload_yaml(), s.workload_yaml(), b.workload_yaml()]);
+        let mut args: Vec<String> = ca.args().iter().map(|s| s.to_string()).collect();
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let near = Agent::start_with(&tools, &node0, &config, &argv).unwrap();
+        let far = Agent::start_with(&tools, &node1, &config, &argv).unwrap();
+        Cluster {
+            tools,
+            near,
+            far,
+            a,
+            s,
+            u,
+            v,
+            b,
+            config,
+            args,
+            _servers: servers,
+            node0,
+            _node1: node1,
+            _ca: ca,
+        }
+    }
+
+    fn podtool(&self, pod: &Pod, args: &[&str]) -> serde_json::Value {
+        let mut cmd = pod.command(&self.tools.podtool).unwrap();
+        cmd.args(args);
+        run_json(&mut cmd, RUN).unwrap()
+    }
+
+    fn probe(&self, from: &Pod, to: &Pod) -> (String, u64) {
+        let report = self.podtool(
+            from,
+            &[
+                "probe",
+                "--to",
+                &to.addr(ECHO_PORT).to_string(),
+                "--timeout-ms",
+                "5000",
+            ],
+        );
+        (
+            report["outcome"].as_str().unwrap().to_owned(),
+            report["elapsed_ms"].as_u64().unwrap(),
+        )
+    }
+
+    fn assert_served(&self, from: &Pod, to: &Pod) {
+        let (outcome, _) = self.probe(from, to);
+        assert_eq!(outcome, "data", "{} -> {}", from.name, to.name);
+    }
+
+    fn restart_near(&mut self) {
+        let config = self.config.clone();
+        self.restart_near_with(&config);
+    }
+
+    fn restart_near_with(&mut self, config: &str) {
+        let argv: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.near = Agent::start_with(&self.tools, &self.node0, config, &argv).unwrap();
+    }
+
+    fn kill_near(&mut self) {
+        let status = self
+            .near
+            .signal_and_wait(libc::SIGKILL, Duration::from_secs(5))
+            .expect("agent killed");
+        assert!(!status.success());
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- node 0 agent log ---\n{}", self.near.log());
+            eprintln!("--- node 1 agent log ---\n{}", self.far.log());
+        }
+    }
+}
+
+/// Captures TCP leaving a pod (on its own interface) while alive.
+struct PodCapture {
+    process: Process,
+    file: tempfile::NamedTempFile,
+}
+
+impl PodCapture {
+    fn start(pod: &Pod) -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &pod.netns.name, "tcpdump"])
+            .args(["-i", "any", "-U", "-s", "0", "-w"])
+            .arg(file.path())
+            .args(["tcp", "and", "src", "host", &pod.ip.to_string()]);
+        let process = Process::spawn(&mut cmd, "tcpdump").unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        PodCapture { process, file }
+    }
+
+    /// Packets captured (a pcap file is a 24-byte header, then 16 bytes per
+    /// packet header plus the packet).
+    fn finish(self) -> usize {
+        std::thread::sleep(Duration::from_millis(300));
+        run(Command::new("kill").args(["-INT", &self.process.pid().to_string()])).unwrap();
+        let _ = self.process.wait(Duration::from_secs(5));
+        let pcap = std::fs::read(self.file.path()).unwrap();
+        let mut packets = 0;
+        let mut at = 24;
+        while at + 16 <= pcap.len() {
+            let caplen = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
+            at += 16 + caplen;
+            packets += 1;
+        }
+        packets
+    }
+}
+
+fn pins(node: &Node) -> usize {
+    mesh_agent::node::pins::count_pins(&node.bpf_dir)
+}
+
+/// Acceptance 1: `kill -9` of the agent. A meshed pod's connections to a pod on
+/// the same node and on another node are refused at once and no packet leaves
+/// it; plaintext into a meshed pod is refused; unmeshed pods are unaffected. A
+/// new agent adopts the pinned programs and maps and serves every pod again.
+#[test]
+fn a_killed_agent_fails_closed_and_its_successor_adopts_the_pins() {
+    let mut mesh = Cluster::new(&[]);
+    mesh.assert_served(&mesh.a, &mesh.s);
+    mesh.assert_served(&mesh.a, &mesh.b);
+    let pinned = pins(&mesh.node0);
+    assert!(pinned >= 10, "only {pinned} pinned objects");
+
+    mesh.kill_near();
+    let capture = PodCapture::start(&mesh.a);
+    for to in [&mesh.s, &mesh.b] {
+        let (outcome, elapsed) = mesh.probe(&mesh.a, to);
+        assert_eq!(
+            outcome, "connect_error: PermissionDenied",
+            "a -> {}",
+            to.name
+        );
+        assert!(elapsed < 1000, "refusal took {elapsed} ms");
+    }
+    let left = capture.finish();
+    assert_eq!(left, 0, "{left} packets left the meshed pod with no agent");
+    // Plaintext into a meshed pod is reset; unmeshed pods talk as before.
+    let (outcome, elapsed) = mesh.probe(&mesh.u, &mesh.s);
+    assert_eq!(outcome, "connect_error: ConnectionRefused", "u -> s");
+    assert!(elapsed < 1000, "refusal took {elapsed} ms");
+    // The same capture sees an unmeshed pod's packets: the zero above is real.
+    let control = PodCapture::start(&mesh.u);
+    mesh.assert_served(&mesh.u, &mesh.v);
+    assert!(control.finish() > 0, "the capture saw nothing at all");
+    assert_eq!(pins(&mesh.node0), pinned, "pins changed with no agent");
+
+    mesh.restart_near();
+    mesh.near
+        .log_line("adoption logged", |l| l.contains("startup=Adopted"));
+    mesh.assert_served(&mesh.a, &mesh.s);
+    mesh.assert_served(&mesh.a, &mesh.b);
+    mesh.assert_served(&mesh.u, &mesh.v);
+    assert_eq!(
+        pins(&mesh.node0),
+        pinned,
+        "the successor pinned a second set"
+    );
+    // The kernel counted the refusals while no agent ran; the successor reports them.
+    let decision = |d: &str| {
+        mesh.near
+            .metric("nodemesh_capture_decisions_total", &[("decision", d)])
+            .unwrap()
+    };
+    assert_eq!(decision("agent_down_refused"), 2.0);
+    assert_eq!(decision("inbound_agent_down_refused"), 1.0);
+}
+
+/// With `--on-agent-down open` a killed agent's pods go direct, as chosen, and
+/// the agent said so when it started.
+#[test]
+fn on_agent_down_open_goes_direct_and_says_so() {
+    let mut mesh = Cluster::new(&["--on-agent-down", "open"]);
+    mesh.near.log_line("open mode warned", |l| {
+        l.contains("WARN") && l.contains("--on-agent-down open")
+    });
+    mesh.assert_served(&mesh.a, &mesh.s);
+    mesh.kill_near();
+    mesh.assert_served(&mesh.a, &mesh.s);
+    mesh.assert_served(&mesh.a, &mesh.b);
+    mesh.assert_served(&mesh.u, &mesh.s);
+    mesh.restart_near();
+    let direct = mesh
+        .near
+        .metric(
+            "nodemesh_capture_decisions_total",
+            &[("decision", "agent_down_direct")],
+        )
+        .unwrap();
+    assert_eq!(direct, 2.0);
+}
+
+/// `mesh-agent uninstall` removes the pins, so with no agent the pods talk
+/// directly: taking the mesh off a node is a deliberate step.
+#[test]
+fn uninstall_removes_the_pins_and_capture_with_them() {
+    let mut mesh = Cluster::new(&[]);
+    mesh.kill_near();
+    let (outcome, _) = mesh.probe(&mesh.a, &mesh.s);
+    assert_eq!(outcome, "connect_error: PermissionDenied");
+    let out = run(Command::new(&mesh.tools.agent)
+        .arg("uninstall")
+        .arg("--bpf-dir")
+        .arg(&mesh.node0.bpf_dir))
+    .unwrap();
+    assert!(out.contains("removed"), "{out}");
+    assert_eq!(pins(&mesh.node0), 0);
+    assert!(!Path::new(&mesh.node0.bpf_dir).exists());
+    mesh.assert_served(&mesh.a, &mesh.s);
+    mesh.assert_served(&mesh.a, &mesh.b);
+}
+
+/// Crash recovery: a pod that left the mesh while no agent ran is no longer
+/// refused once the successor starts: it sweeps the kernel entries, addresses
+/// and links nothing it serves accounts for.
+#[test]
+fn a_successor_sweeps_state_left_for_pods_that_left_the_mesh() {
+    let mut mesh = Cluster::new(&[]);
+    let entries = |agent: &Agent| {
+        (
+            agent.map_entries("WORKLOADS").unwrap(),
+            agent.map_entries("MESHED_ADDRS").unwrap(),
+        )
+    };
+    assert_eq!(entries(&mesh.near), (2, 4));
+    let pinned = pins(&mesh.node0);
+    mesh.kill_near();
+    let (outcome, _) = mesh.probe(&mesh.s, &mesh.v);
+    assert_eq!(outcome, "connect_error: PermissionDenied");
+
+    // `s` leaves the mesh while node 0 has no agent.
+    let config = yaml_docs(&[mesh.a.workload_yaml(), mesh.b.workload_yaml()]);
+    mesh.restart_near_with(&config);
+    mesh.near.log_line("sweep logged", |l| {
+        l.contains("removed kernel state left for pods no longer served")
+            && l.contains("workloads=1")
+            && l.contains("netns_links=1")
+    });
+    assert_eq!(entries(&mesh.near), (1, 2));
+    assert_eq!(
+        pins(&mesh.node0),
+        pinned - 1,
+        "s's sk_lookup link stayed pinned"
+    );
+    mesh.assert_served(&mesh.s, &mesh.v);
+    mesh.assert_served(&mesh.u, &mesh.s);
+    mesh.assert_served(&mesh.a, &mesh.b);
+}
+
+/// An agent of another build (another generation of pinned objects) takes over
+/// the links in force atomically, once its own maps hold every pod, and removes
+/// the other build's pins.
+#[test]
+fn a_successor_of_another_build_takes_over_the_links() {
+    let mut mesh = Cluster::new(&[]);
+    let pinned = pins(&mesh.node0);
+    mesh.kill_near();
+    // Pretend the pins came from another build: a different stamp directory.
+    let generation = std::fs::read_dir(&mesh.node0.bpf_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::rename(&generation, mesh.node0.bpf_dir.join("0000000000000000")).unwrap();
+    let (outcome, _) = mesh.probe(&mesh.a, &mesh.s);
+    assert_eq!(outcome, "connect_error: PermissionDenied");
+
+    mesh.restart_near();
+    mesh.near.log_line("takeover logged", |l| {
+        l.contains("took over capture") && l.contains("links=3")
+    });
+    assert!(mesh.near.log().contains("startup=TakingOver"));
+    assert!(!mesh.node0.bpf_dir.join("0000000000000000").exists());
+    assert!(generation.exists());
+    assert_eq!(pins(&mesh.node0), pinned);
+    mesh.assert_served(&mesh.a, &mesh.s);
+    mesh.assert_served(&mesh.a, &mesh.b);
+    mesh.assert_served(&mesh.u, &mesh.v);
+    // The taken-over links stay in force with this build's programs: a second
+    // kill still fails closed.
+    mesh.kill_near();
+    let (outcome, _) = mesh.probe(&mesh.a, &mesh.s);
+    assert_eq!(outcome, "connect_error: PermissionDenied");
+}
