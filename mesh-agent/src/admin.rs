@@ -17,10 +17,15 @@ use tokio::net::TcpListener;
 
 use crate::reconciler::Agent;
 
-/// Serves the endpoint until the process exits.
+/// Serves the endpoint until the process exits, or until the agent hands over
+/// (the successor then serves it on the same socket).
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = agent.drain.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");

@@ -9,13 +9,16 @@
 //! - [`proxy`]: the data path (outbound, inbound, the HBONE tunnel, L7);
 //! - [`node`]: this host's kernel side (eBPF capture, cgroups, network namespaces);
 //! - [`identity`]: workload certificates and trust;
-//! - [`metrics`], [`connections`], [`admin`], [`debug`]: what operators see.
+//! - [`metrics`], [`connections`], [`admin`], [`debug`]: what operators see;
+//! - [`handoff`], [`drain`]: upgrades that lose no connection.
 
 pub mod admin;
 pub mod allocator;
 pub mod cni;
 pub mod connections;
 pub mod debug;
+pub mod drain;
+pub mod handoff;
 pub mod identity;
 pub mod metrics;
 pub mod node;

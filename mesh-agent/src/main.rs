@@ -14,7 +14,7 @@ use mesh_agent::node::cgroup;
 use mesh_agent::reconciler::{Agent, Settings};
 use mesh_agent::sources::file::{FileSource, settle, watch_dir};
 use mesh_agent::sources::kube::{self as kube_source, KubeSettings};
-use mesh_agent::{admin, debug};
+use mesh_agent::{admin, debug, handoff};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -160,6 +160,15 @@ struct RunArgs {
     /// lets them go direct, unencrypted and without policy.
     #[arg(long, env = "NODEMESH_ON_AGENT_DOWN", default_value = "closed", value_parser = ["closed", "open"])]
     on_agent_down: String,
+    /// Unix socket where a new agent takes over this one's listening sockets
+    /// (an upgrade that refuses no connection); node-local.
+    #[arg(long, env = "NODEMESH_HANDOFF_SOCKET", default_value = mesh_agent::handoff::DEFAULT_SOCKET)]
+    handoff_socket: PathBuf,
+    /// After handing over (or on SIGTERM), how long established connections may
+    /// run before the agent exits anyway; keep it below the pod's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
     /// Cgroup to attach the programs to; default: the cgroup2 root.
     #[arg(long, env = "NODEMESH_ATTACH_CGROUP")]
     attach_cgroup: Option<PathBuf>,
@@ -360,7 +369,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let admin_listener = admin::bind(args.admin_addr).await?;
+    // A running agent on this node hands over its listening sockets, so no
+    // connect is refused while this one starts.
+    let handoff_path = args.handoff_socket.clone();
+    let predecessor = tokio::task::spawn_blocking(move || handoff::request(&handoff_path))
+        .await?
+        .context("taking over from the running agent")?;
+    let (predecessor, inherited) = match predecessor {
+        Some((p, inherited)) => {
+            tracing::info!(
+                listeners = inherited.len(),
+                "a running agent handed over its listeners"
+            );
+            (Some(p), inherited)
+        }
+        None => (None, handoff::Inherited::default()),
+    };
+    let admin_listener = match inherited.take(0, args.admin_addr) {
+        Some(l) => tokio::net::TcpListener::from_std(l)?,
+        None => admin::bind(args.admin_addr).await?,
+    };
     let on_agent_down = match args.on_agent_down.as_str() {
         "open" => AgentDown::Open,
         _ => AgentDown::Closed,
@@ -379,7 +407,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "--on-agent-down open: while no agent runs, meshed pods' connections go direct, without mTLS, policy or metrics"
         );
     }
-    if capture.startup() != Startup::Fresh {
+    if capture.startup() != Startup::Fresh && predecessor.is_none() {
         // Records of connections captured for a previous agent: those died with it.
         let cleared = capture.clear_connection_records();
         tracing::info!(
@@ -423,7 +451,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let agent = Arc::new(Agent::new(capture, cgroup2, settings, metrics, identity));
+    let mut agent = Agent::new(capture, cgroup2, settings, metrics, identity);
+    if predecessor.is_some() {
+        agent = agent.with_predecessor(inherited);
+    }
+    let agent = Arc::new(agent);
+    agent.set_admin_listener(args.admin_addr, &admin_listener)?;
     let trust_domain: Arc<str> = Arc::from(args.trust_domain.as_str());
     let source = match (kube_client, &args.config) {
         (Some(client), _) => {
@@ -447,10 +480,90 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires --config or --kubernetes"),
     };
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
+    let mut source = source;
+    wait_ready(&agent, &mut source).await?;
+    if let Some(predecessor) = predecessor {
+        tokio::task::spawn_blocking(move || predecessor.serving())
+            .await?
+            .context("telling the previous agent to stop accepting")?;
+        let unused = agent.release_inherited();
+        match agent.capture.take_over() {
+            Ok(0) => {}
+            Ok(links) => tracing::info!(links, "took over capture from another build's programs"),
+            Err(e) => {
+                tracing::error!(error = %e, "taking over another build's links failed; they stay in force")
+            }
+        }
+        tracing::info!(
+            unused,
+            "the previous agent stopped accepting; this one serves every pod"
+        );
+    }
+    // Now this agent is the one a successor asks.
+    let handoff_listener = handoff::listen(&args.handoff_socket)?;
+    {
+        let agent = agent.clone();
+        let path = args.handoff_socket.clone();
+        std::thread::Builder::new()
+            .name("handoff".into())
+            .spawn(move || handoff::serve(handoff_listener, path, agent.as_ref()))?;
+    }
     tracing::info!(admin = %args.admin_addr, source = %agent.source(), "agent serving");
     let result = serve_until_stopped(&agent, source).await;
-    tracing::info!("shutting down; programs detach as the agent exits");
+    if !agent.is_retired() {
+        agent.retire().await;
+    }
+    drain_connections(&agent, args.drain_timeout).await;
+    match agent.capture.on_agent_down() {
+        AgentDown::Closed => tracing::info!(
+            "exiting; capture stays pinned: meshed pods are refused until an agent serves them"
+        ),
+        AgentDown::Open => tracing::warn!(
+            "exiting; capture stays pinned and meshed pods go direct until an agent serves them"
+        ),
+    }
     result
+}
+
+/// Waits until the first desired state is applied (the source may list for a
+/// while), failing if the source stops first.
+async fn wait_ready(
+    agent: &Agent,
+    source: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    while !agent.is_ready() {
+        tokio::select! {
+            ended = &mut *source => {
+                return match ended {
+                    Ok(result) => result.context("state source stopped before the first state was applied"),
+                    Err(e) => Err(anyhow::anyhow!("state source task failed: {e}")),
+                };
+            }
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Lets established connections finish, up to `timeout`.
+async fn drain_connections(agent: &Agent, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let open = agent.connections.len();
+        if open == 0 {
+            tracing::info!("no connections left");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                open,
+                ?timeout,
+                "drain timeout: the remaining connections close with this agent"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Reloads the trust bundle when the CA directory changes or on SIGHUP, until
@@ -492,7 +605,11 @@ async fn serve_until_stopped(
                     Err(e) => Err(anyhow::anyhow!("state source task failed: {e}")),
                 };
             }
-            _ = terminate.recv() => return Ok(()),
+            _ = agent.drain.cancelled() => return Ok(()),
+            _ = terminate.recv() => {
+                tracing::info!("SIGTERM: no longer accepting; draining established connections");
+                return Ok(());
+            }
             _ = interrupt.recv() => return Ok(()),
         }
     }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -18,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::ConnectionTable;
+use crate::handoff::{Handover, Inherited, ListenerKey};
 use crate::identity::manager::CertView;
 use crate::identity::node::{IdentitySettings, IdentityState};
 use crate::metrics::Metrics;
@@ -90,6 +92,8 @@ struct Enrollment {
     exclusions: Exclusions,
     ctx: Arc<PodContext>,
     listeners: Vec<SocketAddr>,
+    /// This process's copy of each listening socket, handed to a successor.
+    sockets: Vec<(ListenerKey, OwnedFd)>,
     tasks: Vec<JoinHandle<()>>,
     cancel: CancellationToken,
 }
@@ -136,6 +140,12 @@ struct State {
     /// Pinned kernel state from an earlier agent may still hold entries for pods
     /// that are gone; swept once every desired pod is enrolled.
     sweep_pending: bool,
+    /// A successor is taking over: config is not applied (its kernel writes would
+    /// race the successor's); the latest one waits here in case it goes away.
+    frozen: bool,
+    deferred: Option<(MeshConfig, Vec<String>)>,
+    /// Handed over (or stopping): never applies config again.
+    retired: bool,
     status: ConfigStatus,
 }
 
@@ -164,6 +174,17 @@ pub struct Agent {
     settings: Settings,
     state: tokio::sync::Mutex<State>,
     ready: AtomicBool,
+    /// Listening sockets received from a predecessor, used instead of binding.
+    inherited: Inherited,
+    /// Another build's links are taken over only after the predecessor stopped
+    /// accepting, not at the first apply.
+    hold_takeover: AtomicBool,
+    /// The admin endpoint's listener, handed to a successor.
+    admin_listener: std::sync::Mutex<Option<(ListenerKey, OwnedFd)>>,
+    /// Fires when this agent hands over or stops: listeners stop accepting and
+    /// server connections finish gracefully.
+    pub drain: CancellationToken,
+    runtime: tokio::runtime::Handle,
     /// Certificates and trust; `None` when the agent runs without a CA.
     pub identity: Option<Arc<IdentityState>>,
     /// Client tunnel connections, shared by all workloads.
@@ -230,7 +251,71 @@ impl Agent {
             settings,
             state: tokio::sync::Mutex::new(state),
             ready: AtomicBool::new(false),
+            inherited: Inherited::default(),
+            hold_takeover: AtomicBool::new(false),
+            admin_listener: std::sync::Mutex::new(None),
+            drain: CancellationToken::new(),
+            runtime: tokio::runtime::Handle::current(),
         }
+    }
+
+    /// Uses `inherited` (a predecessor's listeners) instead of binding anew, and
+    /// leaves taking over another build's links to [`Capture::take_over`] after
+    /// the predecessor stopped accepting.
+    pub fn with_predecessor(mut self, inherited: Inherited) -> Self {
+        self.inherited = inherited;
+        self.hold_takeover.store(true, Ordering::Release);
+        self
+    }
+
+    /// Closes this process's copy of inherited listeners no pod took (pods that
+    /// left the mesh during the handoff); returns how many.
+    pub fn release_inherited(&self) -> usize {
+        self.inherited.release()
+    }
+
+    /// The admin endpoint's listening socket, so a successor can take it over.
+    pub fn set_admin_listener(
+        &self,
+        addr: SocketAddr,
+        listener: &impl AsFd,
+    ) -> std::io::Result<()> {
+        let fd = listener.as_fd().try_clone_to_owned()?;
+        *self.admin_listener.lock().expect("admin listener lock") = Some((
+            ListenerKey {
+                netns_cookie: 0,
+                addr,
+            },
+            fd,
+        ));
+        Ok(())
+    }
+
+    /// The inherited admin listener, if the predecessor had one on `addr`.
+    pub fn take_inherited(
+        &self,
+        netns_cookie: u64,
+        addr: SocketAddr,
+    ) -> Option<std::net::TcpListener> {
+        self.inherited.take(netns_cookie, addr)
+    }
+
+    /// Stops accepting on every listener (connections already accepted carry on)
+    /// and signals server connections to finish: for a successor, or a stop.
+    pub async fn retire(&self) {
+        let mut state = self.state.lock().await;
+        state.retired = true;
+        state.frozen = true;
+        state.deferred = None;
+        for e in state.enrolled.values() {
+            e.cancel.cancel();
+        }
+        self.drain.cancel();
+    }
+
+    /// Whether the agent has retired.
+    pub fn is_retired(&self) -> bool {
+        self.drain.is_cancelled()
     }
 
     /// Whether the first config has been applied.
@@ -244,6 +329,12 @@ impl Agent {
     /// enroll, so the source can retry them.
     pub async fn apply(&self, config: MeshConfig, rejected: Vec<String>) -> usize {
         let mut state = self.state.lock().await;
+        if state.frozen {
+            if !state.retired {
+                state.deferred = Some((config, rejected));
+            }
+            return state.failed.len();
+        }
         state.status.last_error = None;
         state.status.rejected_objects = rejected;
         self.reconcile(&mut state, config).await;
@@ -397,7 +488,12 @@ impl Agent {
     /// Takes over another build's links once this agent's maps hold the enrolled
     /// pods, and removes pinned entries no desired pod accounts for.
     fn sweep_kernel_state(&self, state: &mut State) {
-        match self.capture.take_over() {
+        let take_over = if self.hold_takeover.load(Ordering::Acquire) {
+            Ok(0)
+        } else {
+            self.capture.take_over()
+        };
+        match take_over {
             Ok(0) => {}
             Ok(links) => {
                 tracing::info!(links, "took over capture from another build's programs")
@@ -464,14 +560,15 @@ impl Agent {
             }
         }
         let netns = Arc::new(netns);
+        let mut sockets = Vec::new();
         let port = self.settings.outbound_port;
         let v4_addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let v4 = netns
-            .run(move || bind_listener(v4_addr))
+        let v4 = self
+            .listener_in(&netns, v4_addr, &mut sockets)
             .await?
             .with_context(|| format!("binding outbound listener {v4_addr} in the pod"))?;
         let v6_addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
-        let v6 = match netns.run(move || bind_listener(v6_addr)).await? {
+        let v6 = match self.listener_in(&netns, v6_addr, &mut sockets).await? {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::info!(workload = %w.key(), error = %e, "no IPv6 loopback listener; IPv6 connects from this pod go direct");
@@ -492,6 +589,7 @@ impl Agent {
             connect_timeout: self.settings.connect_timeout,
             identity: self.identity.clone(),
             pool: self.pool.clone(),
+            drain: self.drain.clone(),
         });
         let outbound_ctx = Arc::new(PodL7 {
             pod: ctx.clone(),
@@ -520,9 +618,8 @@ impl Agent {
             ));
             for ip in &w.ips {
                 let addr = SocketAddr::new(*ip, HBONE_PORT);
-                let listener = ctx
-                    .netns
-                    .run(move || bind_listener(addr))
+                let listener = self
+                    .listener_in(&ctx.netns, addr, &mut sockets)
                     .await?
                     .with_context(|| format!("binding tunnel listener {addr} in the pod"))?;
                 let listener = TcpListener::from_std(listener)?;
@@ -540,7 +637,7 @@ impl Agent {
                 SocketAddr::from(([127, 0, 0, 1], INBOUND_PORT)),
                 SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, INBOUND_PORT)),
             ] {
-                match ctx.netns.run(move || bind_listener(addr)).await? {
+                match self.listener_in(&ctx.netns, addr, &mut sockets).await? {
                     Ok(l) => {
                         listeners.push(addr);
                         by_family.push((addr.is_ipv6(), TcpListener::from_std(l)?));
@@ -608,9 +705,36 @@ impl Agent {
             exclusions,
             ctx,
             listeners,
+            sockets,
             tasks,
             cancel,
         })
+    }
+
+    /// A listening socket on `addr` in the pod: the predecessor's, when it
+    /// handed one over, else a new one. This process's copy is kept in `sockets`
+    /// for a successor. The outer error is the namespace thread's, the inner
+    /// one the bind's.
+    async fn listener_in(
+        &self,
+        netns: &NetnsHandle,
+        addr: SocketAddr,
+        sockets: &mut Vec<(ListenerKey, OwnedFd)>,
+    ) -> anyhow::Result<std::io::Result<std::net::TcpListener>> {
+        let listener = match self.inherited.take(netns.cookie, addr) {
+            Some(l) => Ok(l),
+            None => netns.run(move || bind_listener(addr)).await?,
+        };
+        if let Ok(l) = &listener {
+            sockets.push((
+                ListenerKey {
+                    netns_cookie: netns.cookie,
+                    addr,
+                },
+                l.as_fd().try_clone_to_owned()?,
+            ));
+        }
+        Ok(listener)
     }
 
     fn spawn_listener(
@@ -701,6 +825,48 @@ impl Agent {
             routes: catalog.routes().iter().map(|r| (**r).clone()).collect(),
             endpoints: catalog.endpoint_views(),
         }
+    }
+}
+
+impl Handover for Agent {
+    fn offer(&self) -> Vec<(ListenerKey, OwnedFd)> {
+        // Under the state lock: an apply in progress finishes first, and none starts.
+        let mut state = self.runtime.block_on(self.state.lock());
+        state.frozen = true;
+        let mut offered = Vec::new();
+        let admin = self.admin_listener.lock().expect("admin listener lock");
+        let all = state
+            .enrolled
+            .values()
+            .flat_map(|e| e.sockets.iter())
+            .chain(admin.iter());
+        for (key, fd) in all {
+            match fd.try_clone() {
+                Ok(fd) => offered.push((*key, fd)),
+                Err(e) => {
+                    tracing::error!(addr = %key.addr, error = %e, "duplicating a listener for the successor failed; it binds anew")
+                }
+            }
+        }
+        offered
+    }
+
+    fn resume(&self) {
+        let deferred = {
+            let mut state = self.runtime.block_on(self.state.lock());
+            if state.retired {
+                return;
+            }
+            state.frozen = false;
+            state.deferred.take()
+        };
+        if let Some((config, rejected)) = deferred {
+            self.runtime.block_on(self.apply(config, rejected));
+        }
+    }
+
+    fn retire(&self) {
+        self.runtime.block_on(Agent::retire(self));
     }
 }
 

@@ -390,6 +390,8 @@ pub struct Node {
     /// Where this node's agents pin their kernel state (a bpffs directory of its
     /// own, removed with the node).
     pub bpf_dir: PathBuf,
+    /// Where this node's agents meet to hand over listeners on an upgrade.
+    pub handoff_socket: PathBuf,
     next_host: u8,
 }
 
@@ -397,6 +399,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         // Pins first: links pinned on the node's cgroup would keep it alive.
         let _ = std::fs::remove_dir_all(&self.bpf_dir);
+        let _ = std::fs::remove_file(&self.handoff_socket);
     }
 }
 
@@ -425,6 +428,8 @@ impl Node {
             "nodad",
         ])?;
         let bpf_dir = PathBuf::from("/sys/fs/bpf/nodemesh-tests").join(&netns.name);
+        let handoff_socket =
+            std::env::temp_dir().join(format!("nodemesh-handoff-{}.sock", netns.name));
         Ok(Node {
             netns,
             cgroup,
@@ -432,6 +437,7 @@ impl Node {
             cgroup2,
             index,
             bpf_dir,
+            handoff_socket,
             next_host: 2,
         })
     }
@@ -832,7 +838,25 @@ impl Agent {
         std::fs::write(&config_path, config)?;
         let mut cmd = Command::new(&tools.agent);
         cmd.arg("run").arg("--config").arg(&config_path);
-        Self::spawn(cmd, dir, node, args)
+        Self::spawn(cmd, dir, node, args, None)
+    }
+
+    /// Starts a second agent for `node` with this one's config and admin address
+    /// plus `args` (the same flags, as a DaemonSet surge rollout does), while
+    /// this one runs: it takes over this one's listeners. Returns once it
+    /// answers on the shared admin address; this one may still be handing over.
+    pub fn start_successor(
+        &self,
+        tools: &Tools,
+        node: &Node,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("mesh.yaml");
+        std::fs::copy(&self.config_path, &config_path)?;
+        let mut cmd = Command::new(&tools.agent);
+        cmd.arg("run").arg("--config").arg(&config_path);
+        Self::spawn(cmd, dir, node, args, Some(self.admin))
     }
 
     /// Starts an agent in Kubernetes mode against `api` (no config file) and waits
@@ -848,7 +872,7 @@ impl Agent {
         cmd.arg("run")
             .arg("--kubernetes")
             .env("KUBECONFIG", api.kubeconfig()?);
-        Self::spawn(cmd, dir, node, args)
+        Self::spawn(cmd, dir, node, args, None)
     }
 
     fn spawn(
@@ -856,17 +880,23 @@ impl Agent {
         dir: tempfile::TempDir,
         node: &Node,
         args: &[&str],
+        admin: Option<SocketAddr>,
     ) -> anyhow::Result<Self> {
         let config_path = dir.path().join("mesh.yaml");
         let log_path = dir.path().join("agent.log");
         let log = File::create(&log_path)?;
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let admin = match admin {
+            Some(a) => a,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
         cmd.arg("--admin-addr")
             .arg(admin.to_string())
             .arg("--attach-cgroup")
             .arg(&node.cgroup.path)
             .arg("--bpf-dir")
             .arg(&node.bpf_dir)
+            .arg("--handoff-socket")
+            .arg(&node.handoff_socket)
             .arg("--node-name")
             .arg(node.name())
             .args(args)
@@ -1000,6 +1030,11 @@ impl Agent {
         timeout: Duration,
     ) -> Option<std::process::ExitStatus> {
         self.signal(signal);
+        self.wait_exit(timeout)
+    }
+
+    /// Waits up to `timeout` for the agent to exit; its exit status, or `None`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.process.exited() {

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nodemesh_testkit::{Agent, MeshCa, Node, Pod, Process, Tools, run, run_json, yaml_docs};
 
@@ -28,7 +28,7 @@ struct Cluster {
     args: Vec<String>,
     _servers: Vec<Process>,
     node0: Node,
-    _node1: Node,
+    node1: Node,
     _ca: MeshCa,
 }
 
@@ -74,7 +74,7 @@ impl Cluster {
             args,
             _servers: servers,
             node0,
-            _node1: node1,
+            node1,
             _ca: ca,
         }
     }
@@ -348,4 +348,107 @@ fn a_successor_of_another_build_takes_over_the_links() {
     mesh.kill_near();
     let (outcome, _) = mesh.probe(&mesh.a, &mesh.s);
     assert_eq!(outcome, "connect_error: PermissionDenied");
+}
+
+/// Starts `podtool tcp-load` from `from` to `to`'s echo server; returns once it runs.
+fn start_load(
+    mesh: &Cluster,
+    from: &Pod,
+    to: &Pod,
+    streams: u32,
+    rate: u32,
+    seconds: f64,
+) -> Process {
+    let mut cmd = from.command(&mesh.tools.podtool).unwrap();
+    cmd.args(["tcp-load", "--to", &to.addr(ECHO_PORT).to_string()])
+        .args([
+            "--streams",
+            &streams.to_string(),
+            "--rate",
+            &rate.to_string(),
+        ])
+        .args(["--seconds", &seconds.to_string()]);
+    let mut load = Process::spawn(&mut cmd, "podtool tcp-load").unwrap();
+    let line = load.wait_line(Duration::from_secs(10)).unwrap();
+    assert!(line.contains("started"), "{line}");
+    load
+}
+
+fn assert_lossless(report: &serde_json::Value, streams: u64) {
+    assert_eq!(report["connections_failed"], 0, "{report}");
+    assert_eq!(report["streams_failed"], 0, "{report}");
+    assert_eq!(report["streams"], streams, "{report}");
+    assert!(report["connections"].as_u64().unwrap() > 0, "{report}");
+}
+
+/// Acceptance 2: an upgrade under load, as a DaemonSet surge does it. On each
+/// node in turn a second agent starts with the same flags while 100 long-lived
+/// streams (bytes both ways, to a pod on the same node and one on the other)
+/// and 300 new connections a second run through the mesh; then the old one gets
+/// SIGTERM. Nothing is refused or fails, every stream completes byte-exact, and
+/// each old agent exits once its last connection closes.
+#[test]
+fn an_upgrade_under_load_refuses_nothing_and_cuts_no_stream() {
+    let mut mesh = Cluster::new(&[]);
+    const SECONDS: f64 = 10.0;
+    let loads = [
+        start_load(&mesh, &mesh.a, &mesh.s, 50, 150, SECONDS),
+        start_load(&mesh, &mesh.a, &mesh.b, 50, 150, SECONDS),
+    ];
+    let load_started = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+
+    let argv: Vec<&str> = mesh.args.iter().map(String::as_str).collect();
+    let upgrade = |old: &mut Agent, node: &Node| -> Agent {
+        let successor = old.start_successor(&mesh.tools, node, &argv).unwrap();
+        old.log_line("handover logged", |l| {
+            l.contains("handed over to a successor")
+        });
+        successor.log_line("successor serving", |l| {
+            l.contains("the previous agent stopped accepting")
+        });
+        old.signal(libc::SIGTERM);
+        successor
+    };
+    let near = upgrade(&mut mesh.near, &mesh.node0);
+    std::thread::sleep(Duration::from_secs(2));
+    let far = upgrade(&mut mesh.far, &mesh.node1);
+    for old in [&mut mesh.near, &mut mesh.far] {
+        let status = old
+            .wait_exit(Duration::from_secs(30))
+            .expect("the old agent exits once its connections are done");
+        let exited_after = load_started.elapsed();
+        assert!(status.success(), "{status}");
+        assert!(
+            exited_after.as_secs_f64() >= SECONDS - 0.5,
+            "an old agent exited after {exited_after:?}, before its streams ended"
+        );
+        assert!(old.log().contains("no connections left"));
+    }
+
+    for load in loads {
+        let report = load.wait(RUN).unwrap().report().unwrap();
+        assert_lossless(&report, 50);
+    }
+    drop(std::mem::replace(&mut mesh.near, near));
+    drop(std::mem::replace(&mut mesh.far, far));
+    // The successors carried new connections during the load, and serve on.
+    for (agent, reporter, label) in [
+        (&mesh.near, "source", "source_workload"),
+        (&mesh.far, "destination", "destination_workload"),
+    ] {
+        let workload = if reporter == "source" { "a" } else { "b" };
+        let carried = agent
+            .metric(
+                "istio_tcp_connections_opened_total",
+                &[("reporter", reporter), (label, workload)],
+            )
+            .unwrap();
+        assert!(
+            carried > 100.0,
+            "a successor carried only {carried} connections"
+        );
+    }
+    mesh.assert_served(&mesh.a, &mesh.s);
+    mesh.assert_served(&mesh.a, &mesh.b);
 }

@@ -72,6 +72,10 @@ pub async fn serve(
         tokio::spawn(handle(stream, peer, family, ctx.clone()));
     })
     .await;
+    if ctx.pod.drain.is_cancelled() {
+        // Handed over: the successor accepts from this same socket.
+        return;
+    }
     let deadline = tokio::time::Instant::now() + drain;
     while let Ok(Ok((stream, peer))) = tokio::time::timeout_at(deadline, listener.accept()).await {
         tokio::spawn(handle(stream, peer, family, ctx.clone()));

@@ -50,6 +50,9 @@ pub struct PodContext {
     pub identity: Option<Arc<IdentityState>>,
     /// The node's tunnel connections.
     pub pool: Arc<TunnelPool>,
+    /// Fires when the agent hands over to a successor: server connections
+    /// finish gracefully ([`crate::drain`]).
+    pub drain: CancellationToken,
 }
 
 /// Hands each accepted connection to `on_accept` until `cancel`. Every in-pod
@@ -127,15 +130,20 @@ pub(crate) async fn open_tunnel(
         .connect(
             &key,
             destination,
-            || async move {
-                let stream = connect_in_pod(ctx, address).await?;
-                metrics.tunnel_established("outbound");
-                Ok(stream)
+            || {
+                let metrics = metrics.clone();
+                async move {
+                    let stream = connect_in_pod(ctx, address).await?;
+                    metrics.tunnel_established("outbound");
+                    Ok(stream)
+                }
             },
             || {
-                tunnel::client_config(&cert, peer_identity, &trust).map_err(|e| TunnelError::Tls {
-                    addr: address,
-                    source: io::Error::other(e),
+                tunnel::client_config(&cert, peer_identity.clone(), &trust).map_err(|e| {
+                    TunnelError::Tls {
+                        addr: address,
+                        source: io::Error::other(e),
+                    }
                 })
             },
         )

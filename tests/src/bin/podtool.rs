@@ -83,6 +83,20 @@ enum Cmd {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// For `seconds`: holds `streams` echo streams with bytes flowing both ways
+    /// and opens `rate` short echo connections per second; prints a `started`
+    /// line, then reports every failure and whether each stream came back
+    /// byte-exact (what an upgrade or a soak must not break).
+    TcpLoad {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        streams: usize,
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        #[arg(long)]
+        seconds: f64,
+    },
     /// Connects, sends a line, and reports how the connection ended and how fast.
     Probe {
         #[arg(long)]
@@ -113,6 +127,12 @@ async fn main() -> anyhow::Result<()> {
             interval_ms,
         } => hold(to, seconds, interval_ms).await,
         Cmd::Probe { to, timeout_ms } => probe(to, timeout_ms).await,
+        Cmd::TcpLoad {
+            to,
+            streams,
+            rate,
+            seconds,
+        } => load(to, streams, rate, Duration::from_secs_f64(seconds)).await,
         Cmd::UdpEcho { listen } => udp_echo(listen).await,
         Cmd::UdpPing { to } => udp_ping(to).await,
     }
@@ -300,6 +320,82 @@ async fn hold(to: SocketAddr, seconds: f64, interval_ms: u64) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(interval_ms)).await;
     }
     report(json!({"pings": pings, "error": error}));
+    Ok(())
+}
+
+/// One long-lived stream: 4 KiB each way every 50 ms until `until`, then a
+/// half-close; returns the bytes echoed once every one came back in order.
+async fn load_stream(to: SocketAddr, until: Instant) -> anyhow::Result<u64> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await??;
+    let mut offset = 0u64;
+    let mut echoed = vec![0u8; 4096];
+    while Instant::now() < until {
+        let chunk = pattern(4096, offset);
+        stream.write_all(&chunk).await?;
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed)).await??;
+        anyhow::ensure!(echoed == chunk, "echo differs at byte {offset}");
+        offset += 4096;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stream.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await??;
+    anyhow::ensure!(rest.is_empty(), "{} bytes after the half-close", rest.len());
+    Ok(offset)
+}
+
+/// One short connection: connect, one line each way, close.
+async fn load_connection(to: SocketAddr) -> anyhow::Result<()> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await??;
+    stream.write_all(b"ping\n").await?;
+    let mut echoed = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed)).await??;
+    anyhow::ensure!(&echoed == b"ping\n", "bad echo {echoed:?}");
+    Ok(())
+}
+
+async fn load(to: SocketAddr, streams: usize, rate: u32, duration: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + duration;
+    let long: Vec<_> = (0..streams)
+        .map(|_| tokio::spawn(load_stream(to, until)))
+        .collect();
+    println!("{}", json!({"started": true}));
+    let mut short = Vec::new();
+    if rate > 0 {
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        while Instant::now() < until {
+            tick.tick().await;
+            short.push(tokio::spawn(load_connection(to)));
+        }
+    }
+    let mut errors = Vec::new();
+    let (mut connections_ok, mut streams_ok, mut stream_bytes) = (0usize, 0usize, 0u64);
+    let connections = short.len();
+    for t in short {
+        match t.await? {
+            Ok(()) => connections_ok += 1,
+            Err(e) => errors.push(format!("connection: {e}")),
+        }
+    }
+    for t in long {
+        match t.await? {
+            Ok(bytes) => {
+                streams_ok += 1;
+                stream_bytes += bytes;
+            }
+            Err(e) => errors.push(format!("stream: {e}")),
+        }
+    }
+    errors.truncate(10);
+    report(json!({
+        "connections": connections,
+        "connections_failed": connections - connections_ok,
+        "streams": streams,
+        "streams_failed": streams - streams_ok,
+        "stream_bytes": stream_bytes,
+        "errors": errors,
+    }));
     Ok(())
 }
 

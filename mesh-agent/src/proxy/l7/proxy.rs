@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::connections::{ByteCounter, ConnectionGuard, Peers};
+use crate::drain::serve_until_drained;
 use crate::metrics::{
     DestinationLabels, DestinationServiceLabels, HttpLabels, Metrics, SourceLabels,
 };
@@ -184,25 +185,28 @@ async fn serve_http(
         client: peer,
         protocol,
     });
+    let drain = conn.ctx.pod.drain.clone();
     let service = service_fn(move |req| handle(req, conn.clone()));
+    // On handover the client is told to reconnect (GOAWAY, or `Connection:
+    // close` after the response in flight); the successor accepts it.
     let result = match protocol {
         Detected::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(settings.max_header_bytes as u32)
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(16 << 20)
-                .serve_connection(io, service)
-                .await
+                .serve_connection(io, service);
+            serve_until_drained(connection, &drain).await
         }
         _ => {
-            hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(settings.header_timeout)
                 .max_buf_size(settings.max_header_bytes.max(8192))
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            serve_until_drained(connection, &drain).await
         }
     };
     if let Err(e) = result {

@@ -133,22 +133,78 @@ impl TunnelPool {
 
     /// Opens a CONNECT stream to `authority` over a pooled connection for `key`,
     /// dialling a new connection with `dial` and `tls` when the pool has room.
+    /// A stream the peer never processed (its connection is going away: a GOAWAY
+    /// from an agent handing over to a successor) is retried on another
+    /// connection, so a peer's upgrade fails no new stream.
     pub async fn connect<D, F>(
         &self,
         key: &PoolKey,
         authority: SocketAddr,
         dial: D,
-        tls: impl FnOnce() -> Result<rustls::ClientConfig, TunnelError>,
+        tls: impl Fn() -> Result<rustls::ClientConfig, TunnelError>,
     ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamLease), TunnelError>
     where
-        D: FnOnce() -> F,
+        D: Fn() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
-        let conn = loop {
+        // Each failed attempt takes one connection going away out of the pool,
+        // so after at most all of a key's connections a fresh one is dialled.
+        let attempts = self.settings.max_connections_per_key + 2;
+        let mut attempt = 1;
+        loop {
+            let conn = self.acquire(key, &dial, &tls).await?;
+            let lease = StreamLease { conn: conn.clone() };
+            let request = hyper::Request::builder()
+                .method(hyper::Method::CONNECT)
+                .uri(authority.to_string())
+                .body(Empty::<Bytes>::new())
+                .expect("CONNECT request from a socket address");
+            let mut sender = conn.sender.clone();
+            let response = tokio::time::timeout(
+                self.settings.connect_timeout * 2,
+                sender.send_request(request),
+            )
+            .await
+            .map_err(|_| TunnelError::Timeout("CONNECT response"))?;
+            let response = match response {
+                Ok(r) => r,
+                // Canceled: the request never reached the peer's application, so
+                // it is safe to send again, elsewhere.
+                Err(e) if e.is_canceled() && attempt < attempts => {
+                    tracing::debug!(peer = %key.address, id = conn.id, error = %e, "tunnel connection going away; retrying the stream on another");
+                    self.forget(key, conn.id);
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if response.status() != hyper::StatusCode::OK {
+                return Err(TunnelError::Refused {
+                    authority: authority.to_string(),
+                    status: response.status(),
+                });
+            }
+            let upgraded = hyper::upgrade::on(response).await?;
+            return Ok((TokioIo::new(upgraded), lease));
+        }
+    }
+
+    /// A connection for one more stream of `key`: pooled, or dialled.
+    async fn acquire<D, F>(
+        &self,
+        key: &PoolKey,
+        dial: &D,
+        tls: &impl Fn() -> Result<rustls::ClientConfig, TunnelError>,
+    ) -> Result<Arc<Pooled>, TunnelError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = std::io::Result<TcpStream>>,
+    {
+        loop {
             // Registered before the pick, so a dial finishing in between still wakes us.
             let dialled = self.dialled.notified();
             match self.pick(key) {
-                Pick::Use(conn) => break conn,
+                Pick::Use(conn) => return Ok(conn),
                 Pick::Wait => dialled.await,
                 Pick::Dial => {
                     let made = tokio::time::timeout(
@@ -167,31 +223,17 @@ impl TunnelPool {
                         })
                     };
                     self.dialled.notify_waiters();
-                    break made?;
+                    return made;
                 }
             }
-        };
-        let lease = StreamLease { conn: conn.clone() };
-        let request = hyper::Request::builder()
-            .method(hyper::Method::CONNECT)
-            .uri(authority.to_string())
-            .body(Empty::<Bytes>::new())
-            .expect("CONNECT request from a socket address");
-        let mut sender = conn.sender.clone();
-        let response = tokio::time::timeout(
-            self.settings.connect_timeout * 2,
-            sender.send_request(request),
-        )
-        .await
-        .map_err(|_| TunnelError::Timeout("CONNECT response"))??;
-        if response.status() != hyper::StatusCode::OK {
-            return Err(TunnelError::Refused {
-                authority: authority.to_string(),
-                status: response.status(),
-            });
         }
-        let upgraded = hyper::upgrade::on(response).await?;
-        Ok((TokioIo::new(upgraded), lease))
+    }
+
+    /// Takes a connection out of the pool (its streams carry on; new ones go elsewhere).
+    fn forget(&self, key: &PoolKey, id: u64) {
+        if let Some(entry) = self.entries.lock().expect("pool lock").get_mut(key) {
+            entry.conns.retain(|c| c.id != id);
+        }
     }
 
     /// A live connection with room; else a dial (already counted against the key's
@@ -225,11 +267,11 @@ impl TunnelPool {
     async fn dial<D, F>(
         &self,
         key: &PoolKey,
-        dial: D,
-        tls: impl FnOnce() -> Result<rustls::ClientConfig, TunnelError>,
+        dial: &D,
+        tls: &impl Fn() -> Result<rustls::ClientConfig, TunnelError>,
     ) -> Result<Arc<Pooled>, TunnelError>
     where
-        D: FnOnce() -> F,
+        D: Fn() -> F,
         F: Future<Output = std::io::Result<TcpStream>>,
     {
         let config = Arc::new(tls()?);

@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::drain::serve_until_drained;
 use crate::identity::{Identity, identity_of};
 use crate::proxy::inbound::{InboundContext, Refusal, admit};
 use crate::proxy::pod::accept_until_cancelled;
@@ -71,13 +72,14 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Inbound
         let source = source.clone();
         move |req| handle_stream(req, peer, source.clone(), ctx.clone())
     });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .max_concurrent_streams(MAX_STREAMS)
         .initial_stream_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+        .serve_connection(TokioIo::new(tls), service);
+    // On handover a GOAWAY sends the peer's new streams to the successor.
+    let served = serve_until_drained(connection, &ctx.workload.drain).await;
     if let Err(e) = served {
         tracing::debug!(%workload, %peer, error = %e, "tunnel connection ended with error");
     }
