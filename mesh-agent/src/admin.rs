@@ -27,6 +27,13 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
+            // Out of descriptors: reset the waiting client rather than spin.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                if !agent.limits.shed_one(&listener, "", "admin") {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;

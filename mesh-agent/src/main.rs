@@ -169,6 +169,11 @@ struct RunArgs {
     /// terminationGracePeriodSeconds.
     #[arg(long, env = "NODEMESH_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Most connections the agent holds at once (all pods, both directions);
+    /// more are reset at once and counted. 0: derived from the file-descriptor
+    /// limit (raised to its hard limit at start), two descriptors a connection.
+    #[arg(long, env = "NODEMESH_MAX_CONNECTIONS", default_value_t = 0)]
+    max_connections: usize,
     /// Cgroup to attach the programs to; default: the cgroup2 root.
     #[arg(long, env = "NODEMESH_ATTACH_CGROUP")]
     attach_cgroup: Option<PathBuf>,
@@ -352,6 +357,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .finish(std::io::stdout())
     });
     let cgroup2 = cgroup::preflight()?;
+    let fd_limit = mesh_agent::proxy::limits::raise_fd_limit();
+    let max_connections = match args.max_connections {
+        0 => mesh_agent::proxy::limits::default_max_connections(fd_limit),
+        n => n,
+    };
+    tracing::info!(fd_limit, max_connections, "connection bounds");
     let attach_cgroup = args
         .attach_cgroup
         .as_deref()
@@ -440,6 +451,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             header_timeout: args.request_header_timeout,
         },
         request_log: request_log.as_ref().map(|(writer, _)| writer.clone()),
+        max_connections,
     };
     let metrics = Arc::new(mesh_agent::metrics::Metrics::new());
     let identity = match &identity_settings {

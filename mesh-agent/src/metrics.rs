@@ -246,6 +246,12 @@ struct RefusalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    reason: &'static str,
+    workload: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -303,6 +309,7 @@ pub struct Metrics {
     cert_expiry: Family<IdentityLabels, Gauge>,
     cert_failures: Family<IdentityLabels, Counter>,
     tunnel_refusals: Family<RefusalLabels, Counter>,
+    connection_refusals: Family<LimitLabels, Counter>,
     tunnel_connections: Family<DirectionLabels, Counter>,
     /// Tunnel connections open in the client pool.
     pub tunnel_pool_connections: Gauge,
@@ -351,6 +358,7 @@ impl Metrics {
             cert_expiry: Family::default(),
             cert_failures: Family::default(),
             tunnel_refusals: Family::default(),
+            connection_refusals: Family::default(),
             tunnel_connections: Family::default(),
             tunnel_pool_connections: Gauge::default(),
             requests: Family::default(),
@@ -436,6 +444,11 @@ impl Metrics {
             "nodemesh_certificate_rotation_failures",
             "Failed certificate requests, per identity",
             m.cert_failures.clone(),
+        );
+        registry.register(
+            "nodemesh_connections_refused",
+            "New connections reset at once because of a limit: agent_limit (--max-connections), workload_limit (the pod's own), fd_exhausted",
+            m.connection_refusals.clone(),
         );
         registry.register(
             "nodemesh_tunnel_refusals",
@@ -538,6 +551,16 @@ impl Metrics {
     pub fn detected(&self, protocol: &'static str) {
         self.detections
             .get_or_create(&ProtocolLabels { protocol })
+            .inc();
+    }
+
+    /// Counts a new connection reset because of a limit (`reason`) for `workload`.
+    pub fn connection_refused(&self, reason: &'static str, workload: &str) {
+        self.connection_refusals
+            .get_or_create(&LimitLabels {
+                reason,
+                workload: workload.to_owned(),
+            })
             .inc();
     }
 

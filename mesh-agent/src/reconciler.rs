@@ -31,6 +31,7 @@ use crate::proxy::inbound::{self, InboundContext};
 use crate::proxy::l7::catalog::{CatalogStore, ServiceEndpointsView, ServiceRoutesView};
 use crate::proxy::l7::upstream::Upstreams;
 use crate::proxy::l7::{L7, L7Settings, PodL7};
+use crate::proxy::limits::{Limits, PodLimit};
 use crate::proxy::outbound;
 use crate::proxy::pod::PodContext;
 use crate::proxy::tunnel::pool::{PoolSettings, PoolView, TunnelPool};
@@ -64,6 +65,8 @@ pub struct Settings {
     pub l7: L7Settings,
     /// Where JSON request-log lines go, when enabled.
     pub request_log: Option<tracing_appender::non_blocking::NonBlocking>,
+    /// Most connections the agent holds at once; more are reset at once.
+    pub max_connections: usize,
 }
 
 /// Outcome of the last desired-state loads, for `/config_dump`.
@@ -193,6 +196,8 @@ pub struct Agent {
     pub policies: Arc<PolicyStore>,
     /// Services, routes and endpoint health.
     pub l7: Arc<L7>,
+    /// Connection bounds, agent-wide and per pod.
+    pub limits: Arc<Limits>,
 }
 
 impl Agent {
@@ -234,6 +239,7 @@ impl Agent {
             }
         });
         Agent {
+            limits: Arc::new(Limits::new(settings.max_connections, metrics.clone())),
             l7: Arc::new(L7 {
                 catalog: CatalogStore::default(),
                 settings: settings.l7.clone(),
@@ -590,6 +596,12 @@ impl Agent {
             identity: self.identity.clone(),
             pool: self.pool.clone(),
             drain: self.drain.clone(),
+            limits: self.limits.clone(),
+            limit: {
+                let limit = Arc::new(PodLimit::default());
+                limit.set(w.max_connections);
+                limit
+            },
         });
         let outbound_ctx = Arc::new(PodL7 {
             pod: ctx.clone(),
@@ -777,6 +789,7 @@ impl Agent {
                 .update_exclusions(e.workload_id, &e.exclusions, &exclusions)?;
             e.exclusions = exclusions;
         }
+        e.ctx.limit.set(w.max_connections);
         *e.ctx.meta.write().expect("workload meta lock") = Arc::new(WorkloadMeta::from_config(w));
         e.workload = w.clone();
         tracing::info!(workload = %w.key(), "workload updated in place");

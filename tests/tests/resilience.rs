@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nodemesh_testkit::{Agent, MeshCa, Node, Pod, Process, Tools, run, run_json, yaml_docs};
+use nodemesh_testkit::{
+    Agent, MeshCa, Node, Pod, Process, Tools, run, run_json, wait_until, yaml_docs,
+};
 
 const ECHO_PORT: u16 = 9000;
 const RUN: Duration = Duration::from_secs(30);
@@ -34,6 +36,11 @@ struct Cluster {
 
 impl Cluster {
     fn new(extra_args: &[&str]) -> Self {
+        Self::with(extra_args, "")
+    }
+
+    /// [`Cluster::new`] with `a_spec` appended to pod `a`'s Workload spec.
+    fn with(extra_args: &[&str], a_spec: &str) -> Self {
         let tools = Tools::new(env!("CARGO_BIN_EXE_podtool")).unwrap();
         let ca = MeshCa::init(&tools).unwrap();
         let mut node0 = Node::with_index(0).unwrap();
@@ -55,7 +62,11 @@ impl Cluster {
             })
             .collect();
         // `u` and `v` are not in the mesh.
-        let config = yaml_docs(&[a.workload_yaml(), s.workload_yaml(), b.workload_yaml()]);
+        let config = yaml_docs(&[
+            a.workload_yaml_with(a_spec),
+            s.workload_yaml(),
+            b.workload_yaml(),
+        ]);
         let mut args: Vec<String> = ca.args().iter().map(|s| s.to_string()).collect();
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -451,4 +462,137 @@ fn an_upgrade_under_load_refuses_nothing_and_cuts_no_stream() {
     }
     mesh.assert_served(&mesh.a, &mesh.s);
     mesh.assert_served(&mesh.a, &mesh.b);
+}
+
+/// Holds `count` echo connections from `from` to `to` for `hold_ms`, in the
+/// background; returns once the agent counts them open.
+fn hold_connections(mesh: &Cluster, from: &Pod, to: &Pod, count: usize, hold_ms: u64) -> Process {
+    let mut cmd = from.command(&mesh.tools.podtool).unwrap();
+    cmd.args(["connect", "--to", &to.addr(ECHO_PORT).to_string()])
+        .args([
+            "--count",
+            &count.to_string(),
+            "--concurrency",
+            &count.to_string(),
+        ])
+        .args(["--hold-ms", &hold_ms.to_string()]);
+    let held = Process::spawn(&mut cmd, "podtool connect").unwrap();
+    wait_until("connections held", Duration::from_secs(10), || {
+        let open = mesh
+            .near
+            .connections()?
+            .iter()
+            .filter(|c| {
+                c.reporter == "source" && c.source_workload.ends_with(&format!("/{}", from.name))
+            })
+            .count();
+        Ok(open >= count)
+    })
+    .unwrap();
+    held
+}
+
+/// Acceptance 4, per pod: `a` may hold 10 connections (`spec.maxConnections`).
+/// With 10 open, its next one is reset at once and counted; `s` is served, and
+/// `a` again once its connections close.
+#[test]
+fn a_pod_over_its_connection_limit_is_reset_at_once_and_others_are_served() {
+    let mesh = Cluster::with(&[], "  maxConnections: 10\n");
+    let held = hold_connections(&mesh, &mesh.a, &mesh.s, 10, 4000);
+    let (outcome, elapsed) = mesh.probe(&mesh.a, &mesh.s);
+    assert!(
+        outcome.contains("Reset") || outcome == "eof",
+        "over the limit: {outcome}"
+    );
+    assert!(elapsed < 1000, "refusal took {elapsed} ms");
+    let refused = mesh
+        .near
+        .metric(
+            "nodemesh_connections_refused_total",
+            &[("reason", "workload_limit"), ("workload", "shop/a")],
+        )
+        .unwrap();
+    assert_eq!(refused, 1.0);
+    mesh.near.log_line("refusal logged", |l| {
+        l.contains("over a limit") && l.contains("response_flags=\"UO\"") && l.contains("shop/a")
+    });
+    mesh.assert_served(&mesh.s, &mesh.b);
+    let report = held.wait(RUN).unwrap().report().unwrap();
+    assert_eq!(report["failed"], 0, "{report}");
+    mesh.assert_served(&mesh.a, &mesh.s);
+}
+
+/// The lowest descriptor number the process does not use: with RLIMIT_NOFILE
+/// set to it, the process's next descriptor cannot be made.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let used: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|fd| !used.contains(fd)).unwrap()
+}
+
+/// Sets the soft RLIMIT_NOFILE of `pid` (the hard one stays: raising it back
+/// would need CAP_SYS_RESOURCE); returns the soft limit it had.
+fn set_fd_limit(pid: u32, soft: u64) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let before = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap();
+    run(Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:")))
+    .unwrap();
+    before
+}
+
+/// Acceptance 4, descriptors: with RLIMIT_NOFILE lowered until the agent runs
+/// out, a new connection fails at once (never waits in the backlog), the
+/// established ones keep flowing, and once descriptors are back new
+/// connections are served again.
+#[test]
+fn out_of_descriptors_the_agent_refuses_new_connections_and_keeps_the_established() {
+    let mesh = Cluster::new(&[]);
+    mesh.assert_served(&mesh.a, &mesh.s);
+    let mut hold = mesh.a.command(&mesh.tools.podtool).unwrap();
+    hold.args([
+        "hold",
+        "--to",
+        &mesh.s.addr(ECHO_PORT).to_string(),
+        "--seconds",
+        "4",
+    ]);
+    let mut held = Process::spawn(&mut hold, "podtool hold").unwrap();
+    held.wait_line(Duration::from_secs(5)).unwrap();
+    let pid = mesh.near.pid();
+    let normal = set_fd_limit(pid, lowest_free_fd(pid));
+    for _ in 0..3 {
+        let (outcome, elapsed) = mesh.probe(&mesh.a, &mesh.s);
+        assert_ne!(outcome, "data", "served with no descriptor to spare");
+        assert!(elapsed < 1000, "{outcome} took {elapsed} ms");
+    }
+    let report = held.wait(RUN).unwrap().report().unwrap();
+    assert!(
+        report["error"].is_null(),
+        "the established connection broke: {report}"
+    );
+    assert!(report["pings"].as_u64().unwrap() > 10, "{report}");
+    set_fd_limit(pid, normal);
+    // Reading metrics needs a descriptor too: only now.
+    let shed = mesh
+        .near
+        .metric(
+            "nodemesh_connections_refused_total",
+            &[("reason", "fd_exhausted"), ("workload", "shop/a")],
+        )
+        .unwrap();
+    assert!(
+        shed >= 1.0,
+        "no connection was shed for want of descriptors"
+    );
+    mesh.assert_served(&mesh.a, &mesh.s);
+    mesh.assert_served(&mesh.a, &mesh.b);
+    assert!(mesh.near.get("/healthz/ready").is_ok());
 }

@@ -74,9 +74,19 @@ impl InboundContext {
 
 /// Accepts steered connections until `cancel`.
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: CancellationToken) {
-    accept_until_cancelled(&listener, &cancel, "inbound", |stream, _| {
-        tokio::spawn(handle(stream, ctx.clone()));
-    })
+    accept_until_cancelled(
+        &listener,
+        &cancel,
+        &ctx.workload,
+        "inbound",
+        |stream, _, permit| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                handle(stream, ctx).await;
+            });
+        },
+    )
     .await;
 }
 

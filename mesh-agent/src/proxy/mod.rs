@@ -5,6 +5,7 @@
 
 pub mod inbound;
 pub mod l7;
+pub mod limits;
 pub mod outbound;
 pub mod pod;
 pub mod relay;

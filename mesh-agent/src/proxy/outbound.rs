@@ -68,9 +68,19 @@ pub async fn serve(
     cancel: CancellationToken,
     drain: Duration,
 ) {
-    accept_until_cancelled(&listener, &cancel, "outbound", |stream, peer| {
-        tokio::spawn(handle(stream, peer, family, ctx.clone()));
-    })
+    accept_until_cancelled(
+        &listener,
+        &cancel,
+        &ctx.pod,
+        "outbound",
+        |stream, peer, permit| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                handle(stream, peer, family, ctx).await;
+            });
+        },
+    )
     .await;
     if ctx.pod.drain.is_cancelled() {
         // Handed over: the successor accepts from this same socket.
@@ -78,7 +88,19 @@ pub async fn serve(
     }
     let deadline = tokio::time::Instant::now() + drain;
     while let Ok(Ok((stream, peer))) = tokio::time::timeout_at(deadline, listener.accept()).await {
-        tokio::spawn(handle(stream, peer, family, ctx.clone()));
+        match ctx.pod.limits.admit(&ctx.pod.limit) {
+            Ok(permit) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    handle(stream, peer, family, ctx).await;
+                });
+            }
+            Err(why) => {
+                let workload = ctx.pod.meta.read().expect("meta lock").key();
+                ctx.pod.limits.refuse(stream, why, &workload, "outbound");
+            }
+        }
     }
 }
 

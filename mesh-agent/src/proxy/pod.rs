@@ -22,6 +22,7 @@ use crate::identity::node::IdentityState;
 use crate::metrics::Metrics;
 use crate::node::capture::Capture;
 use crate::node::netns::NetnsHandle;
+use crate::proxy::limits::{Limits, Permit, PodLimit};
 use crate::proxy::relay::{relay, relay_tunnel};
 use crate::proxy::tunnel::pool::{PoolKey, StreamLease, TunnelPool};
 use crate::proxy::tunnel::{self, HBONE_PORT, TunnelError};
@@ -53,23 +54,43 @@ pub struct PodContext {
     /// Fires when the agent hands over to a successor: server connections
     /// finish gracefully ([`crate::drain`]).
     pub drain: CancellationToken,
+    /// The agent-wide connection bound.
+    pub limits: Arc<Limits>,
+    /// This pod's connection bound and count.
+    pub limit: Arc<PodLimit>,
 }
 
-/// Hands each accepted connection to `on_accept` until `cancel`. Every in-pod
-/// listener (outbound, inbound, tunnel) accepts this way.
+/// Hands each accepted connection, with its claim on the connection bounds, to
+/// `on_accept` until `cancel`. Every in-pod listener (outbound, inbound,
+/// tunnel) accepts this way, so every one is bounded. A connection over a bound
+/// is reset at once; out of descriptors, waiting connections are shed the same
+/// way rather than left in the backlog.
 pub async fn accept_until_cancelled(
     listener: &TcpListener,
     cancel: &CancellationToken,
+    pod: &PodContext,
     listener_kind: &'static str,
-    mut on_accept: impl FnMut(TcpStream, SocketAddr),
+    mut on_accept: impl FnMut(TcpStream, SocketAddr, Permit),
 ) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => on_accept(stream, peer),
+                Ok((stream, peer)) => match pod.limits.admit(&pod.limit) {
+                    Ok(permit) => on_accept(stream, peer, permit),
+                    Err(why) => {
+                        let workload = pod.meta.read().expect("meta lock").key();
+                        pod.limits.refuse(stream, why, &workload, listener_kind);
+                    }
+                },
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    let workload = pod.meta.read().expect("meta lock").key();
+                    if !pod.limits.shed_one(listener, &workload, listener_kind) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning; the backlog holds.
+                    // Back off instead of spinning; the backlog holds.
                     tracing::warn!(listener = listener_kind, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

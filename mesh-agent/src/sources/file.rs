@@ -67,7 +67,12 @@ impl FileSource {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_owned();
-        watch_dir(&dir, "config")
+        let name = self.path.file_name().map(|n| n.to_owned());
+        watch_dir_for(&dir, "config", move |file| {
+            // Only the config file, or a mounted ConfigMap's `..data` swap: other
+            // files beside it (a log, say) change without changing the config.
+            Some(file) == name.as_deref() || file.to_string_lossy().starts_with("..")
+        })
     }
 
     /// Re-applies the file whenever `changes` reports a change or SIGHUP
@@ -94,9 +99,24 @@ pub type DirChanges = (notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<(
 
 /// Watches `dir`, signalling changes of its content.
 pub fn watch_dir(dir: &Path, what: &str) -> anyhow::Result<DirChanges> {
+    watch_dir_for(dir, what, |_| true)
+}
+
+/// Watches `dir`, signalling changes of the files whose name `relevant` accepts.
+pub fn watch_dir_for(
+    dir: &Path,
+    what: &str,
+    relevant: impl Fn(&std::ffi::OsStr) -> bool + Send + 'static,
+) -> anyhow::Result<DirChanges> {
     let (tx, rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| is_change(&e.kind)) {
+        let Ok(event) = event else { return };
+        let touches = event.paths.is_empty()
+            || event
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(&relevant));
+        if is_change(&event.kind) && touches {
             let _ = tx.try_send(());
         }
     })
@@ -156,5 +176,28 @@ mod tests {
         std::fs::rename(dir.path().join("next"), &file).unwrap();
         let seen = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
         assert!(seen.is_ok(), "a rename over the file was missed");
+    }
+
+    /// The config's directory may hold other files (a log, say): their changes
+    /// are not the config's, or each error logged there would reload the config.
+    #[tokio::test]
+    async fn other_files_beside_the_config_do_not_trigger_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("mesh.yaml");
+        std::fs::write(&config, "").unwrap();
+        let source = FileSource::new(config.clone(), Arc::from("cluster.local"));
+        let (_watcher, mut changes) = source.changes().unwrap();
+        std::fs::write(dir.path().join("agent.log"), "a line").unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(300), changes.recv()).await;
+        assert!(quiet.is_err(), "a neighbour's write was taken for a change");
+        std::fs::write(&config, "---").unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+        assert!(seen.is_ok(), "a write of the config was missed");
+        std::fs::create_dir(dir.path().join("..2026_12_02")).unwrap();
+        settle(&mut changes).await;
+        std::os::unix::fs::symlink("..2026_12_02", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+        assert!(seen.is_ok(), "a ConfigMap's ..data swap was missed");
     }
 }

@@ -137,6 +137,8 @@ struct RawWorkloadSpec {
     excluded_ports: Vec<u16>,
     #[serde(default)]
     excluded_cidrs: Vec<String>,
+    #[serde(default)]
+    max_connections: Option<std::num::NonZeroU32>,
 }
 
 #[derive(Deserialize)]
@@ -497,6 +499,7 @@ fn build_workload(
         workload_name: name.clone(),
         meshed: true,
         trust_domain: Arc::from(DEFAULT_TRUST_DOMAIN),
+        max_connections: spec.max_connections,
         name,
         namespace: Arc::from(namespace),
         labels: Arc::new(labels),

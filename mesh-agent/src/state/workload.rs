@@ -47,6 +47,9 @@ pub struct Workload {
     pub meshed: bool,
     /// The SPIFFE trust domain of the workload's identity.
     pub trust_domain: Arc<str>,
+    /// Most connections the agent holds for this pod at once (its own and to
+    /// it); more are reset. `None`: only the agent-wide bound applies.
+    pub max_connections: Option<std::num::NonZeroU32>,
 }
 
 /// A pod's labels, shared by every copy of the workload (its identity, the
@@ -259,6 +262,7 @@ mod tests {
             workload_name: name.into(),
             meshed: true,
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            max_connections: None,
         }
     }
 

@@ -32,9 +32,19 @@ const MAX_STREAMS: u32 = 100;
 
 /// Accepts tunnel connections until `cancel`.
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: CancellationToken) {
-    accept_until_cancelled(&listener, &cancel, "tunnel", |stream, peer| {
-        tokio::spawn(handle_connection(stream, peer, ctx.clone()));
-    })
+    accept_until_cancelled(
+        &listener,
+        &cancel,
+        &ctx.workload,
+        "tunnel",
+        |stream, peer, permit| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                handle_connection(stream, peer, ctx).await;
+            });
+        },
+    )
     .await;
 }
 

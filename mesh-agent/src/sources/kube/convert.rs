@@ -18,6 +18,8 @@ use crate::state::{self, Document, ObjectError};
 
 /// Namespace label that puts a namespace's pods in the mesh.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
+/// Pod annotation bounding the connections the agent holds for the pod.
+pub const MAX_CONNECTIONS_ANNOTATION: &str = "nodemesh.io/max-connections";
 
 /// A Pod trimmed to what the agent reads: a few hundred bytes of a 5-10 KB object.
 /// Unknown fields are skipped while deserializing, so nothing else is ever held.
@@ -141,9 +143,24 @@ pub fn pod_record(
             excluded_cidrs: Vec::new(),
             meshed: false,
             trust_domain: Arc::from(crate::state::workload::DEFAULT_TRUST_DOMAIN),
+            max_connections: max_connections(meta, &subject),
         },
         opted_out,
     }))
+}
+
+/// The pod's `nodemesh.io/max-connections`; a value that is not a positive
+/// number is logged and ignored (the agent-wide bound still applies), so a typo
+/// never takes a pod out of the mesh.
+fn max_connections(meta: &ObjectMeta, subject: &str) -> Option<std::num::NonZeroU32> {
+    let value = meta.annotations.as_ref()?.get(MAX_CONNECTIONS_ANNOTATION)?;
+    match value.trim().parse() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(object = %subject, annotation = MAX_CONNECTIONS_ANNOTATION, value = %value, error = %e, "ignored: not a positive number");
+            None
+        }
+    }
 }
 
 /// One shared copy of each distinct label set and string: the pods of a
@@ -545,6 +562,25 @@ mod tests {
         let err = convert(&bad).unwrap_err();
         assert_eq!(err.subject, "Pod shop/b");
         assert_eq!(err.field, "status.podIPs[0].ip");
+    }
+
+    #[test]
+    fn the_connection_limit_annotation_is_read_and_a_bad_one_ignored() {
+        let with = |value: &str| {
+            let p = pod(json!({"metadata": {"name": "p", "namespace": "shop",
+                "annotations": {MAX_CONNECTIONS_ANNOTATION: value}},
+                "status": {"podIPs": [{"ip": "10.0.0.9"}]}}));
+            pod_record(&p, "node-1", &mut Interner::default())
+                .unwrap()
+                .unwrap()
+                .workload
+                .max_connections
+                .map(|n| n.get())
+        };
+        assert_eq!(with("250"), Some(250));
+        // Never a reason to drop the pod from the mesh: the agent-wide bound applies.
+        assert_eq!(with("0"), None);
+        assert_eq!(with("lots"), None);
     }
 
     #[test]
