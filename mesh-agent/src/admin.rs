@@ -95,7 +95,17 @@ async fn route(
         ));
     }
     let response = match req.uri().path() {
-        "/healthz/ready" if agent.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
+        // Ready stays ready with the CA files gone: traffic flows on the
+        // certificates loaded before, and the body says what is wrong.
+        "/healthz/ready" if agent.is_ready() => {
+            let body = match agent.identity.as_ref().and_then(|i| i.error()) {
+                Some(e) => format!(
+                    "ready\nwarning: mesh CA: {e}; serving with the CA and certificates loaded before\n"
+                ),
+                None => "ready\n".to_owned(),
+            };
+            respond(StatusCode::OK, "text/plain", body)
+        }
         "/healthz/ready" => respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",

@@ -590,7 +590,7 @@ async fn serve_until_stopped(
             let (w, rx) = watch_dir(&identity.ca_dir, "CA")?;
             // A change since the CA was loaded at start, before the watch: a
             // no-op unless the file's content differs.
-            identity.reload_trust();
+            identity.reload();
             (Some(w), rx)
         }
         None => (None, tokio::sync::mpsc::channel(1).1),
@@ -603,12 +603,12 @@ async fn serve_until_stopped(
             Some(()) = ca_changes.recv() => {
                 settle(&mut ca_changes).await;
                 if let Some(identity) = &agent.identity {
-                    identity.reload_trust();
+                    identity.reload();
                 }
             }
             _ = hangup.recv() => {
                 if let Some(identity) = &agent.identity {
-                    identity.reload_trust();
+                    identity.reload();
                 }
             }
             ended = &mut source => {

@@ -298,6 +298,8 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Workloads whose connects are being captured.
     pub enrolled_workloads: Gauge,
+    /// 1 while the mesh CA files were usable at the last (re)load, else 0.
+    pub ca_healthy: Gauge,
     /// Workloads in the config the agent could not enroll.
     pub failed_workloads: Gauge,
     /// Accepted connections with no kernel record of their destination (closed).
@@ -349,6 +351,7 @@ impl Metrics {
             tcp_received_bytes: Family::default(),
             open_connections: Gauge::default(),
             enrolled_workloads: Gauge::default(),
+            ca_healthy: Gauge::default(),
             failed_workloads: Gauge::default(),
             orig_dst_missing: Counter::default(),
             config_reloads: Family::default(),
@@ -444,6 +447,11 @@ impl Metrics {
             "nodemesh_certificate_rotation_failures",
             "Failed certificate requests, per identity",
             m.cert_failures.clone(),
+        );
+        registry.register(
+            "nodemesh_ca_healthy",
+            "1 while the mesh CA files were usable at the last (re)load; 0 while the agent serves on with what it loaded before",
+            m.ca_healthy.clone(),
         );
         registry.register(
             "nodemesh_connections_refused",

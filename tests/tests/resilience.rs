@@ -31,7 +31,7 @@ struct Cluster {
     _servers: Vec<Process>,
     node0: Node,
     node1: Node,
-    _ca: MeshCa,
+    ca: MeshCa,
 }
 
 impl Cluster {
@@ -86,7 +86,7 @@ impl Cluster {
             _servers: servers,
             node0,
             node1,
-            _ca: ca,
+            ca,
         }
     }
 
@@ -595,4 +595,145 @@ fn out_of_descriptors_the_agent_refuses_new_connections_and_keeps_the_establishe
     mesh.assert_served(&mesh.a, &mesh.s);
     mesh.assert_served(&mesh.a, &mesh.b);
     assert!(mesh.near.get("/healthz/ready").is_ok());
+}
+
+/// Replaces files of a CA directory the way a Secret update does: every new
+/// file written aside first, then all renamed into place at once.
+fn replace_files(dir: &Path, files: &[(&str, String)]) {
+    for (name, content) in files {
+        std::fs::write(dir.join(format!(".{name}.new")), content).unwrap();
+    }
+    for (name, _) in files {
+        std::fs::rename(dir.join(format!(".{name}.new")), dir.join(name)).unwrap();
+    }
+}
+
+fn serials(agent: &Agent) -> Vec<String> {
+    let mut serials: Vec<String> = agent.config_dump().unwrap()["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["serial"].as_str().map(str::to_owned))
+        .collect();
+    serials.sort();
+    serials
+}
+
+/// Acceptance 5, rotation: the mesh root is rotated the way Istio's plug-in CA
+/// is, under load: (1) the new root is added beside the old, (2) the signing
+/// intermediate is replaced by one under the new root, and every workload
+/// certificate is re-issued from it, (3) the old root is removed. No connection
+/// fails at any step, and afterwards new handshakes chain to the new root only.
+#[test]
+fn a_root_rotation_with_overlap_loses_no_connection() {
+    let mut mesh = Cluster::new(&[]);
+    let next = MeshCa::init(&mesh.tools).unwrap();
+    let read = |dir: &Path, name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let (old_root, new_root) = (
+        read(&mesh.ca.dir, "root-cert.pem"),
+        read(&next.dir, "root-cert.pem"),
+    );
+    let before = [serials(&mesh.near), serials(&mesh.far)];
+    let loads = [
+        start_load(&mesh, &mesh.a, &mesh.s, 20, 50, 8.0),
+        start_load(&mesh, &mesh.a, &mesh.b, 20, 50, 8.0),
+    ];
+    let agents = [&mesh.near, &mesh.far];
+    let reloaded = |what: &str, count: usize| {
+        for agent in agents {
+            wait_until(what, Duration::from_secs(10), || {
+                Ok(agent.log().matches(what).count() >= count)
+            })
+            .unwrap();
+        }
+    };
+
+    std::thread::sleep(Duration::from_secs(1));
+    replace_files(
+        &mesh.ca.dir,
+        &[("root-cert.pem", format!("{old_root}{new_root}"))],
+    );
+    reloaded("trust bundle reloaded", 1);
+    std::thread::sleep(Duration::from_secs(1));
+    replace_files(
+        &mesh.ca.dir,
+        &[
+            ("ca-cert.pem", read(&next.dir, "ca-cert.pem")),
+            ("ca-key.pem", read(&next.dir, "ca-key.pem")),
+            ("cert-chain.pem", read(&next.dir, "cert-chain.pem")),
+        ],
+    );
+    reloaded("signing CA reloaded", 1);
+    for (agent, before) in agents.iter().zip(&before) {
+        wait_until("certificates re-issued", Duration::from_secs(10), || {
+            let now = serials(agent);
+            Ok(now.len() == before.len() && now.iter().all(|s| !before.contains(s)))
+        })
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    replace_files(&mesh.ca.dir, &[("root-cert.pem", new_root)]);
+    reloaded("trust bundle reloaded", 2);
+
+    for load in loads {
+        let report = load.wait(RUN).unwrap().report().unwrap();
+        assert_lossless(&report, 20);
+    }
+    // A fresh agent on node 0 must handshake anew: node 1's re-issued
+    // certificate and its new trust bundle (the new root only) take it.
+    mesh.kill_near();
+    mesh.restart_near();
+    mesh.assert_served(&mesh.a, &mesh.b);
+    for agent in [&mesh.near, &mesh.far] {
+        assert!(
+            !agent.log().contains("mesh CA files unusable"),
+            "{}",
+            agent.log()
+        );
+    }
+}
+
+/// Acceptance 5, CA gone: removing the CA files (a Secret deleted by mistake)
+/// keeps traffic flowing on the certificates in use, with the error in
+/// `/healthz/ready`'s body and `nodemesh_ca_healthy` at 0; restoring them clears it.
+#[test]
+fn removing_the_ca_files_keeps_traffic_flowing_and_says_so() {
+    let mesh = Cluster::new(&[]);
+    mesh.assert_served(&mesh.a, &mesh.b);
+    let saved = tempfile::tempdir().unwrap();
+    let names = [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "root-cert.pem",
+        "cert-chain.pem",
+    ];
+    for name in names {
+        std::fs::rename(mesh.ca.dir.join(name), saved.path().join(name)).unwrap();
+    }
+    for agent in [&mesh.near, &mesh.far] {
+        wait_until("CA error reported", Duration::from_secs(10), || {
+            Ok(agent.metric("nodemesh_ca_healthy", &[])? == 0.0)
+        })
+        .unwrap();
+        let ready = agent.get("/healthz/ready").unwrap();
+        assert!(ready.starts_with("ready"), "{ready}");
+        assert!(
+            ready.contains("warning: mesh CA") && ready.contains("root-cert.pem"),
+            "{ready}"
+        );
+    }
+    let load = start_load(&mesh, &mesh.a, &mesh.b, 5, 50, 2.0);
+    assert_lossless(&load.wait(RUN).unwrap().report().unwrap(), 5);
+    mesh.assert_served(&mesh.a, &mesh.s);
+
+    for name in names {
+        std::fs::rename(saved.path().join(name), mesh.ca.dir.join(name)).unwrap();
+    }
+    for agent in [&mesh.near, &mesh.far] {
+        wait_until("CA usable again", Duration::from_secs(10), || {
+            Ok(agent.metric("nodemesh_ca_healthy", &[])? == 1.0)
+        })
+        .unwrap();
+        assert_eq!(agent.get("/healthz/ready").unwrap(), "ready\n");
+    }
 }

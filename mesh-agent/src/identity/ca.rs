@@ -109,6 +109,20 @@ impl Signer {
             what: format!("not a usable private key: {e}"),
         })?;
         let signing = certs(dir, CA_CERT, &cert_pem)?;
+        // A rotation writes several files: a key read beside the previous
+        // certificate must be refused, not used to sign certificates no peer accepts.
+        let spki = x509_parser::parse_x509_certificate(&signing[0])
+            .map(|(_, c)| c.public_key().raw.to_vec())
+            .map_err(|e| CaError::Invalid {
+                path: dir.join(CA_CERT),
+                what: format!("not a parsable certificate: {e}"),
+            })?;
+        if spki != rcgen::PublicKeyData::subject_public_key_info(&key) {
+            return Err(CaError::Invalid {
+                path: dir.join(CA_KEY),
+                what: format!("does not belong to the certificate in {CA_CERT}"),
+            });
+        }
         let issuer = Issuer::from_ca_cert_der(&signing[0], key).map_err(|e| CaError::Invalid {
             path: dir.join(CA_CERT),
             what: format!("not a usable CA certificate: {e}"),
@@ -317,6 +331,16 @@ mod tests {
                 )
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_key_of_another_ca_is_refused() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init(one.path(), "cluster.local").unwrap();
+        init(two.path(), "cluster.local").unwrap();
+        std::fs::copy(two.path().join(CA_KEY), one.path().join(CA_KEY)).unwrap();
+        let err = Signer::load(one.path()).unwrap_err().to_string();
+        assert!(err.contains("does not belong to the certificate"), "{err}");
     }
 
     #[test]

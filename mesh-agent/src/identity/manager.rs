@@ -125,8 +125,16 @@ pub enum CertError {
 /// Handle on the manager task; cheap to clone.
 #[derive(Clone)]
 pub struct CertManager {
-    identities: mpsc::UnboundedSender<BTreeSet<Identity>>,
+    requests: mpsc::UnboundedSender<Request>,
     snapshot: watch::Receiver<Arc<CertSnapshot>>,
+}
+
+/// What the task is asked to do.
+enum Request {
+    /// The identities the node needs now.
+    Identities(BTreeSet<Identity>),
+    /// Re-issue every certificate now (the signing CA changed).
+    RenewAll,
 }
 
 impl CertManager {
@@ -147,14 +155,21 @@ impl CertManager {
         };
         tokio::spawn(task.run(rx));
         CertManager {
-            identities: tx,
+            requests: tx,
             snapshot,
         }
     }
 
     /// The identities the node needs now; others are dropped, new ones issued at once.
     pub fn set_identities(&self, identities: BTreeSet<Identity>) {
-        let _ = self.identities.send(identities);
+        let _ = self.requests.send(Request::Identities(identities));
+    }
+
+    /// Re-issues every certificate now, from the current source: after the
+    /// signing CA changed (a rotation), so every workload moves to it at once
+    /// while the current certificates stay in use until then.
+    pub fn renew_all(&self) {
+        let _ = self.requests.send(Request::RenewAll);
     }
 
     /// The latest snapshot of all certificates.
@@ -242,12 +257,18 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<BTreeSet<Identity>>) {
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
         loop {
             let next = self.entries.values().map(|e| e.next_attempt).min();
             tokio::select! {
                 request = requests.recv() => match request {
-                    Some(wanted) => self.set(wanted),
+                    Some(Request::Identities(wanted)) => self.set(wanted),
+                    Some(Request::RenewAll) => {
+                        let now = Instant::now();
+                        for entry in self.entries.values_mut() {
+                            entry.next_attempt = now;
+                        }
+                    }
                     None => return,
                 },
                 _ = sleep_until(next) => {}
