@@ -191,19 +191,11 @@ async fn serve_http(
     // close` after the response in flight); the successor accepts it.
     let result = match protocol {
         Detected::Http2 => {
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(settings.max_header_bytes as u32)
-                .initial_stream_window_size(4 << 20)
-                .initial_connection_window_size(16 << 20)
-                .serve_connection(io, service);
+            let connection = http2_server(&settings).serve_connection(io, service);
             serve_until_drained(connection, &drain).await
         }
         _ => {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(settings.header_timeout)
-                .max_buf_size(settings.max_header_bytes.max(8192))
+            let connection = http1_server(&settings)
                 .serve_connection(io, service)
                 .with_upgrades();
             serve_until_drained(connection, &drain).await
@@ -213,6 +205,30 @@ async fn serve_http(
         tracing::debug!(client = %peer, error = %e, "HTTP connection ended with error");
     }
     drop(guard);
+}
+
+/// The HTTP/1 front end applications' requests meet: header block and header
+/// time bounded (431 above the size, slowloris defence).
+pub fn http1_server(settings: &super::L7Settings) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192));
+    builder
+}
+
+/// The HTTP/2 front end (prior knowledge, gRPC included): header list bounded.
+pub fn http2_server(
+    settings: &super::L7Settings,
+) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes as u32)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20);
+    builder
 }
 
 async fn handle(

@@ -95,6 +95,48 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Inbound
     }
 }
 
+/// Why a tunnel stream's request names no destination this pod serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetError {
+    /// Not a CONNECT.
+    NotConnect,
+    /// The authority is not an `ip:port`.
+    BadAuthority,
+    /// An address of another pod (or none of this one's).
+    NotThisPod(SocketAddr),
+}
+
+impl TargetError {
+    /// The HTTP status the stream is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            TargetError::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
+            TargetError::BadAuthority | TargetError::NotThisPod(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The destination of an HBONE stream: a CONNECT whose authority is
+/// `ip:port` with the ip one of this pod's. Peers' bytes decide it, so it is
+/// property-tested.
+pub fn connect_target(
+    method: &Method,
+    uri: &hyper::Uri,
+    pod_ips: &[std::net::IpAddr],
+) -> Result<SocketAddr, TargetError> {
+    if method != Method::CONNECT {
+        return Err(TargetError::NotConnect);
+    }
+    let destination = uri
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or(TargetError::BadAuthority)?;
+    if !pod_ips.contains(&destination.ip()) {
+        return Err(TargetError::NotThisPod(destination));
+    }
+    Ok(destination)
+}
+
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut response = Response::new(Empty::new());
     *response.status_mut() = code;
@@ -107,20 +149,14 @@ async fn handle_stream(
     source: Identity,
     ctx: Arc<InboundContext>,
 ) -> Result<Response<Empty<Bytes>>, Infallible> {
-    if req.method() != Method::CONNECT {
-        return Ok(status(StatusCode::METHOD_NOT_ALLOWED));
-    }
-    let Some(destination) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        return Ok(status(StatusCode::BAD_REQUEST));
+    let destination = match connect_target(req.method(), req.uri(), &ctx.ips) {
+        Ok(d) => d,
+        Err(TargetError::NotThisPod(destination)) => {
+            tracing::warn!(%peer, %destination, "CONNECT to an address that is not this pod's; refused");
+            return Ok(status(StatusCode::BAD_REQUEST));
+        }
+        Err(e) => return Ok(status(e.status())),
     };
-    if !ctx.ips.contains(&destination.ip()) {
-        tracing::warn!(%peer, %destination, "CONNECT to an address that is not this pod's; refused");
-        return Ok(status(StatusCode::BAD_REQUEST));
-    }
     // The client pod, when known and when its configured identity is the proven one.
     let source_workload = ctx
         .workload
