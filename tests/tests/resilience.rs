@@ -737,3 +737,91 @@ fn removing_the_ca_files_keeps_traffic_flowing_and_says_so() {
         assert_eq!(agent.get("/healthz/ready").unwrap(), "ready\n");
     }
 }
+
+/// What must return to its baseline after agents come and go.
+#[derive(Debug, PartialEq)]
+struct Residue {
+    pins: usize,
+    workloads: u64,
+    meshed_addrs: u64,
+    inbound_listeners: u64,
+    orig_dst: u64,
+    pending: u64,
+}
+
+fn residue(mesh: &Cluster) -> Residue {
+    let map = |name: &str| mesh.near.map_entries(name).unwrap();
+    Residue {
+        pins: pins(&mesh.node0),
+        workloads: map("WORKLOADS"),
+        meshed_addrs: map("MESHED_ADDRS"),
+        inbound_listeners: map("INBOUND_LISTENERS"),
+        orig_dst: map("ORIG_DST"),
+        pending: map("PENDING"),
+    }
+}
+
+/// Acceptance 3: 20 cycles of `kill -9` and restart under load. A client whose
+/// connection died with an agent sees it end at once (never a hang); each
+/// successor adopts the pinned state and serves every pod; afterwards pinned
+/// objects, map entries and the agent's descriptors are back to their baseline
+/// and the mesh is lossless again.
+#[test]
+fn twenty_crashes_under_load_leave_no_residue() {
+    let mut mesh = Cluster::new(&[]);
+    mesh.assert_served(&mesh.a, &mesh.s);
+    mesh.assert_served(&mesh.a, &mesh.b);
+    let baseline = residue(&mesh);
+    let baseline_fds = mesh.near.fd_count().unwrap();
+    assert_eq!((baseline.orig_dst, baseline.pending), (0, 0));
+
+    // Short connections all along (some refused while no agent runs).
+    let churn = start_load(&mesh, &mesh.a, &mesh.b, 0, 100, 20.0);
+    for cycle in 0..20 {
+        let mut hold = mesh.a.command(&mesh.tools.podtool).unwrap();
+        hold.args([
+            "hold",
+            "--to",
+            &mesh.s.addr(ECHO_PORT).to_string(),
+            "--seconds",
+            "30",
+        ])
+        .args(["--interval-ms", "20"]);
+        let mut held = Process::spawn(&mut hold, "podtool hold").unwrap();
+        held.wait_line(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        mesh.kill_near();
+        let killed = Instant::now();
+        let report = held.wait(RUN).unwrap().report().unwrap();
+        let error = report["error"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            !error.is_empty() && !error.contains("timed out"),
+            "cycle {cycle}: the connection cut by the crash ended with {report}"
+        );
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "cycle {cycle}: noticed after {:?}",
+            killed.elapsed()
+        );
+        mesh.restart_near();
+        mesh.assert_served(&mesh.a, &mesh.s);
+    }
+    churn.wait(RUN).unwrap();
+
+    mesh.assert_served(&mesh.a, &mesh.b);
+    mesh.assert_served(&mesh.u, &mesh.v);
+    let lossless = start_load(&mesh, &mesh.a, &mesh.s, 10, 100, 2.0);
+    assert_lossless(&lossless.wait(RUN).unwrap().report().unwrap(), 10);
+    wait_until(
+        "records of finished connections gone",
+        Duration::from_secs(5),
+        || Ok(residue(&mesh) == baseline),
+    )
+    .map_err(|e| format!("{e}: {:?} vs baseline {baseline:?}", residue(&mesh)))
+    .unwrap();
+    let fds = mesh.near.fd_count().unwrap();
+    assert!(
+        fds <= baseline_fds + 8,
+        "the last agent holds {fds} descriptors; the first held {baseline_fds}"
+    );
+}
