@@ -22,6 +22,7 @@ use mesh_agent::node::cgroup::Cgroup2;
 
 pub mod apiserver;
 pub mod cni;
+pub mod soak;
 
 /// Deterministic bytes by absolute stream position, so any chunking of a
 /// stream can be checked against `pattern(total, 0)`.

@@ -82,6 +82,18 @@ enum Cmd {
         #[arg(long, default_value = "localhost/nodemesh/mesh-agent:dev")]
         tag: String,
     },
+    /// Build, then soak two nodes: 10,000 long-lived meshed connections and a
+    /// steady stream of short ones through pod churn, config reloads, an agent
+    /// upgrade and a kill -9. Writes target/soak/soak.md and soak.svg; fails on
+    /// a leak or a lost byte. A short version runs in `cargo xtask test`.
+    Soak {
+        /// How long the load runs.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Extra arguments for nodemesh-soak (e.g. `--connections 20000`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build, then measure the Kubernetes source at cluster scale (10,000 pods and
     /// 1,000 Services in the API server double): memory per pod and change latency.
     Scale {
@@ -114,6 +126,7 @@ fn run() -> anyhow::Result<()> {
         Cmd::Demo => demo(&root),
         Cmd::Bench { quick, only } => bench(&root, quick, &only),
         Cmd::Scale { args } => scale(&root, &args),
+        Cmd::Soak { minutes, args } => soak(&root, minutes, &args),
     }
 }
 
@@ -512,6 +525,19 @@ fn scale(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let built = build(root)?;
     status(
         Command::new(built.release_dir.join("kube-scale"))
+            .args(args)
+            .current_dir(root)
+            .env("NODEMESH_AGENT_BIN", &built.agent)
+            .env("NODEMESH_PODTOOL_BIN", built.release_dir.join("podtool")),
+    )
+}
+
+fn soak(root: &Path, minutes: f64, args: &[String]) -> anyhow::Result<()> {
+    let built = build(root)?;
+    status(
+        Command::new(built.release_dir.join("nodemesh-soak"))
+            .arg("--minutes")
+            .arg(minutes.to_string())
             .args(args)
             .current_dir(root)
             .env("NODEMESH_AGENT_BIN", &built.agent)

@@ -3,6 +3,8 @@
 //! facts (bytes, hashes, errors) rather than on exit codes alone.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -96,6 +98,15 @@ enum Cmd {
         rate: u32,
         #[arg(long)]
         seconds: f64,
+        /// Bytes each stream sends (and expects back) per round.
+        #[arg(long, default_value_t = 4096)]
+        chunk: usize,
+        /// Pause between a stream's rounds.
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        /// Print a JSON progress line every second.
+        #[arg(long)]
+        progress: bool,
     },
     /// Connects, sends a line, and reports how the connection ended and how fast.
     Probe {
@@ -109,6 +120,8 @@ enum Cmd {
 // Two workers: servers use both cores as an application server would.
 #[tokio::main(worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    // Load and soak runs hold thousands of sockets: use the hard limit.
+    raise_fd_limit();
     match Cli::parse().command {
         Cmd::L7(cmd) => l7::run(cmd).await,
         Cmd::Http { listen } => http_server(listen).await,
@@ -132,9 +145,40 @@ async fn main() -> anyhow::Result<()> {
             streams,
             rate,
             seconds,
-        } => load(to, streams, rate, Duration::from_secs_f64(seconds)).await,
+            chunk,
+            interval_ms,
+            progress,
+        } => {
+            let shape = StreamShape {
+                chunk,
+                interval: Duration::from_millis(interval_ms),
+            };
+            load(
+                to,
+                streams,
+                rate,
+                Duration::from_secs_f64(seconds),
+                shape,
+                progress,
+            )
+            .await
+        }
         Cmd::UdpEcho { listen } => udp_echo(listen).await,
         Cmd::UdpPing { to } => udp_ping(to).await,
+    }
+}
+
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on this process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 
@@ -323,25 +367,58 @@ async fn hold(to: SocketAddr, seconds: f64, interval_ms: u64) -> anyhow::Result<
     Ok(())
 }
 
-/// One long-lived stream: 4 KiB each way every 50 ms until `until`, then a
-/// half-close; returns the bytes echoed once every one came back in order.
-async fn load_stream(to: SocketAddr, until: Instant) -> anyhow::Result<u64> {
+/// How a long-lived stream of `tcp-load` talks.
+#[derive(Clone, Copy)]
+struct StreamShape {
+    chunk: usize,
+    interval: Duration,
+}
+
+/// Running totals of `tcp-load`, for its progress lines and report.
+#[derive(Default)]
+struct LoadCounts {
+    connections_ok: AtomicUsize,
+    connections_failed: AtomicUsize,
+    streams_open: AtomicUsize,
+    streams_failed: AtomicUsize,
+}
+
+/// One long-lived stream: `chunk` bytes each way every `interval` until
+/// `until`, then a half-close; returns the bytes echoed once every one came
+/// back in order.
+async fn load_stream(
+    to: SocketAddr,
+    until: Instant,
+    shape: StreamShape,
+    counts: Arc<LoadCounts>,
+) -> anyhow::Result<u64> {
     let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await??;
+    counts.streams_open.fetch_add(1, Ordering::Relaxed);
+    let _open = Decrement(&counts.streams_open);
     let mut offset = 0u64;
-    let mut echoed = vec![0u8; 4096];
+    let mut echoed = vec![0u8; shape.chunk];
     while Instant::now() < until {
-        let chunk = pattern(4096, offset);
+        let chunk = pattern(shape.chunk, offset);
         stream.write_all(&chunk).await?;
         tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed)).await??;
         anyhow::ensure!(echoed == chunk, "echo differs at byte {offset}");
-        offset += 4096;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        offset += shape.chunk as u64;
+        tokio::time::sleep(shape.interval).await;
     }
     stream.shutdown().await?;
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await??;
     anyhow::ensure!(rest.is_empty(), "{} bytes after the half-close", rest.len());
     Ok(offset)
+}
+
+/// Decrements a gauge when dropped.
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One short connection: connect, one line each way, close.
@@ -354,19 +431,67 @@ async fn load_connection(to: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn load(to: SocketAddr, streams: usize, rate: u32, duration: Duration) -> anyhow::Result<()> {
-    let until = Instant::now() + duration;
+async fn load(
+    to: SocketAddr,
+    streams: usize,
+    rate: u32,
+    duration: Duration,
+    shape: StreamShape,
+    progress: bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let until = started + duration;
+    let counts = Arc::new(LoadCounts::default());
     let long: Vec<_> = (0..streams)
-        .map(|_| tokio::spawn(load_stream(to, until)))
+        .map(|_| {
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let result = load_stream(to, until, shape, counts.clone()).await;
+                if result.is_err() {
+                    counts.streams_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                result
+            })
+        })
         .collect();
     println!("{}", json!({"started": true}));
+    let reporter = progress.then(|| {
+        let counts = counts.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                println!(
+                    "{}",
+                    json!({
+                        "t": started.elapsed().as_secs_f64(),
+                        "connections_ok": counts.connections_ok.load(Ordering::Relaxed),
+                        "connections_failed": counts.connections_failed.load(Ordering::Relaxed),
+                        "streams_open": counts.streams_open.load(Ordering::Relaxed),
+                        "streams_failed": counts.streams_failed.load(Ordering::Relaxed),
+                    })
+                );
+            }
+        })
+    });
     let mut short = Vec::new();
     if rate > 0 {
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         while Instant::now() < until {
             tick.tick().await;
-            short.push(tokio::spawn(load_connection(to)));
+            let counts = counts.clone();
+            short.push(tokio::spawn(async move {
+                let result = load_connection(to).await;
+                let counter = if result.is_ok() {
+                    &counts.connections_ok
+                } else {
+                    &counts.connections_failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                result
+            }));
         }
     }
     let mut errors = Vec::new();
@@ -386,6 +511,9 @@ async fn load(to: SocketAddr, streams: usize, rate: u32, duration: Duration) -> 
             }
             Err(e) => errors.push(format!("stream: {e}")),
         }
+    }
+    if let Some(r) = reporter {
+        r.abort();
     }
     errors.truncate(10);
     report(json!({

@@ -41,7 +41,10 @@ pub struct PoolSettings {
 impl Default for PoolSettings {
     fn default() -> Self {
         PoolSettings {
-            max_connections_per_key: 8,
+            // 12,800 concurrent streams between one pair of identities and
+            // addresses before streams queue: long-lived connections by the
+            // thousand (a connection pool's, a message bus's) must not wait.
+            max_connections_per_key: 128,
             streams_per_connection: 100,
             idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
@@ -252,7 +255,7 @@ impl TunnelPool {
         });
         let may_dial = entry.conns.len() + entry.dialing < self.settings.max_connections_per_key;
         match least {
-            Some(c) if has_room || !may_dial => {
+            Some(c) if has_room => {
                 c.streams.fetch_add(1, Ordering::Relaxed);
                 Pick::Use(c)
             }
@@ -260,7 +263,15 @@ impl TunnelPool {
                 entry.dialing += 1;
                 Pick::Dial
             }
-            _ => Pick::Wait,
+            // Connections being dialled will have room: wait for one rather than
+            // queue on a full one (a long-lived stream queued there waits for ever).
+            _ if entry.dialing > 0 => Pick::Wait,
+            // At the bound: HTTP/2 flow control queues it on the least loaded.
+            Some(c) => {
+                c.streams.fetch_add(1, Ordering::Relaxed);
+                Pick::Use(c)
+            }
+            None => Pick::Wait,
         }
     }
 
