@@ -362,7 +362,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         0 => mesh_agent::proxy::limits::default_max_connections(fd_limit),
         n => n,
     };
-    tracing::info!(fd_limit, max_connections, "connection bounds");
     let attach_cgroup = args
         .attach_cgroup
         .as_deref()
@@ -413,6 +412,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     )?;
     let attach_cgroup_root = attach_cgroup.clone();
     tracing::info!(cgroup = %attach_cgroup.display(), pins = %capture.pin_dir().display(), startup = ?capture.startup(), on_agent_down = ?on_agent_down, programs = ?capture.programs().iter().map(|p| p.id).collect::<Vec<_>>(), "eBPF programs in force");
+    tracing::info!(fd_limit, max_connections, "connection bounds");
     if on_agent_down == AgentDown::Open {
         tracing::warn!(
             "--on-agent-down open: while no agent runs, meshed pods' connections go direct, without mTLS, policy or metrics"

@@ -825,3 +825,53 @@ fn twenty_crashes_under_load_leave_no_residue() {
         "the last agent holds {fds} descriptors; the first held {baseline_fds}"
     );
 }
+
+/// After a handoff, an old agent whose connections outlive `--drain-timeout`
+/// exits at the timeout, saying so; its connection ends (never hangs), and the
+/// successor serves new connections.
+#[test]
+fn a_retired_agent_exits_at_the_drain_timeout() {
+    let mut mesh = Cluster::new(&["--drain-timeout", "2s"]);
+    let mut hold = mesh.a.command(&mesh.tools.podtool).unwrap();
+    hold.args([
+        "hold",
+        "--to",
+        &mesh.s.addr(ECHO_PORT).to_string(),
+        "--seconds",
+        "30",
+    ]);
+    let mut held = Process::spawn(&mut hold, "podtool hold").unwrap();
+    held.wait_line(Duration::from_secs(5)).unwrap();
+    let argv: Vec<&str> = mesh.args.iter().map(String::as_str).collect();
+    let successor = mesh
+        .near
+        .start_successor(&mesh.tools, &mesh.node0, &argv)
+        .unwrap();
+    mesh.near.log_line("handover logged", |l| {
+        l.contains("handed over to a successor")
+    });
+    let handed_over = Instant::now();
+    let status = mesh
+        .near
+        .wait_exit(Duration::from_secs(10))
+        .expect("the old agent exits at the drain timeout");
+    assert!(status.success(), "{status}");
+    let waited = handed_over.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "exited after {waited:?}, before the drain timeout"
+    );
+    assert!(
+        mesh.near.log().contains("drain timeout"),
+        "{}",
+        mesh.near.log()
+    );
+    let report = held.wait(RUN).unwrap().report().unwrap();
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        !error.is_empty() && !error.contains("timed out"),
+        "{report}"
+    );
+    drop(std::mem::replace(&mut mesh.near, successor));
+    mesh.assert_served(&mesh.a, &mesh.s);
+}

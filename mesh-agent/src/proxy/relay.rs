@@ -7,6 +7,12 @@
 //! pipe: the payload then moves between the two sockets inside the kernel,
 //! without the two copies to and from user space that dominate a bulk profile.
 //! Short connections never pay for the pipe's file descriptors.
+//!
+//! A direction that reads a socket holds its copy buffer only while the socket
+//! has data: it waits for readability with none, reads until the socket would
+//! block, and frees the buffer again. An idle connection, the common case for
+//! pooled and long-lived connections, then costs no buffer at all in that
+//! direction.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -58,16 +64,23 @@ where
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut tunnel_read, mut tunnel_write) = tokio::io::split(tunnel);
     let up = async {
-        let mut buf = Vec::with_capacity(COPY_BUFFER);
         loop {
-            buf.clear();
-            let n = read_some(tcp, &mut buf).await?;
-            if n == 0 {
-                // END_STREAM on the tunnel: the peer sees a half-close.
-                return tunnel_write.shutdown().await;
+            tcp.readable().await?;
+            let mut buf = Vec::with_capacity(COPY_BUFFER);
+            loop {
+                buf.clear();
+                match tcp.try_read_buf(&mut buf) {
+                    // END_STREAM on the tunnel: the peer sees a half-close.
+                    Ok(0) => return tunnel_write.shutdown().await,
+                    Ok(n) => {
+                        tunnel_write.write_all(&buf).await?;
+                        from_tcp.add(n);
+                    }
+                    // Drained: the buffer goes while the socket is idle.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
             }
-            tunnel_write.write_all(&buf).await?;
-            from_tcp.add(n);
         }
     };
     let down = async {
@@ -90,8 +103,6 @@ where
 
 /// One direction: `from` until EOF, then a write shutdown on `to`.
 async fn pump(from: &TcpStream, to: &TcpStream, counter: ByteCounter) -> io::Result<()> {
-    // No zeroing: `try_read_buf` fills spare capacity.
-    let mut buf = Vec::with_capacity(COPY_BUFFER);
     let mut carried = 0u64;
     loop {
         if carried >= SPLICE_AFTER {
@@ -103,23 +114,22 @@ async fn pump(from: &TcpStream, to: &TcpStream, counter: ByteCounter) -> io::Res
             }
             carried = 0;
         }
-        buf.clear();
-        let n = read_some(from, &mut buf).await?;
-        if n == 0 {
-            return shutdown_write(to);
-        }
-        write_all(to, &buf).await?;
-        counter.add(n);
-        carried += n as u64;
-    }
-}
-
-async fn read_some(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    loop {
         from.readable().await?;
-        match from.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            other => return other,
+        // No zeroing: `try_read_buf` fills spare capacity. Held only while
+        // `from` has data (see the module comment).
+        let mut buf = Vec::with_capacity(COPY_BUFFER);
+        while carried < SPLICE_AFTER {
+            buf.clear();
+            match from.try_read_buf(&mut buf) {
+                Ok(0) => return shutdown_write(to),
+                Ok(n) => {
+                    write_all(to, &buf).await?;
+                    counter.add(n);
+                    carried += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
         }
     }
 }
