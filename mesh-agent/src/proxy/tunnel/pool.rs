@@ -75,6 +75,8 @@ struct Pooled {
 enum Pick {
     Use(Arc<Pooled>),
     Dial,
+    /// Wait for a connection being dialled, with a slot on it reserved.
+    WaitReserved,
     Wait,
 }
 
@@ -82,6 +84,9 @@ enum Pick {
 struct Entry {
     conns: Vec<Arc<Pooled>>,
     dialing: usize,
+    /// Streams waiting for the connections being dialled: a burst dials only
+    /// as many connections as it fills.
+    reserved: usize,
 }
 
 /// The node's tunnel connections.
@@ -209,6 +214,12 @@ impl TunnelPool {
             match self.pick(key) {
                 Pick::Use(conn) => return Ok(conn),
                 Pick::Wait => dialled.await,
+                Pick::WaitReserved => {
+                    dialled.await;
+                    if let Some(entry) = self.entries.lock().expect("pool lock").get_mut(key) {
+                        entry.reserved = entry.reserved.saturating_sub(1);
+                    }
+                }
                 Pick::Dial => {
                     let made = tokio::time::timeout(
                         self.settings.connect_timeout,
@@ -239,8 +250,9 @@ impl TunnelPool {
         }
     }
 
-    /// A live connection with room; else a dial (already counted against the key's
-    /// bound); else, with the bound reached and no connection up yet, a wait.
+    /// A live connection with room; else a slot on a connection being dialled;
+    /// else a dial (already counted against the key's bound); else, at the
+    /// bound, the least loaded connection (or a wait for the first one).
     fn pick(&self, key: &PoolKey) -> Pick {
         let mut entries = self.entries.lock().expect("pool lock");
         let entry = entries.entry(key.clone()).or_default();
@@ -254,10 +266,17 @@ impl TunnelPool {
             c.streams.load(Ordering::Relaxed) < self.settings.streams_per_connection
         });
         let may_dial = entry.conns.len() + entry.dialing < self.settings.max_connections_per_key;
+        // Each connection being dialled carries its dialler's stream and has
+        // room for this many more.
+        let incoming = entry.dialing * (self.settings.streams_per_connection.saturating_sub(1));
         match least {
             Some(c) if has_room => {
                 c.streams.fetch_add(1, Ordering::Relaxed);
                 Pick::Use(c)
+            }
+            _ if entry.reserved < incoming => {
+                entry.reserved += 1;
+                Pick::WaitReserved
             }
             _ if may_dial => {
                 entry.dialing += 1;
