@@ -499,13 +499,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .await?
             .context("telling the previous agent to stop accepting")?;
         let unused = agent.release_inherited();
-        match agent.capture.take_over() {
-            Ok(0) => {}
-            Ok(links) => tracing::info!(links, "took over capture from another build's programs"),
-            Err(e) => {
-                tracing::error!(error = %e, "taking over another build's links failed; they stay in force")
-            }
-        }
+        agent.take_over_capture();
         tracing::info!(
             unused,
             "the previous agent stopped accepting; this one serves every pod"

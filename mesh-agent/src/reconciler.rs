@@ -23,8 +23,7 @@ use crate::handoff::{Handover, Inherited, ListenerKey};
 use crate::identity::manager::CertView;
 use crate::identity::node::{IdentitySettings, IdentityState};
 use crate::metrics::Metrics;
-use crate::node::capture::{Capture, Exclusions, MapOccupancy, ProgramSummary};
-use crate::node::capture::{LiveSet, NetnsLink};
+use crate::node::capture::{Capture, Exclusions, LiveSet, MapOccupancy, NetnsLink, ProgramSummary};
 use crate::node::cgroup::{Cgroup2, cgroup_id};
 use crate::node::netns::NetnsHandle;
 use crate::proxy::inbound::{self, InboundContext};
@@ -297,15 +296,6 @@ impl Agent {
         Ok(())
     }
 
-    /// The inherited admin listener, if the predecessor had one on `addr`.
-    pub fn take_inherited(
-        &self,
-        netns_cookie: u64,
-        addr: SocketAddr,
-    ) -> Option<std::net::TcpListener> {
-        self.inherited.take(netns_cookie, addr)
-    }
-
     /// Stops accepting on every listener (connections already accepted carry on)
     /// and signals server connections to finish: for a successor, or a stop.
     pub async fn retire(&self) {
@@ -491,15 +481,10 @@ impl Agent {
         self.metrics.failed_workloads.set(state.failed.len() as i64);
     }
 
-    /// Takes over another build's links once this agent's maps hold the enrolled
-    /// pods, and removes pinned entries no desired pod accounts for.
-    fn sweep_kernel_state(&self, state: &mut State) {
-        let take_over = if self.hold_takeover.load(Ordering::Acquire) {
-            Ok(0)
-        } else {
-            self.capture.take_over()
-        };
-        match take_over {
+    /// Gives another build's pinned links this agent's programs (see
+    /// [`Capture::take_over`]); call once its maps hold every enrolled pod.
+    pub fn take_over_capture(&self) {
+        match self.capture.take_over() {
             Ok(0) => {}
             Ok(links) => {
                 tracing::info!(links, "took over capture from another build's programs")
@@ -507,6 +492,14 @@ impl Agent {
             Err(e) => {
                 tracing::error!(error = %e, "taking over another build's links failed; they stay in force")
             }
+        }
+    }
+
+    /// Takes over another build's links once this agent's maps hold the enrolled
+    /// pods, and removes pinned entries no desired pod accounts for.
+    fn sweep_kernel_state(&self, state: &mut State) {
+        if !self.hold_takeover.load(Ordering::Acquire) {
+            self.take_over_capture();
         }
         let mut live = LiveSet::default();
         let mut cookies = std::collections::HashSet::new();

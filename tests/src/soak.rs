@@ -158,8 +158,17 @@ pub fn run(tools: Tools, settings: &SoakSettings) -> anyhow::Result<SoakReport> 
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let max = (settings.connections * 2 + 1000).to_string();
+    // The upgraded agent keeps its long-lived connections until they end with
+    // the load: its drain must outlast the run (a shorter one cuts them, as
+    // documented, which is not what this measures).
+    let drain = format!("{}s", settings.duration.as_secs() + 120);
     let mut args: Vec<String> = cluster.ca.args().iter().map(|s| s.to_string()).collect();
-    args.extend(["--max-connections".to_owned(), max]);
+    args.extend([
+        "--max-connections".to_owned(),
+        max,
+        "--drain-timeout".to_owned(),
+        drain,
+    ]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut near = Agent::start_with(
         &cluster.tools,
