@@ -522,6 +522,18 @@ fn a_pod_over_its_connection_limit_is_reset_at_once_and_others_are_served() {
     mesh.assert_served(&mesh.a, &mesh.s);
 }
 
+/// One echo connection from `a` to `s`, pinged every `interval_ms` for
+/// `seconds`, in the background; returns once it is connected.
+fn hold_echo(mesh: &Cluster, seconds: u32, interval_ms: u32) -> Process {
+    let mut hold = mesh.a.command(&mesh.tools.podtool).unwrap();
+    hold.args(["hold", "--to", &mesh.s.addr(ECHO_PORT).to_string()])
+        .args(["--seconds", &seconds.to_string()])
+        .args(["--interval-ms", &interval_ms.to_string()]);
+    let mut held = Process::spawn(&mut hold, "podtool hold").unwrap();
+    held.wait_line(Duration::from_secs(5)).unwrap();
+    held
+}
+
 /// The lowest descriptor number the process does not use: with RLIMIT_NOFILE
 /// set to it, the process's next descriptor cannot be made.
 fn lowest_free_fd(pid: u32) -> u64 {
@@ -556,16 +568,7 @@ fn set_fd_limit(pid: u32, soft: u64) -> u64 {
 fn out_of_descriptors_the_agent_refuses_new_connections_and_keeps_the_established() {
     let mesh = Cluster::new(&[]);
     mesh.assert_served(&mesh.a, &mesh.s);
-    let mut hold = mesh.a.command(&mesh.tools.podtool).unwrap();
-    hold.args([
-        "hold",
-        "--to",
-        &mesh.s.addr(ECHO_PORT).to_string(),
-        "--seconds",
-        "4",
-    ]);
-    let mut held = Process::spawn(&mut hold, "podtool hold").unwrap();
-    held.wait_line(Duration::from_secs(5)).unwrap();
+    let held = hold_echo(&mesh, 4, 100);
     let pid = mesh.near.pid();
     let normal = set_fd_limit(pid, lowest_free_fd(pid));
     for _ in 0..3 {
@@ -778,17 +781,7 @@ fn twenty_crashes_under_load_leave_no_residue() {
     // Short connections all along (some refused while no agent runs).
     let churn = start_load(&mesh, &mesh.a, &mesh.b, 0, 100, 20.0);
     for cycle in 0..20 {
-        let mut hold = mesh.a.command(&mesh.tools.podtool).unwrap();
-        hold.args([
-            "hold",
-            "--to",
-            &mesh.s.addr(ECHO_PORT).to_string(),
-            "--seconds",
-            "30",
-        ])
-        .args(["--interval-ms", "20"]);
-        let mut held = Process::spawn(&mut hold, "podtool hold").unwrap();
-        held.wait_line(Duration::from_secs(5)).unwrap();
+        let held = hold_echo(&mesh, 30, 20);
         std::thread::sleep(Duration::from_millis(100));
         mesh.kill_near();
         let killed = Instant::now();
@@ -832,16 +825,7 @@ fn twenty_crashes_under_load_leave_no_residue() {
 #[test]
 fn a_retired_agent_exits_at_the_drain_timeout() {
     let mut mesh = Cluster::new(&["--drain-timeout", "2s"]);
-    let mut hold = mesh.a.command(&mesh.tools.podtool).unwrap();
-    hold.args([
-        "hold",
-        "--to",
-        &mesh.s.addr(ECHO_PORT).to_string(),
-        "--seconds",
-        "30",
-    ]);
-    let mut held = Process::spawn(&mut hold, "podtool hold").unwrap();
-    held.wait_line(Duration::from_secs(5)).unwrap();
+    let held = hold_echo(&mesh, 30, 100);
     let argv: Vec<&str> = mesh.args.iter().map(String::as_str).collect();
     let successor = mesh
         .near
