@@ -74,19 +74,9 @@ impl InboundContext {
 
 /// Accepts steered connections until `cancel`.
 pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: CancellationToken) {
-    accept_until_cancelled(
-        &listener,
-        &cancel,
-        &ctx.workload,
-        "inbound",
-        |stream, _, permit| {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                handle(stream, ctx).await;
-            });
-        },
-    )
+    accept_until_cancelled(&listener, &cancel, &ctx.workload, "inbound", |stream, _| {
+        handle(stream, ctx.clone())
+    })
     .await;
 }
 

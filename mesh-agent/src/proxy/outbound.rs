@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::connections::{ConnectionGuard, Peers};
 use crate::node::capture::orig_dst_addr;
 use crate::proxy::l7::PodL7;
-use crate::proxy::pod::{Transport, accept_until_cancelled, connect, relay_to, reset, transport};
+use crate::proxy::pod::{
+    Transport, accept_until_cancelled, connect, relay_to, reset, spawn_bounded, transport,
+};
 
 /// Where a captured connection goes, decided from kernel facts only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,39 +70,18 @@ pub async fn serve(
     cancel: CancellationToken,
     drain: Duration,
 ) {
-    accept_until_cancelled(
-        &listener,
-        &cancel,
-        &ctx.pod,
-        "outbound",
-        |stream, peer, permit| {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                handle(stream, peer, family, ctx).await;
-            });
-        },
-    )
+    accept_until_cancelled(&listener, &cancel, &ctx.pod, "outbound", |stream, peer| {
+        handle(stream, peer, family, ctx.clone())
+    })
     .await;
     if ctx.pod.drain.is_cancelled() {
         // Handed over: the successor accepts from this same socket.
         return;
     }
     let deadline = tokio::time::Instant::now() + drain;
+    let mut handler = |stream, peer| handle(stream, peer, family, ctx.clone());
     while let Ok(Ok((stream, peer))) = tokio::time::timeout_at(deadline, listener.accept()).await {
-        match ctx.pod.limits.admit(&ctx.pod.limit) {
-            Ok(permit) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    handle(stream, peer, family, ctx).await;
-                });
-            }
-            Err(why) => {
-                let workload = ctx.pod.meta.read().expect("meta lock").key();
-                ctx.pod.limits.refuse(stream, why, &workload, "outbound");
-            }
-        }
+        spawn_bounded(&ctx.pod, "outbound", stream, peer, &mut handler);
     }
 }
 

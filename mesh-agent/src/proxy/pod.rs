@@ -22,7 +22,7 @@ use crate::identity::node::IdentityState;
 use crate::metrics::Metrics;
 use crate::node::capture::Capture;
 use crate::node::netns::NetnsHandle;
-use crate::proxy::limits::{Limits, Permit, PodLimit};
+use crate::proxy::limits::{Limits, PodLimit};
 use crate::proxy::relay::{relay, relay_tunnel};
 use crate::proxy::tunnel::pool::{PoolKey, StreamLease, TunnelPool};
 use crate::proxy::tunnel::{self, HBONE_PORT, TunnelError};
@@ -60,29 +60,25 @@ pub struct PodContext {
     pub limit: Arc<PodLimit>,
 }
 
-/// Hands each accepted connection, with its claim on the connection bounds, to
-/// `on_accept` until `cancel`. Every in-pod listener (outbound, inbound,
-/// tunnel) accepts this way, so every one is bounded. A connection over a bound
-/// is reset at once; out of descriptors, waiting connections are shed the same
-/// way rather than left in the backlog.
-pub async fn accept_until_cancelled(
+/// Runs `handler` for each accepted connection, in a task of its own that
+/// holds the connection's claim on the bounds, until `cancel`. Every in-pod
+/// listener (outbound, inbound, tunnel) accepts this way, so every one is
+/// bounded. Out of descriptors, waiting connections are shed (reset) rather
+/// than left in the backlog.
+pub async fn accept_until_cancelled<F>(
     listener: &TcpListener,
     cancel: &CancellationToken,
     pod: &PodContext,
     listener_kind: &'static str,
-    mut on_accept: impl FnMut(TcpStream, SocketAddr, Permit),
-) {
+    mut handler: impl FnMut(TcpStream, SocketAddr) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match pod.limits.admit(&pod.limit) {
-                    Ok(permit) => on_accept(stream, peer, permit),
-                    Err(why) => {
-                        let workload = pod.meta.read().expect("meta lock").key();
-                        pod.limits.refuse(stream, why, &workload, listener_kind);
-                    }
-                },
+                Ok((stream, peer)) => spawn_bounded(pod, listener_kind, stream, peer, &mut handler),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                     let workload = pod.meta.read().expect("meta lock").key();
                     if !pod.limits.shed_one(listener, &workload, listener_kind) {
@@ -95,6 +91,32 @@ pub async fn accept_until_cancelled(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
+        }
+    }
+}
+
+/// Spawns `handler` for an accepted connection within the agent's and the
+/// pod's bounds, or resets the connection at once when over one.
+pub fn spawn_bounded<F>(
+    pod: &PodContext,
+    listener_kind: &'static str,
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: &mut impl FnMut(TcpStream, SocketAddr) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    match pod.limits.admit(&pod.limit) {
+        Ok(permit) => {
+            let handled = handler(stream, peer);
+            tokio::spawn(async move {
+                let _permit = permit;
+                handled.await;
+            });
+        }
+        Err(why) => {
+            let workload = pod.meta.read().expect("meta lock").key();
+            pod.limits.refuse(stream, why, &workload, listener_kind);
         }
     }
 }

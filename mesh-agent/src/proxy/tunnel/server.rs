@@ -37,13 +37,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: Canc
         &cancel,
         &ctx.workload,
         "tunnel",
-        |stream, peer, permit| {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                handle_connection(stream, peer, ctx).await;
-            });
-        },
+        |stream, peer| handle_connection(stream, peer, ctx.clone()),
     )
     .await;
 }
