@@ -1,5 +1,6 @@
 //! Builds the eBPF object (unless `NODEMESH_EBPF_OBJECT` names a prebuilt one) so the
-//! agent embeds it and ships as a single binary.
+//! agent embeds it and ships as a single binary, and generates the gRPC client and
+//! server of Istio's certificate API from Rust definitions (no protoc needed).
 //!
 //! BPF targets are Tier 3 and rustup has no `rust-src` here, so the object is built with
 //! Debian's rustc (which ships `core` for `bpfel-unknown-none`) and bpf-linker; `cargo
@@ -17,6 +18,25 @@ fn main() {
     };
     println!("cargo:rerun-if-changed={}", object.display());
     println!("cargo:rustc-env=MESH_EBPF_OBJECT={}", object.display());
+    generate_istio_certificate_service();
+}
+
+/// `istio.v1.auth.IstioCertificateService/CreateCertificate`, whose messages are
+/// written by hand in `src/identity/istio_ca.rs` (two messages, four fields).
+fn generate_istio_certificate_service() {
+    let create_certificate = tonic_build::manual::Method::builder()
+        .name("create_certificate")
+        .route_name("CreateCertificate")
+        .input_type("crate::identity::istio_ca::IstioCertificateRequest")
+        .output_type("crate::identity::istio_ca::IstioCertificateResponse")
+        .codec_path("tonic_prost::ProstCodec")
+        .build();
+    let service = tonic_build::manual::Service::builder()
+        .name("IstioCertificateService")
+        .package("istio.v1.auth")
+        .method(create_certificate)
+        .build();
+    tonic_build::manual::Builder::new().compile(&[service]);
 }
 
 fn build_ebpf() -> PathBuf {

@@ -1,18 +1,22 @@
 //! Workload identities and their certificates.
 //!
 //! An identity is a SPIFFE ID, `spiffe://<trust-domain>/ns/<namespace>/sa/<sa>`.
-//! The agent mints short-lived ECDSA P-256 certificates for the workloads on its
-//! node, signed by a mesh CA whose files follow Istio's `cacerts` layout
-//! (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`), so an
-//! existing Istio plug-in CA Secret can be mounted unchanged.
+//! The agent holds short-lived ECDSA P-256 certificates for the workloads on its
+//! node. In a cluster it gets them from the mesh CA service (or istiod) over
+//! Istio's certificate API ([`remote`]): keys are made here, only CSRs leave,
+//! and the signing key never reaches a node. For VMs and development it can
+//! sign them itself ([`ca`]) with CA files in Istio's `cacerts` layout
+//! (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`).
 //!
 //! One task ([`manager`]) owns all certificate state. It renews each certificate
 //! at half its lifetime, and on failure keeps the valid one and retries with
 //! per-identity backoff.
 
 pub mod ca;
+pub mod istio_ca;
 pub mod manager;
 pub mod node;
+pub mod remote;
 
 use std::fmt;
 use std::str::FromStr;

@@ -10,10 +10,12 @@
 //! - [`node`]: this host's kernel side (eBPF capture, cgroups, network namespaces);
 //! - [`identity`]: workload certificates and trust;
 //! - [`metrics`], [`connections`], [`admin`], [`debug`]: what operators see;
-//! - [`handoff`], [`drain`]: upgrades that lose no connection.
+//! - [`handoff`], [`drain`]: upgrades that lose no connection;
+//! - [`ca_service`]: the mesh CA service, a program of its own (`mesh-agent ca serve`).
 
 pub mod admin;
 pub mod allocator;
+pub mod ca_service;
 pub mod cni;
 pub mod connections;
 pub mod debug;

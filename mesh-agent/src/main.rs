@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_agent::identity::manager::CertPolicy;
-use mesh_agent::identity::node::{IdentitySettings, IdentityState};
+use mesh_agent::identity::node::{IdentitySettings, IdentityState, IssuerSettings};
+use mesh_agent::identity::remote::CaServiceSettings;
 use mesh_agent::node::capture::{AgentDown, Capture, CaptureOptions, Startup};
 use mesh_agent::node::cgroup;
 use mesh_agent::reconciler::{Agent, Settings};
@@ -73,6 +74,50 @@ enum CaCommand {
         #[arg(long, default_value = mesh_agent::state::workload::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Run the mesh CA service: the only holder of the signing key. Serves Istio's
+    /// certificate API over TLS and signs a workload identity for a node agent
+    /// only when a pod with it runs on that agent's node.
+    Serve(Box<CaServeArgs>),
+}
+
+#[derive(clap::Args)]
+struct CaServeArgs {
+    /// Istio `cacerts` directory (ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem); reloaded when it changes.
+    #[arg(long, env = "NODEMESH_CA_DIR")]
+    ca_dir: PathBuf,
+    /// Where Istio's certificate API is served (gRPC over TLS; istiod uses 15012).
+    #[arg(long, env = "NODEMESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Where /healthz/ready and /metrics are served.
+    #[arg(long, env = "NODEMESH_CA_ADMIN_ADDR", default_value = "0.0.0.0:15014")]
+    admin_addr: SocketAddr,
+    /// DNS names of the service's TLS certificate (repeatable): the names agents dial.
+    #[arg(
+        long = "server-name",
+        env = "NODEMESH_CA_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "nodemesh-ca.nodemesh-system.svc"
+    )]
+    server_names: Vec<String>,
+    /// Service accounts (`namespace/name`, repeatable) of node agents, which may
+    /// ask for the identities of pods on their own node.
+    #[arg(
+        long = "node-agent",
+        env = "NODEMESH_CA_NODE_AGENTS",
+        value_delimiter = ',',
+        default_value = "nodemesh-system/nodemesh-agent"
+    )]
+    node_agents: Vec<mesh_agent::ca_service::authorize::ServiceAccount>,
+    /// The only SPIFFE trust domain signed for.
+    #[arg(long, env = "NODEMESH_TRUST_DOMAIN", default_value = mesh_agent::state::workload::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Longest certificate lifetime granted (requests for more get this).
+    #[arg(long, env = "NODEMESH_CA_MAX_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    max_lifetime: Duration,
+    /// Log format.
+    #[arg(long, env = "NODEMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Subcommand)]
@@ -115,10 +160,34 @@ enum CniCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Mesh CA directory (Istio `cacerts` layout: ca-cert.pem, ca-key.pem,
-    /// root-cert.pem, cert-chain.pem). Without it the agent runs without mTLS.
-    #[arg(long, env = "NODEMESH_CA_DIR")]
+    /// Sign workload certificates on this node with the CA files in this
+    /// directory (Istio `cacerts` layout: ca-cert.pem, ca-key.pem, root-cert.pem,
+    /// cert-chain.pem): for VMs and development, as the signing key is then on
+    /// the node. In a cluster use --ca-address. With neither, no mTLS.
+    #[arg(long, env = "NODEMESH_CA_DIR", conflicts_with = "ca_address")]
     ca_dir: Option<PathBuf>,
+    /// Get workload certificates from the mesh CA service, or istiod, at this
+    /// `https://host:port` (Istio's certificate API); the node holds no signing key.
+    #[arg(long, env = "NODEMESH_CA_ADDRESS", requires = "ca_root")]
+    ca_address: Option<String>,
+    /// The mesh root certificate(s), PEM: verify the CA service, and are the
+    /// trust bundle peers must chain to. Reloaded when the file changes.
+    #[arg(long, env = "NODEMESH_CA_ROOT")]
+    ca_root: Option<PathBuf>,
+    /// Name the CA service's certificate must carry (default: --ca-address's host).
+    #[arg(long, env = "NODEMESH_CA_SERVER_NAME")]
+    ca_server_name: Option<String>,
+    /// This agent's service-account token for the CA service (audience
+    /// `istio-ca`), re-read for every request.
+    #[arg(
+        long,
+        env = "NODEMESH_CA_TOKEN_FILE",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    ca_token_file: PathBuf,
+    /// The cluster's name, sent to the CA as `ClusterID` (istiod's default: Kubernetes).
+    #[arg(long, env = "NODEMESH_CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
     /// Lifetime of the workload certificates the agent mints; renewed at half of it.
     #[arg(long, env = "NODEMESH_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
     cert_lifetime: Duration,
@@ -232,6 +301,21 @@ fn main() -> std::process::ExitCode {
                     println!("wrote {}", path.display());
                 }
                 Ok(())
+            }
+            Command::Ca(CaCommand::Serve(args)) => {
+                let _log_writer = init_logging(&args.log_format);
+                mesh_agent::ca_service::run(mesh_agent::ca_service::Settings {
+                    ca_dir: args.ca_dir,
+                    listen: args.listen,
+                    admin: args.admin_addr,
+                    server_names: args.server_names,
+                    policy: mesh_agent::ca_service::authorize::Policy {
+                        trust_domain: args.trust_domain,
+                        node_agents: args.node_agents,
+                    },
+                    max_lifetime: args.max_lifetime,
+                })
+                .await
             }
             Command::Cni(command) => cni(command).await,
             Command::Uninstall { bpf_dir } => {
@@ -426,8 +510,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "adopted pinned capture state; cleared records of the previous agent's connections"
         );
     }
-    let identity_settings = args.ca_dir.as_ref().map(|dir| IdentitySettings {
-        ca_dir: dir.clone(),
+    let issuer = match (&args.ca_dir, &args.ca_address) {
+        (Some(dir), _) => Some(IssuerSettings::Local {
+            ca_dir: dir.clone(),
+        }),
+        (None, Some(address)) => Some(IssuerSettings::Service(CaServiceSettings {
+            address: address.clone(),
+            server_name: args.ca_server_name.clone(),
+            root_file: args.ca_root.clone().expect("clap requires --ca-root"),
+            token_file: args.ca_token_file.clone(),
+            cluster_id: args.cluster_id.clone(),
+            timeout: Duration::from_secs(10),
+        })),
+        (None, None) => None,
+    };
+    let identity_settings = issuer.map(|issuer| IdentitySettings {
+        issuer,
         policy: CertPolicy {
             lifetime: args.cert_lifetime,
             ..CertPolicy::default()
@@ -459,7 +557,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             IdentityState::start(s, metrics.clone()).context("mesh CA")?,
         )),
         None => {
-            tracing::warn!("no --ca-dir: running without workload identities or mTLS");
+            tracing::warn!(
+                "no --ca-address or --ca-dir: running without workload identities or mTLS"
+            );
             None
         }
     };
@@ -581,7 +681,7 @@ async fn serve_until_stopped(
     // The trust bundle is reloaded when the CA directory changes (a Secret update).
     let (_ca_watcher, mut ca_changes) = match &agent.identity {
         Some(identity) => {
-            let (w, rx) = watch_dir(&identity.ca_dir, "CA")?;
+            let (w, rx) = watch_dir(&identity.watched_dir(), "CA")?;
             // A change since the CA was loaded at start, before the watch: a
             // no-op unless the file's content differs.
             identity.reload();

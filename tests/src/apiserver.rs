@@ -11,6 +11,10 @@
 //! - `fieldSelector` (`spec.nodeName`, `metadata.name`, `metadata.namespace`) and
 //!   equality-based `labelSelector` filter lists and watches.
 //!
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews` reviews service-account
+//!   tokens the test issued ([`ApiServer::issue_token`]) as the real server
+//!   does: bound to a pod, valid for some audiences, until an expiry.
+//!
 //! Tests create, change and delete objects, cut every watch, stop and restart the
 //! server on the same port (keeping its objects, as etcd would), expire old
 //! resourceVersions, and read how many lists and watches it served per resource.
@@ -176,6 +180,25 @@ struct Store {
     compacted: u64,
     served: HashMap<&'static str, Served>,
     next_uid: u64,
+    /// Service-account tokens the test issued, by token.
+    tokens: HashMap<String, IssuedToken>,
+    /// TokenReviews answered.
+    token_reviews: u64,
+    /// How long a TokenReview takes (a loaded API server).
+    review_delay: Duration,
+}
+
+/// A service-account token as the API server would have issued it.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// `namespace/name` of the service account.
+    pub service_account: (String, String),
+    /// The pod it is bound to (name, uid), for a projected token.
+    pub pod: Option<(String, String)>,
+    /// Audiences it is valid for.
+    pub audiences: Vec<String>,
+    /// When it stops being valid.
+    pub expires: std::time::Instant,
 }
 
 struct Inner {
@@ -382,6 +405,24 @@ impl ApiServer {
         true
     }
 
+    /// Issues a token for `token` and returns it (a random string, as the server's are opaque to clients).
+    pub fn issue_token(&self, token: IssuedToken) -> String {
+        let text = format!("sa-token-{}", pod_uid());
+        let mut store = self.inner.store.lock().expect("store lock");
+        store.tokens.insert(text.clone(), token);
+        text
+    }
+
+    /// Makes every TokenReview take `delay`, as on a loaded API server.
+    pub fn set_review_delay(&self, delay: Duration) {
+        self.inner.store.lock().expect("store lock").review_delay = delay;
+    }
+
+    /// TokenReviews answered so far.
+    pub fn token_reviews(&self) -> u64 {
+        self.inner.store.lock().expect("store lock").token_reviews
+    }
+
     /// Writes a kubeconfig that points at this double, and returns its path.
     pub fn kubeconfig(&self) -> anyhow::Result<PathBuf> {
         let path = self.dir.path().join("kubeconfig");
@@ -441,9 +482,16 @@ async fn serve(
         let inner = inner.clone();
         let mut running = running.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let inner = inner.clone();
-                async move { Ok::<_, Infallible>(handle(&inner, req)) }
+                async move {
+                    if req.method() == hyper::Method::POST
+                        && req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
+                    {
+                        return Ok::<_, Infallible>(token_review(&inner, req).await);
+                    }
+                    Ok::<_, Infallible>(handle(&inner, req))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
@@ -454,6 +502,99 @@ async fn serve(
             }
         });
     }
+}
+
+/// Answers a TokenReview as the API server does: authenticated with the user,
+/// its pod binding and the requested audiences the token is valid for; or not,
+/// with the reason.
+async fn token_review(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {TOKEN}"));
+    if !authorized {
+        return respond(
+            StatusCode::UNAUTHORIZED,
+            status(401, "Unauthorized", "Unauthorized"),
+        );
+    }
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &e.to_string()),
+            );
+        }
+    };
+    let review: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", &e.to_string()),
+            );
+        }
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (issued, delay) = {
+        let mut store = inner.store.lock().expect("store lock");
+        store.token_reviews += 1;
+        (store.tokens.get(token).cloned(), store.review_delay)
+    };
+    tokio::time::sleep(delay).await;
+    let unauthenticated = |error: &str| json!({"authenticated": false, "user": {}, "error": error});
+    let status_body = match issued {
+        None => unauthenticated("invalid bearer token"),
+        Some(t) if t.expires <= std::time::Instant::now() => {
+            unauthenticated("invalid bearer token, token has expired")
+        }
+        Some(t) => {
+            let valid: Vec<&String> = wanted.iter().filter(|a| t.audiences.contains(a)).collect();
+            if !wanted.is_empty() && valid.is_empty() {
+                unauthenticated("invalid bearer token, token audiences are invalid")
+            } else {
+                let mut extra = serde_json::Map::new();
+                if let Some((name, uid)) = &t.pod {
+                    extra.insert(
+                        "authentication.kubernetes.io/pod-name".into(),
+                        json!([name]),
+                    );
+                    extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+                }
+                let (ns, sa) = &t.service_account;
+                json!({
+                    "authenticated": true,
+                    "user": {
+                        "username": format!("system:serviceaccount:{ns}:{sa}"),
+                        "uid": format!("sa-uid-{ns}-{sa}"),
+                        "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                        "extra": extra,
+                    },
+                    "audiences": if wanted.is_empty() { json!(t.audiences) } else { json!(valid) },
+                })
+            }
+        }
+    };
+    respond(
+        StatusCode::CREATED,
+        json!({
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": null},
+            "spec": review["spec"],
+            "status": status_body,
+        }),
+    )
 }
 
 fn respond(status: StatusCode, body: Value) -> Response<Body> {

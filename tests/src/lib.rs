@@ -21,6 +21,7 @@ use mesh_agent::connections::ConnectionView;
 use mesh_agent::node::cgroup::Cgroup2;
 
 pub mod apiserver;
+pub mod ca;
 pub mod cni;
 pub mod soak;
 
@@ -797,6 +798,37 @@ impl Pod {
     }
 }
 
+/// Starts `podtool tcp-load` in `from` against `to`: `streams` long-lived
+/// echo streams and `rate` new connections a second for `seconds`. Returns
+/// once it has started; its report is the last line when it ends.
+pub fn start_tcp_load(
+    tools: &Tools,
+    from: &Pod,
+    to: SocketAddr,
+    streams: u32,
+    rate: u32,
+    seconds: f64,
+) -> anyhow::Result<Process> {
+    let mut cmd = from.command(&tools.podtool)?;
+    cmd.args(["tcp-load", "--to", &to.to_string()])
+        .args(["--streams", &streams.to_string()])
+        .args(["--rate", &rate.to_string()])
+        .args(["--seconds", &seconds.to_string()]);
+    let mut load = Process::spawn(&mut cmd, "podtool tcp-load")?;
+    let line = load.wait_line(Duration::from_secs(10))?;
+    ensure!(line.contains("started"), "tcp-load did not start: {line}");
+    Ok(load)
+}
+
+/// Asserts a `tcp-load` report lost nothing: no connection failed, every one
+/// of `streams` streams completed byte-exact, and connections were made.
+pub fn assert_lossless(report: &serde_json::Value, streams: u64) {
+    assert_eq!(report["connections_failed"], 0, "{report}");
+    assert_eq!(report["streams_failed"], 0, "{report}");
+    assert_eq!(report["streams"], streams, "{report}");
+    assert!(report["connections"].as_u64().unwrap_or(0) > 0, "{report}");
+}
+
 /// Joins documents into one YAML stream.
 pub fn yaml_docs(docs: &[String]) -> String {
     docs.join("---\n")
@@ -815,7 +847,8 @@ pub struct Agent {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port free at the moment.
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nodemesh_testkit::{
-    Agent, MeshCa, Node, Pod, Process, Tools, run, run_json, wait_until, yaml_docs,
+    Agent, MeshCa, Node, Pod, Process, Tools, assert_lossless, run, run_json, start_tcp_load,
+    wait_until, yaml_docs,
 };
 
 const ECHO_PORT: u16 = 9000;
@@ -370,26 +371,15 @@ fn start_load(
     rate: u32,
     seconds: f64,
 ) -> Process {
-    let mut cmd = from.command(&mesh.tools.podtool).unwrap();
-    cmd.args(["tcp-load", "--to", &to.addr(ECHO_PORT).to_string()])
-        .args([
-            "--streams",
-            &streams.to_string(),
-            "--rate",
-            &rate.to_string(),
-        ])
-        .args(["--seconds", &seconds.to_string()]);
-    let mut load = Process::spawn(&mut cmd, "podtool tcp-load").unwrap();
-    let line = load.wait_line(Duration::from_secs(10)).unwrap();
-    assert!(line.contains("started"), "{line}");
-    load
-}
-
-fn assert_lossless(report: &serde_json::Value, streams: u64) {
-    assert_eq!(report["connections_failed"], 0, "{report}");
-    assert_eq!(report["streams_failed"], 0, "{report}");
-    assert_eq!(report["streams"], streams, "{report}");
-    assert!(report["connections"].as_u64().unwrap() > 0, "{report}");
+    start_tcp_load(
+        &mesh.tools,
+        from,
+        to.addr(ECHO_PORT),
+        streams,
+        rate,
+        seconds,
+    )
+    .unwrap()
 }
 
 /// Acceptance 2: an upgrade under load, as a DaemonSet surge does it. On each

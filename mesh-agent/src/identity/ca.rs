@@ -57,6 +57,22 @@ pub struct Signer {
     issuer: Issuer<'static, KeyPair>,
     /// Intermediates to send after the leaf (the chain file without the root).
     intermediates: Vec<CertificateDer<'static>>,
+    /// The signing certificate up to and including its root: what Istio's
+    /// certificate API returns after the leaf.
+    chain_to_root: Vec<CertificateDer<'static>>,
+}
+
+/// A certificate the signer made for a key it was given.
+#[derive(Debug, Clone)]
+pub struct SignedCert {
+    /// Leaf first, then the intermediates up to (not including) the root.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Hex serial number, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
 }
 
 impl std::fmt::Debug for Signer {
@@ -87,12 +103,26 @@ fn certs(dir: &Path, name: &str, pem: &str) -> Result<Vec<CertificateDer<'static
 /// Reads the trust bundle (`root-cert.pem`, which may hold several roots during a root rotation).
 pub fn load_trust_bundle(dir: &Path) -> Result<TrustBundle, CaError> {
     let pem = read(dir, ROOT_CERT)?;
+    trust_bundle_from_pem(&dir.join(ROOT_CERT), pem.as_bytes())
+}
+
+/// A trust bundle from the PEM roots read from `path` (named in errors).
+pub fn trust_bundle_from_pem(path: &Path, pem: &[u8]) -> Result<TrustBundle, CaError> {
+    let invalid = |what: String| CaError::Invalid {
+        path: path.to_path_buf(),
+        what,
+    };
+    let found = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("bad PEM: {e}")))?;
+    if found.is_empty() {
+        return Err(invalid("no CERTIFICATE block".into()));
+    }
     let mut roots = rustls::RootCertStore::empty();
-    for cert in certs(dir, ROOT_CERT, &pem)? {
-        roots.add(cert).map_err(|e| CaError::Invalid {
-            path: dir.join(ROOT_CERT),
-            what: format!("not a usable trust anchor: {e}"),
-        })?;
+    for cert in found {
+        roots
+            .add(cert)
+            .map_err(|e| invalid(format!("not a usable trust anchor: {e}")))?;
     }
     Ok(TrustBundle {
         roots: Arc::new(roots),
@@ -136,16 +166,47 @@ impl Signer {
             }
             Err(e) => return Err(e),
         };
+        let mut chain_to_root = chain.clone();
+        if !chain_to_root.last().is_some_and(self_signed) {
+            // Without a chain file, the root comes from the trust bundle's file.
+            let roots = read(dir, ROOT_CERT)?;
+            chain_to_root.extend(certs(dir, ROOT_CERT, &roots)?.into_iter().take(1));
+        }
         let intermediates = chain.into_iter().filter(|c| !self_signed(c)).collect();
         Ok(Signer {
             issuer,
             intermediates,
+            chain_to_root,
         })
+    }
+
+    /// The signing certificate up to and including its root.
+    pub fn chain_to_root(&self) -> &[CertificateDer<'static>] {
+        &self.chain_to_root
     }
 
     /// A fresh key and a certificate for `identity`, valid from now for `lifetime`.
     pub fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCert, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let signed = self.sign(identity, &key, lifetime)?;
+        Ok(WorkloadCert {
+            identity: identity.clone(),
+            chain: signed.chain,
+            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            serial: signed.serial,
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+        })
+    }
+
+    /// A workload certificate for someone else's key (a CSR's): the signer, not
+    /// the request, decides the name, usages and lifetime.
+    pub fn sign(
+        &self,
+        identity: &Identity,
+        public_key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<SignedCert, CaError> {
         let now = SystemTime::now();
         // Tolerate a little clock skew between nodes.
         let not_before = now - Duration::from_secs(60);
@@ -167,21 +228,49 @@ impl Signer {
         let serial = random_serial();
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(public_key, &self.issuer)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.intermediates.iter().cloned());
-        Ok(WorkloadCert {
-            identity: identity.clone(),
+        Ok(SignedCert {
             chain,
-            key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             serial: hex(&serial),
             not_before,
             not_after,
         })
     }
+
+    /// A TLS server certificate for the CA service itself, for `dns_names`, with
+    /// a fresh key: callers verify it with the mesh root, as they do peers.
+    pub fn server_certificate(
+        &self,
+        dns_names: &[String],
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let now = SystemTime::now();
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + lifetime).into();
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok((chain, PrivateKeyDer::Pkcs8(key.serialize_der().into())))
+    }
 }
 
-fn self_signed(cert: &CertificateDer<'_>) -> bool {
+/// A certificate as one PEM block, as Istio's certificate API carries it.
+pub fn to_pem(cert: &CertificateDer<'_>) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", cert.as_ref().to_vec()))
+}
+
+/// Whether a certificate is its own issuer (a root).
+pub fn self_signed(cert: &CertificateDer<'_>) -> bool {
     x509_parser::parse_x509_certificate(cert)
         .map(|(_, c)| c.subject() == c.issuer())
         .unwrap_or(false)
@@ -199,7 +288,8 @@ fn random_serial() -> [u8; 16] {
     serial
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Upper-case hex, as `openssl x509 -serial` prints serial numbers.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 

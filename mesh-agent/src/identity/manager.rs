@@ -14,21 +14,59 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use futures::future::BoxFuture;
+use tokio::task::JoinSet;
+
 use super::ca::{CaError, Signer};
 use super::{Identity, WorkloadCert};
 use crate::metrics::Metrics;
 
-/// Where certificates come from: the local CA today, a CSR to a cluster CA later.
+/// Why a certificate request failed; the manager retries it with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The local CA files could not sign.
+    #[error(transparent)]
+    Local(#[from] CaError),
+    /// The CA service answered with a refusal or an error.
+    #[error("CA service refused: {code:?}: {message}")]
+    Refused {
+        /// gRPC status code.
+        code: tonic::Code,
+        /// The service's message.
+        message: String,
+    },
+    /// The CA service could not be reached, or did not answer in time.
+    #[error("CA service unreachable: {0}")]
+    Unreachable(String),
+    /// The CA service's answer is unusable (a wrong name, key or chain).
+    #[error("CA service sent an unusable certificate: {0}")]
+    BadResponse(String),
+}
+
+/// Where certificates come from: the local CA files, or a CSR to the CA service.
 pub trait CertificateSource: Send + Sync + 'static {
     /// A new key and certificate for `identity`.
-    fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCert, CaError>;
+    fn issue(
+        &self,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> BoxFuture<'static, Result<WorkloadCert, IssueError>>;
 }
 
 impl CertificateSource for Signer {
-    fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCert, CaError> {
-        Signer::issue(self, identity, lifetime)
+    fn issue(
+        &self,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> BoxFuture<'static, Result<WorkloadCert, IssueError>> {
+        let result = Signer::issue(self, identity, lifetime).map_err(IssueError::from);
+        Box::pin(std::future::ready(result))
     }
 }
+
+/// Requests in flight at once: enough to fill a node quickly after a restart,
+/// few enough not to flood the CA service.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// How certificates are requested and retried.
 #[derive(Debug, Clone)]
@@ -151,6 +189,7 @@ impl CertManager {
             policy,
             metrics,
             entries: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
             publish,
         };
         tokio::spawn(task.run(rx));
@@ -253,13 +292,25 @@ struct Task {
     policy: CertPolicy,
     metrics: Arc<Metrics>,
     entries: BTreeMap<Identity, CertStatus>,
+    /// Identities with a request in flight, and whether a renewal was asked for
+    /// meanwhile (the answer may come from the CA as it was before the change).
+    in_flight: BTreeMap<Identity, bool>,
     publish: watch::Sender<Arc<CertSnapshot>>,
 }
 
+type Answer = (Identity, Result<WorkloadCert, IssueError>);
+
 impl Task {
     async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+        let mut answers: JoinSet<Answer> = JoinSet::new();
         loop {
-            let next = self.entries.values().map(|e| e.next_attempt).min();
+            let next = self
+                .entries
+                .iter()
+                .filter(|(id, _)| !self.in_flight.contains_key(*id))
+                .map(|(_, e)| e.next_attempt)
+                .min()
+                .filter(|_| self.in_flight.len() < MAX_IN_FLIGHT);
             tokio::select! {
                 request = requests.recv() => match request {
                     Some(Request::Identities(wanted)) => self.set(wanted),
@@ -268,8 +319,15 @@ impl Task {
                         for entry in self.entries.values_mut() {
                             entry.next_attempt = now;
                         }
+                        for renew in self.in_flight.values_mut() {
+                            *renew = true;
+                        }
                     }
                     None => return,
+                },
+                Some(answer) = answers.join_next() => match answer {
+                    Ok((id, result)) => self.answered(&id, result),
+                    Err(e) => tracing::error!(error = %e, "certificate request task failed"),
                 },
                 _ = sleep_until(next) => {}
             }
@@ -277,11 +335,14 @@ impl Task {
             let due: Vec<Identity> = self
                 .entries
                 .iter()
-                .filter(|(_, e)| e.next_attempt <= now)
+                .filter(|(id, e)| e.next_attempt <= now && !self.in_flight.contains_key(*id))
                 .map(|(id, _)| id.clone())
+                .take(MAX_IN_FLIGHT.saturating_sub(self.in_flight.len()))
                 .collect();
             for id in due {
-                self.attempt(&id);
+                let request = self.source.issue(&id, self.policy.lifetime);
+                self.in_flight.insert(id.clone(), false);
+                answers.spawn(async move { (id, request.await) });
             }
             self.publish.send_replace(Arc::new(self.entries.clone()));
         }
@@ -310,29 +371,41 @@ impl Task {
         }
     }
 
-    fn attempt(&mut self, id: &Identity) {
+    fn answered(&mut self, id: &Identity, result: Result<WorkloadCert, IssueError>) {
+        let renew_again = self.in_flight.remove(id).unwrap_or(false);
+        // An identity the node no longer needs: its answer is dropped.
         let Some(entry) = self.entries.get_mut(id) else {
             return;
         };
         let now = Instant::now();
-        match self.source.issue(id, self.policy.lifetime) {
+        match result {
             Ok(cert) => {
                 tracing::info!(identity = %id, serial = %cert.serial, "issued workload certificate");
                 self.metrics
                     .certificate_issued(&id.to_string(), unix(cert.not_after));
+                let lifetime = cert
+                    .not_after
+                    .duration_since(cert.not_before)
+                    .unwrap_or(self.policy.lifetime);
                 entry.current = Some(Arc::new(cert));
                 entry.state = CertState::Available;
                 entry.failures = 0;
                 entry.last_error = None;
-                entry.next_attempt = now + self.policy.lifetime / 2;
+                // Half of what the CA granted, which may be less than asked for.
+                entry.next_attempt = if renew_again {
+                    now
+                } else {
+                    now + lifetime.min(self.policy.lifetime) / 2
+                };
             }
             Err(e) => {
                 entry.failures += 1;
-                let backoff = self
-                    .policy
-                    .initial_backoff
-                    .saturating_mul(1 << (entry.failures - 1).min(20))
-                    .min(self.policy.max_backoff);
+                let backoff = jittered(
+                    self.policy
+                        .initial_backoff
+                        .saturating_mul(1 << (entry.failures - 1).min(20))
+                        .min(self.policy.max_backoff),
+                );
                 let valid = entry
                     .current
                     .as_ref()
@@ -358,6 +431,12 @@ impl Task {
     }
 }
 
+/// A retry delay between half and all of `backoff`: many agents that lost the
+/// CA at the same moment do not come back to it at the same moment.
+fn jittered(backoff: Duration) -> Duration {
+    backoff.mul_f64(rand::random_range(0.5..=1.0))
+}
+
 async fn sleep_until(when: Option<Instant>) {
     match when {
         Some(t) => tokio::time::sleep_until(t).await,
@@ -380,12 +459,18 @@ mod tests {
     }
 
     impl CertificateSource for FlakyCa {
-        fn issue(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, CaError> {
+        fn issue(
+            &self,
+            id: &Identity,
+            lifetime: Duration,
+        ) -> BoxFuture<'static, Result<WorkloadCert, IssueError>> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.failing.load(Ordering::SeqCst) {
-                return Err(CaError::Sign(rcgen::Error::CouldNotParseCertificate));
+                return Box::pin(std::future::ready(Err(IssueError::Unreachable(
+                    "connection refused".into(),
+                ))));
             }
-            self.signer.issue(id, lifetime)
+            CertificateSource::issue(&self.signer, id, lifetime)
         }
     }
 
@@ -447,11 +532,17 @@ mod tests {
         assert_eq!(status.state, CertState::RenewalFailing);
         assert_eq!(serial(&m, &id), Some(second.clone()));
         assert_eq!(m.certificate(&id).await.unwrap().serial, second);
-        // Retries after 1 s, then 2 s, then 4 s.
+        // Retries after 1 s, then 2 s, then 4 s, each less up to half for jitter.
         let mut last = renewal;
         for (wait, calls) in [(1, 4), (2, 5), (4, 6)] {
             let next = m.snapshot()[&id].next_attempt;
-            assert_eq!(next - last, Duration::from_secs(wait));
+            let delay = next - last;
+            let wait_ms = wait * 1000;
+            assert!(
+                delay >= Duration::from_millis(wait_ms / 2)
+                    && delay <= Duration::from_millis(wait_ms + 20),
+                "retry {delay:?} not within [{wait}s/2, {wait}s]"
+            );
             tokio::time::sleep_until(next - Duration::from_millis(10)).await;
             settle().await;
             assert_eq!(
@@ -481,10 +572,17 @@ mod tests {
     async fn one_failing_identity_does_not_hold_up_another_and_removal_forgets() {
         struct OnlyCart(Arc<FlakyCa>, Mutex<Vec<String>>);
         impl CertificateSource for OnlyCart {
-            fn issue(&self, id: &Identity, l: Duration) -> Result<WorkloadCert, CaError> {
+            fn issue(
+                &self,
+                id: &Identity,
+                l: Duration,
+            ) -> BoxFuture<'static, Result<WorkloadCert, IssueError>> {
                 self.1.lock().unwrap().push(id.service_account.clone());
                 if id.service_account != "cart" {
-                    return Err(CaError::Sign(rcgen::Error::CouldNotParseCertificate));
+                    return Box::pin(std::future::ready(Err(IssueError::Refused {
+                        code: tonic::Code::PermissionDenied,
+                        message: "no such pod on this node".into(),
+                    })));
                 }
                 self.0.issue(id, l)
             }
