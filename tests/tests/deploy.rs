@@ -91,6 +91,33 @@ fn rendered_manifests_pass_the_kubernetes_schemas() {
         text.contains("--cni-socket=/var/run/nodemesh/cni.sock"),
         "{text}"
     );
+    // No signing key on the nodes: the agent asks the CA service, and only the
+    // CA Deployment mounts the cacerts Secret.
+    assert!(
+        !text.contains("cacerts") && !text.contains("--ca-dir"),
+        "{text}"
+    );
+    assert!(
+        text.contains("--ca-address=https://nodemesh-ca.nodemesh-system.svc:15012")
+            && text.contains("audience: istio-ca"),
+        "{text}"
+    );
+    let mounting_cacerts: Vec<String> = documents(&yaml)
+        .iter()
+        .filter(|d| {
+            serde_yaml_ng::to_string(d)
+                .unwrap()
+                .contains("secretName: cacerts")
+        })
+        .map(|d| {
+            format!(
+                "{} {}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(mounting_cacerts, ["Deployment nodemesh-ca"]);
     let kinds: BTreeSet<String> = documents(&yaml)
         .iter()
         .map(|d| d["kind"].as_str().unwrap_or("").to_owned())
@@ -102,6 +129,9 @@ fn rendered_manifests_pass_the_kubernetes_schemas() {
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "DaemonSet",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
     ] {
         assert!(kinds.contains(kind), "no {kind} in {kinds:?}");
     }
@@ -109,35 +139,15 @@ fn rendered_manifests_pass_the_kubernetes_schemas() {
 
 #[test]
 fn the_cluster_role_grants_list_and_watch_on_what_the_agent_watches_and_nothing_else() {
-    let docs = documents(&rendered());
-    let role = docs
-        .iter()
-        .find(|d| d["kind"] == "ClusterRole")
-        .expect("a ClusterRole");
-    let mut granted = BTreeSet::new();
-    for rule in role["rules"].as_sequence().expect("rules") {
-        let strings = |field: &str| -> Vec<String> {
-            rule[field]
-                .as_sequence()
-                .into_iter()
-                .flatten()
-                .map(|v| v.as_str().expect("a string").to_owned())
-                .collect()
-        };
-        let verbs: BTreeSet<String> = strings("verbs").into_iter().collect();
+    let granted = granted(&rendered(), "nodemesh-agent");
+    for (_, _, verbs) in &granted {
         assert_eq!(
             verbs,
-            BTreeSet::from(["list".to_owned(), "watch".to_owned()]),
-            "{rule:?}"
+            &BTreeSet::from(["list".to_owned(), "watch".to_owned()]),
+            "{granted:?}"
         );
-        assert!(rule["resourceNames"].is_null() && rule["nonResourceURLs"].is_null());
-        for group in strings("apiGroups") {
-            for resource in strings("resources") {
-                assert!(!group.contains('*') && !resource.contains('*'), "{rule:?}");
-                granted.insert((group.clone(), resource));
-            }
-        }
     }
+    let granted: BTreeSet<(String, String)> = granted.into_iter().map(|(g, r, _)| (g, r)).collect();
 
     // What an agent actually lists and watches.
     let tools = Tools::new(env!("CARGO_BIN_EXE_podtool")).unwrap();
@@ -161,4 +171,64 @@ fn the_cluster_role_grants_list_and_watch_on_what_the_agent_watches_and_nothing_
         granted, used,
         "the ClusterRole (left) must grant exactly what the agent lists and watches (right)"
     );
+}
+
+/// `(group, resource, verbs)` the ClusterRole `name` grants; no wildcards, no
+/// resource names.
+fn granted(yaml: &str, name: &str) -> BTreeSet<(String, String, BTreeSet<String>)> {
+    let docs = documents(yaml);
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("a ClusterRole {name}"));
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_sequence().expect("rules") {
+        let strings = |field: &str| -> Vec<String> {
+            rule[field]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .map(|v| v.as_str().expect("a string").to_owned())
+                .collect()
+        };
+        let verbs: BTreeSet<String> = strings("verbs").into_iter().collect();
+        assert!(rule["resourceNames"].is_null() && rule["nonResourceURLs"].is_null());
+        for group in strings("apiGroups") {
+            for resource in strings("resources") {
+                assert!(!group.contains('*') && !resource.contains('*'), "{rule:?}");
+                granted.insert((group.clone(), resource, verbs.clone()));
+            }
+        }
+    }
+    granted
+}
+
+/// The CA service's ClusterRole: TokenReview create, and pods list and watch,
+/// which a CA service run against the API double is seen to use; nothing else
+/// (no Secrets: its key is mounted).
+#[test]
+fn the_ca_role_grants_token_reviews_and_pod_reads_only() {
+    let set = |verbs: &[&str]| verbs.iter().map(|v| v.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(
+        granted(&rendered(), "nodemesh-ca"),
+        BTreeSet::from([
+            (
+                "authentication.k8s.io".to_owned(),
+                "tokenreviews".to_owned(),
+                set(&["create"])
+            ),
+            ("".to_owned(), "pods".to_owned(), set(&["list", "watch"])),
+        ])
+    );
+    let tools = Tools::new(env!("CARGO_BIN_EXE_podtool")).unwrap();
+    let ca_files = nodemesh_testkit::MeshCa::init(&tools).unwrap();
+    let api = ApiServer::start().unwrap();
+    let _ca = nodemesh_testkit::ca::CaServer::start(&tools, &api, &ca_files.dir, &[]).unwrap();
+    let used: BTreeSet<String> = api
+        .served_all()
+        .into_iter()
+        .filter(|(_, served)| served.list_starts > 0 || served.watches > 0)
+        .map(|(plural, _)| plural)
+        .collect();
+    assert_eq!(used, BTreeSet::from(["pods".to_owned()]));
 }
