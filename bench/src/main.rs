@@ -185,8 +185,11 @@ impl Bench {
                 s(self.plan.max_seconds),
             ],
         )?;
-        let bulk = |streams: usize| {
-            self.loadgen(
+        // The proxies' CPU over the run gives their cost per unit of throughput.
+        let bulk = |streams: usize| -> anyhow::Result<Value> {
+            let cpu_before = cpu_of(&target.proxies);
+            let started = Instant::now();
+            let mut result = self.loadgen(
                 client,
                 &[
                     "bulk".into(),
@@ -197,7 +200,15 @@ impl Bench {
                     "--seconds".into(),
                     s(self.plan.bulk_seconds),
                 ],
-            )
+            )?;
+            if !target.proxies.is_empty() {
+                let vcpu = (cpu_of(&target.proxies) - cpu_before) / started.elapsed().as_secs_f64();
+                result["proxy_vcpu"] = vcpu.into();
+                if let Some(gbit) = result["gbit_per_s"].as_f64().filter(|g| *g > 0.0) {
+                    result["proxy_vcpu_per_gbit_per_s"] = (vcpu / gbit).into();
+                }
+            }
+            Ok(result)
         };
         let (bulk_1, bulk_8) = (bulk(1)?, bulk(8)?);
         let connect = self.loadgen(
