@@ -485,6 +485,12 @@ async fn serve(
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let inner = inner.clone();
                 async move {
+                    if !authorized(&req) {
+                        return Ok(respond(
+                            StatusCode::UNAUTHORIZED,
+                            status(401, "Unauthorized", "Unauthorized"),
+                        ));
+                    }
                     if req.method() == hyper::Method::POST
                         && req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
                     {
@@ -508,17 +514,6 @@ async fn serve(
 /// its pod binding and the requested audiences the token is valid for; or not,
 /// with the reason.
 async fn token_review(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
-    let authorized = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        == Some(&format!("Bearer {TOKEN}"));
-    if !authorized {
-        return respond(
-            StatusCode::UNAUTHORIZED,
-            status(401, "Unauthorized", "Unauthorized"),
-        );
-    }
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -595,6 +590,14 @@ async fn token_review(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Bo
             "status": status_body,
         }),
     )
+}
+
+/// Whether a request carries the double's bearer token.
+fn authorized(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {TOKEN}"))
 }
 
 fn respond(status: StatusCode, body: Value) -> Response<Body> {
@@ -769,17 +772,6 @@ impl Filter {
 }
 
 fn handle(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
-    let authorized = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        == Some(&format!("Bearer {TOKEN}"));
-    if !authorized {
-        return respond(
-            StatusCode::UNAUTHORIZED,
-            status(401, "Unauthorized", "Unauthorized"),
-        );
-    }
     if req.method() != hyper::Method::GET {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use serde_json::json;
 
 use crate::apiserver::{ApiServer, IssuedToken, pod_uid};
-use crate::{Node, Process, Tools, free_port, metric_sum};
+use crate::{Node, Process, Tools, admin_get, free_port, metric_sum};
 
 /// The name the CA service's certificate carries and agents verify.
 pub const SERVER_NAME: &str = "nodemesh-ca.nodemesh-system.svc";
@@ -111,17 +111,7 @@ impl CaServer {
 
     /// GETs an admin path.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                mesh_agent::debug::fetch(self.admin, path),
-            )
-            .await
-            .map_err(|_| anyhow!("GET {path} timed out"))?
-        })
+        admin_get(self.admin, path)
     }
 
     /// The sum of a metric's series with these labels.

@@ -847,6 +847,21 @@ pub struct Agent {
     _dir: tempfile::TempDir,
 }
 
+/// GETs a path of an admin endpoint (the agent's or the CA service's), within 5 s.
+pub fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            mesh_agent::debug::fetch(admin, path),
+        )
+        .await
+        .map_err(|_| anyhow!("GET {path} timed out"))?
+    })
+}
+
 /// A loopback port free at the moment.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -972,17 +987,7 @@ impl Agent {
 
     /// GETs an admin path.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                mesh_agent::debug::fetch(self.admin, path),
-            )
-            .await
-            .map_err(|_| anyhow!("GET {path} timed out"))?
-        })
+        admin_get(self.admin, path)
     }
 
     /// `/metrics`.
