@@ -383,15 +383,16 @@ impl Task {
                 tracing::info!(identity = %id, serial = %cert.serial, "issued workload certificate");
                 self.metrics
                     .certificate_issued(&id.to_string(), unix(cert.not_after));
+                // What is left of it: the CA may grant less than asked for,
+                // and back-dates the start for clock skew.
                 let lifetime = cert
                     .not_after
-                    .duration_since(cert.not_before)
-                    .unwrap_or(self.policy.lifetime);
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
                 entry.current = Some(Arc::new(cert));
                 entry.state = CertState::Available;
                 entry.failures = 0;
                 entry.last_error = None;
-                // Half of what the CA granted, which may be less than asked for.
                 entry.next_attempt = if renew_again {
                     now
                 } else {
@@ -566,6 +567,35 @@ mod tests {
         assert_eq!(status.state, CertState::Available);
         assert_eq!(status.failures, 0);
         assert_ne!(serial(&m, &id), Some(second));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_lifetime_than_asked_for_is_renewed_at_its_own_half_life() {
+        /// A CA that grants 10 s whatever is asked.
+        struct Stingy(Arc<FlakyCa>);
+        impl CertificateSource for Stingy {
+            fn issue(
+                &self,
+                id: &Identity,
+                _asked: Duration,
+            ) -> BoxFuture<'static, Result<WorkloadCert, IssueError>> {
+                self.0.issue(id, Duration::from_secs(10))
+            }
+        }
+        let ca = flaky();
+        let m = CertManager::spawn(
+            Arc::new(Stingy(ca.clone())),
+            CertPolicy::default(),
+            Arc::new(Metrics::new()),
+        );
+        let id = Identity::new("cluster.local", "shop", "cart");
+        m.set_identities([id.clone()].into());
+        m.certificate(&id).await.unwrap();
+        let due = m.snapshot()[&id].next_attempt - Instant::now();
+        assert!(
+            due <= Duration::from_secs(5) && due > Duration::from_secs(4),
+            "renewal in {due:?}, not at half of the 10 s granted"
+        );
     }
 
     #[tokio::test(start_paused = true)]
