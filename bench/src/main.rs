@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use nodemesh_testkit::{
-    Agent, MeshCa, Node, Pod, Process, Tools, proc_cpu_seconds, proc_status_kib, run_json,
-    yaml_docs,
+    Agent, MeshCa, Node, Pod, Process, Tools, proc_context_switches, proc_cpu_seconds,
+    proc_status_kib, run_json, yaml_docs,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -89,6 +89,11 @@ pub struct RateResult {
     pub proxy_vcpu: f64,
     /// The same per 1,000 requests/s.
     pub proxy_vcpu_per_1000_rps: f64,
+    /// The proxies' context switches (all threads) per request: their wake-ups.
+    pub proxy_context_switches_per_request: f64,
+    /// The proxies' system calls per request (`perf stat`'s count of
+    /// `raw_syscalls:sys_enter`); absent without perf.
+    pub proxy_syscalls_per_request: Option<f64>,
 }
 
 /// Everything measured on one path.
@@ -129,6 +134,51 @@ fn env_path(var: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{var} is not set: run the benchmark with `cargo xtask bench`"))
 }
 
+/// `perf stat` counting the proxies' system calls while a phase runs.
+struct SyscallCount(std::process::Child);
+
+impl SyscallCount {
+    /// Starts counting; `None` (said once on stderr) where perf cannot.
+    fn start(pids: &[u32]) -> Option<Self> {
+        if pids.is_empty() {
+            return None;
+        }
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let child = std::process::Command::new("perf")
+            .args(["stat", "-e", "raw_syscalls:sys_enter", "-x", ",", "-p"])
+            .arg(pids.join(","))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .inspect_err(|e| eprintln!("bench: no system-call counts: perf: {e}"))
+            .ok()?;
+        // perf attaches before the phase starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Some(SyscallCount(child))
+    }
+
+    /// Stops counting and returns the count.
+    fn finish(self) -> Option<u64> {
+        // SAFETY: kill(2) on our own child's pid; SIGINT makes perf print and exit.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let out = self.0.wait_with_output().ok()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let count = text
+            .lines()
+            .find(|l| l.contains("raw_syscalls:sys_enter"))
+            .and_then(|l| l.split(',').next()?.trim().parse().ok());
+        if count.is_none() {
+            eprintln!("bench: perf stat gave no count: {text}");
+        }
+        count
+    }
+}
+
+/// A per-process counter summed over the proxies (0 for one that is gone).
+fn sum_of(pids: &[u32], counter: fn(u32) -> anyhow::Result<u64>) -> u64 {
+    pids.iter().map(|p| counter(*p).unwrap_or(0)).sum()
+}
+
 fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter()
         .map(|p| proc_cpu_seconds(*p).unwrap_or(0.0))
@@ -154,6 +204,8 @@ impl Bench {
         let mut rates = Vec::new();
         for rps in &self.plan.rates {
             let cpu_before = cpu_of(&target.proxies);
+            let switches_before = sum_of(&target.proxies, proc_context_switches);
+            let syscalls = SyscallCount::start(&target.proxies);
             let started = Instant::now();
             let load = self.loadgen(
                 client,
@@ -169,10 +221,21 @@ impl Bench {
             )?;
             let wall = started.elapsed().as_secs_f64();
             let proxy_vcpu = (cpu_of(&target.proxies) - cpu_before) / wall;
+            let requests =
+                (load["achieved_rps"].as_f64().unwrap_or(0.0) * self.plan.rate_seconds).max(1.0);
+            let per_request =
+                |after: u64, before: u64| after.saturating_sub(before) as f64 / requests;
             rates.push(RateResult {
-                load,
                 proxy_vcpu,
                 proxy_vcpu_per_1000_rps: proxy_vcpu / (*rps as f64 / 1000.0),
+                proxy_context_switches_per_request: per_request(
+                    sum_of(&target.proxies, proc_context_switches),
+                    switches_before,
+                ),
+                proxy_syscalls_per_request: syscalls
+                    .and_then(SyscallCount::finish)
+                    .map(|n| n as f64 / requests),
+                load,
             });
         }
         let max = self.loadgen(

@@ -115,9 +115,9 @@ impl Results {
                 out,
                 "**HTTP/1.1 keep-alive, 1 KiB responses, {rps} requests/s open loop** (latency in µs from the scheduled send time; \"added\" is over the direct path on the same topology):\n"
             );
-            out.push_str("| path | p50 | p90 | p99 | p99.9 | added p50 | added p99 | errors | proxy vCPU per 1,000 rps | loadgen CPU s |\n");
+            out.push_str("| path | p50 | p90 | p99 | p99.9 | added p50 | added p99 | errors | proxy vCPU per 1,000 rps | proxy context switches per request | proxy syscalls per request | loadgen CPU s |\n");
             out.push_str(
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
             );
             for p in &self.paths {
                 let r = &p.rates[i];
@@ -130,14 +130,22 @@ impl Results {
                     Some(b) => format!("{:+.0}", num(&r.load, key) - num(b, key)),
                     None => "-".into(),
                 };
-                let vcpu = if p.baseline.is_some() {
-                    format!("{:.3}", r.proxy_vcpu_per_1000_rps)
-                } else {
-                    "-".into()
+                let proxied = |v: f64, digits: usize| {
+                    if p.baseline.is_some() {
+                        format!("{v:.digits$}")
+                    } else {
+                        "-".into()
+                    }
+                };
+                let vcpu = proxied(r.proxy_vcpu_per_1000_rps, 3);
+                let switches = proxied(r.proxy_context_switches_per_request, 1);
+                let syscalls = match r.proxy_syscalls_per_request {
+                    Some(n) => proxied(n, 1),
+                    None => "-".into(),
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2} |",
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {:.2} |",
                     p.name,
                     num(&r.load, "p50_us"),
                     num(&r.load, "p90_us"),
@@ -147,6 +155,8 @@ impl Results {
                     added("p99_us"),
                     r.load["errors"],
                     vcpu,
+                    switches,
+                    syscalls,
                     num(&r.load, "loadgen_cpu_seconds"),
                 );
             }

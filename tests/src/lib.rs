@@ -1136,6 +1136,27 @@ pub fn proc_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
+/// Context switches of every thread of a process so far, voluntary (it slept,
+/// waiting) and not (it was preempted): a measure of wake-ups.
+pub fn proc_context_switches(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may end while it is read.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches")
+                    || l.starts_with("nonvoluntary_ctxt_switches")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// Sum of the samples of `name` in a Prometheus text whose labels include all of `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 /// tools the tests drive (ip, curl, tcpdump, openssl, kubectl for the manifests
 /// in `deploy/`, the CNI `bridge` and `host-local` plugins that network pods as a
 /// container runtime does), Python's venv for `kubernetes-validate`, and the
-/// benchmark's sidecar baseline (haproxy).
+/// benchmark's sidecar baseline (haproxy) and system-call counter (perf).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -30,6 +30,7 @@ const APT_PACKAGES: &[&str] = &[
     "kubectl",
     "python3-venv",
     "containernetworking-plugins",
+    "linux-perf",
 ];
 
 /// `kubernetes-validate` (PyPI) checks the rendered manifests against the
