@@ -176,9 +176,9 @@ impl TunnelPool {
             .map_err(|_| TunnelError::Timeout("CONNECT response"))?;
             let response = match response {
                 Ok(r) => r,
-                // Canceled: the request never reached the peer's application, so
-                // it is safe to send again, elsewhere.
-                Err(e) if e.is_canceled() && attempt < attempts => {
+                // The request never reached the peer's application, so it is
+                // safe to send again, elsewhere.
+                Err(e) if never_processed(&e) && attempt < attempts => {
                     tracing::debug!(peer = %key.address, id = conn.id, error = %e, "tunnel connection going away; retrying the stream on another");
                     self.forget(key, conn.id);
                     attempt += 1;
@@ -383,4 +383,23 @@ impl TunnelPool {
         });
         views
     }
+}
+
+/// Whether a failed CONNECT was never processed by the peer: canceled before
+/// it was sent, above the last stream a peer's GOAWAY accepted (it is handing
+/// over to a successor, or shutting down), or refused with REFUSED_STREAM.
+/// RFC 9113 §8.7 makes such a request safe to send again.
+fn never_processed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        source = cause.source();
+    }
+    false
 }
