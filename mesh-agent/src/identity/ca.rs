@@ -87,11 +87,16 @@ fn read(dir: &Path, name: &str) -> Result<String, CaError> {
 }
 
 fn certs(dir: &Path, name: &str, pem: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    certs_in(&dir.join(name), pem.as_bytes())
+}
+
+/// Every certificate of the PEM read from `path` (named in errors); at least one.
+fn certs_in(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let invalid = |what: String| CaError::Invalid {
-        path: dir.join(name),
+        path: path.to_path_buf(),
         what,
     };
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(format!("bad PEM: {e}")))?;
     if certs.is_empty() {
@@ -108,21 +113,12 @@ pub fn load_trust_bundle(dir: &Path) -> Result<TrustBundle, CaError> {
 
 /// A trust bundle from the PEM roots read from `path` (named in errors).
 pub fn trust_bundle_from_pem(path: &Path, pem: &[u8]) -> Result<TrustBundle, CaError> {
-    let invalid = |what: String| CaError::Invalid {
-        path: path.to_path_buf(),
-        what,
-    };
-    let found = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(format!("bad PEM: {e}")))?;
-    if found.is_empty() {
-        return Err(invalid("no CERTIFICATE block".into()));
-    }
     let mut roots = rustls::RootCertStore::empty();
-    for cert in found {
-        roots
-            .add(cert)
-            .map_err(|e| invalid(format!("not a usable trust anchor: {e}")))?;
+    for cert in certs_in(path, pem)? {
+        roots.add(cert).map_err(|e| CaError::Invalid {
+            path: path.to_path_buf(),
+            what: format!("not a usable trust anchor: {e}"),
+        })?;
     }
     Ok(TrustBundle {
         roots: Arc::new(roots),

@@ -181,8 +181,8 @@ impl IdentityState {
         let root_file = self.settings.root_file();
         match std::fs::read(&root_file) {
             Ok(roots) if roots == loaded.roots => {}
-            Ok(_) => match load_roots(&root_file) {
-                Ok((roots, bundle)) => {
+            Ok(roots) => match trust_bundle_from_pem(&root_file, &roots) {
+                Ok(bundle) => {
                     let applied = match &self.issuer {
                         Issuer::Service(remote) => remote.set_roots(&roots, bundle.clone()),
                         Issuer::Local(_) => Ok(()),
