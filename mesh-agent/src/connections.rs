@@ -76,6 +76,30 @@ pub struct ConnectionInfo {
     authz: Mutex<Option<(policy::Connection, CancellationToken)>>,
     /// Set when a policy change closed the connection.
     revoked: std::sync::atomic::AtomicBool,
+    /// Who moves the bytes, as a [`CarriedBy`] discriminant.
+    carried_by: std::sync::atomic::AtomicU8,
+}
+
+/// Who moves a connection's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CarriedBy {
+    /// The agent relays them (the default).
+    Agent = 0,
+    /// The kernel, both directions (same-node fast path).
+    Kernel = 1,
+    /// The kernel one way, the agent the other (one end half-closed before the join).
+    KernelAndAgent = 2,
+}
+
+impl CarriedBy {
+    fn name(v: u8) -> &'static str {
+        match v {
+            1 => "kernel",
+            2 => "kernel+agent",
+            _ => "agent",
+        }
+    }
 }
 
 /// Serializable snapshot of a [`ConnectionInfo`].
@@ -102,6 +126,11 @@ pub struct ConnectionView {
     pub bytes_received: u64,
     /// Server to client bytes.
     pub bytes_sent: u64,
+    /// `kernel` when the sockets are joined in the kernel (bytes are counted
+    /// when it closes), `agent` when the agent relays them, `kernel+agent`
+    /// when each carries one direction.
+    #[serde(default)]
+    pub path: String,
     /// Seconds since accept.
     pub age_seconds: f64,
     /// Accept time, seconds since the Unix epoch.
@@ -186,6 +215,7 @@ impl ConnectionInfo {
             destination_workload: self.peers.destination.as_ref().map(|w| w.key()),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            path: CarriedBy::name(self.carried_by.load(Ordering::Relaxed)).to_owned(),
             age_seconds: self.started.elapsed().as_secs_f64(),
             started_unix: self
                 .started_wall
@@ -248,6 +278,7 @@ impl ConnectionGuard {
             bytes_sent: Arc::default(),
             authz: Mutex::new(None),
             revoked: std::sync::atomic::AtomicBool::new(false),
+            carried_by: std::sync::atomic::AtomicU8::new(CarriedBy::Agent as u8),
         });
         table
             .live
@@ -271,6 +302,11 @@ impl ConnectionGuard {
     /// later policy denies it.
     pub fn authorized(&self, conn: policy::Connection, cancel: CancellationToken) {
         *self.info.authz.lock().expect("authz lock") = Some((conn, cancel));
+    }
+
+    /// Records who moves the bytes (shown in `/connections` and the access log).
+    pub fn carried_by(&self, by: CarriedBy) {
+        self.info.carried_by.store(by as u8, Ordering::Relaxed);
     }
 
     /// Marks why the connection failed (an Istio `response_flags` value).
@@ -317,6 +353,7 @@ impl Drop for ConnectionGuard {
             destination_workload = view.destination_workload.as_deref().unwrap_or("-"),
             bytes_sent = view.bytes_sent,
             bytes_received = view.bytes_received,
+            path = view.path,
             duration_ms = (view.age_seconds * 1000.0) as u64,
             response_flags = self.outcome,
             "connection complete"

@@ -243,6 +243,13 @@ struct RunArgs {
     /// limit (raised to its hard limit at start), two descriptors a connection.
     #[arg(long, env = "NODEMESH_MAX_CONNECTIONS", default_value_t = 0)]
     max_connections: usize,
+    /// Experimental: join connections between two meshed pods on this node in
+    /// the kernel (sockmap): admitted as usual, then carried with no copy
+    /// through the agent and no TLS, as the bytes never leave the node. Off by
+    /// default: the kernel gives such connections no flow control yet (see
+    /// docs/architecture.md); off, they are tunnelled like cross-node traffic.
+    #[arg(long, env = "NODEMESH_SAME_NODE_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
+    same_node_fast_path: bool,
     /// Cgroup to attach the programs to; default: the cgroup2 root.
     #[arg(long, env = "NODEMESH_ATTACH_CGROUP")]
     attach_cgroup: Option<PathBuf>,
@@ -550,6 +557,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         request_log: request_log.as_ref().map(|(writer, _)| writer.clone()),
         max_connections,
+        same_node_fast_path: args.same_node_fast_path,
     };
     let metrics = Arc::new(mesh_agent::metrics::Metrics::new());
     let identity = match &identity_settings {

@@ -304,6 +304,10 @@ pub struct Metrics {
     pub failed_workloads: Gauge,
     /// Accepted connections with no kernel record of their destination (closed).
     pub orig_dst_missing: Counter,
+    /// Same-node connections whose bytes the kernel carries (joined sockets).
+    pub spliced_connections: Counter,
+    /// Same-node connections that could not be joined and were relayed in user space.
+    pub splice_fallbacks: Counter,
     config_reloads: Family<ResultLabels, Counter>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
@@ -354,6 +358,8 @@ impl Metrics {
             ca_healthy: Gauge::default(),
             failed_workloads: Gauge::default(),
             orig_dst_missing: Counter::default(),
+            spliced_connections: Counter::default(),
+            splice_fallbacks: Counter::default(),
             config_reloads: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
@@ -417,6 +423,16 @@ impl Metrics {
             "nodemesh_orig_dst_missing",
             "Captured connections closed because the kernel had no record of their destination",
             m.orig_dst_missing.clone(),
+        );
+        registry.register(
+            "nodemesh_spliced_connections",
+            "Same-node connections joined in the kernel (no user-space copy, no TLS)",
+            m.spliced_connections.clone(),
+        );
+        registry.register(
+            "nodemesh_splice_fallbacks",
+            "Same-node connections that could not be joined in the kernel and were relayed by the agent",
+            m.splice_fallbacks.clone(),
         );
         registry.register(
             "nodemesh_config_reloads",

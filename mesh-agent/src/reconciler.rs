@@ -33,6 +33,7 @@ use crate::proxy::l7::{L7, L7Settings, PodL7};
 use crate::proxy::limits::{Limits, PodLimit};
 use crate::proxy::outbound;
 use crate::proxy::pod::PodContext;
+use crate::proxy::same_node::{LocalDestinations, LocalRegistration};
 use crate::proxy::tunnel::pool::{PoolSettings, PoolView, TunnelPool};
 use crate::proxy::tunnel::{self, HBONE_PORT};
 use crate::state::policy::{Policies, PolicyStore};
@@ -66,6 +67,8 @@ pub struct Settings {
     pub request_log: Option<tracing_appender::non_blocking::NonBlocking>,
     /// Most connections the agent holds at once; more are reset at once.
     pub max_connections: usize,
+    /// Join same-node connections in the kernel instead of tunnelling them.
+    pub same_node_fast_path: bool,
 }
 
 /// Outcome of the last desired-state loads, for `/config_dump`.
@@ -88,6 +91,8 @@ pub struct ConfigStatus {
 struct Enrollment {
     /// Inbound steering of the pod; undone when the enrollment is dropped.
     inbound: Option<InboundSteering>,
+    /// The pod's entry for the same-node fast path; removed on drop.
+    local: Option<LocalRegistration>,
     workload: Workload,
     workload_id: u32,
     cgroup_id: u64,
@@ -197,6 +202,8 @@ pub struct Agent {
     pub l7: Arc<L7>,
     /// Connection bounds, agent-wide and per pod.
     pub limits: Arc<Limits>,
+    /// Pods served here, for the same-node fast path.
+    local: Arc<LocalDestinations>,
 }
 
 impl Agent {
@@ -238,6 +245,7 @@ impl Agent {
             }
         });
         Agent {
+            local: Arc::new(LocalDestinations::new(settings.same_node_fast_path)),
             limits: Arc::new(Limits::new(settings.max_connections, metrics.clone())),
             l7: Arc::new(L7 {
                 catalog: CatalogStore::default(),
@@ -580,6 +588,8 @@ impl Agent {
         let ctx = Arc::new(PodContext {
             meta: RwLock::new(Arc::new(WorkloadMeta::from_config(w))),
             cgroup_id,
+            ips: w.ips.clone(),
+            local: self.local.clone(),
             netns,
             capture: self.capture.clone(),
             metrics: self.metrics.clone(),
@@ -613,6 +623,7 @@ impl Agent {
             flags |= WORKLOAD_FLAG_V6_LISTENER;
         }
         let mut steering = None;
+        let mut local = None;
         if let Some(identity) = &self.identity {
             let inbound = Arc::new(InboundContext::new(
                 ctx.clone(),
@@ -686,6 +697,7 @@ impl Agent {
                     .context("attaching inbound steering (sk_lookup) to the pod")?,
             );
             steering = Some(steered);
+            local = Some(self.local.register(&w.ips, &inbound));
         }
         let exclusions = exclusions_for(w);
         let entry = WorkloadEntry {
@@ -704,6 +716,7 @@ impl Agent {
         }
         Ok(Enrollment {
             inbound: steering,
+            local,
             workload: w.clone(),
             workload_id,
             cgroup_id,
@@ -762,6 +775,8 @@ impl Agent {
     fn unenroll(&self, state: &mut State, e: Enrollment) {
         self.capture
             .unenroll(e.cgroup_id, e.workload_id, &e.exclusions);
+        // New same-node connections to it go the normal way (and find it gone).
+        drop(e.local);
         // Stop steering inbound connections before their listeners close.
         if let Some(steering) = e.inbound {
             steering.remove();

@@ -29,6 +29,20 @@ pub const INBOUND_PORT: u16 = 15006;
 /// Upper bound on steered pod addresses (a few per workload).
 pub const MAX_INBOUND_ADDRS: u32 = MAX_WORKLOADS * 4;
 
+/// Upper bound on sockets joined by the same-node fast path (two per connection).
+pub const MAX_JOINED_SOCKETS: u32 = 65536;
+
+/// One direction of a same-node connection the kernel carries: bytes arriving
+/// on the agent socket keyed by this entry go out of `peer_cookie`'s socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct JoinedPeer {
+    /// Socket cookie of the agent socket the bytes are sent from.
+    pub peer_cookie: u64,
+    /// Bytes the kernel has moved in this direction (written only by that socket's verdict).
+    pub bytes: u64,
+}
+
 /// Node-wide settings the kernel programs read, by index into the `SETTINGS` array.
 /// They live in a pinned map, so they still apply while no agent runs.
 pub mod setting {
@@ -143,8 +157,10 @@ pub mod stat {
     pub const INBOUND_AGENT_DOWN_REFUSED: u32 = 7;
     /// Inbound connections let straight to the application because no agent listened (open).
     pub const INBOUND_AGENT_DOWN_DIRECT: u32 = 8;
+    /// Received segments a joined socket could not hand to its peer, left to the agent to relay.
+    pub const SPLICE_MISSED: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// Metric label for each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "captured",
@@ -156,6 +172,7 @@ pub mod stat {
         "agent_down_direct",
         "inbound_agent_down_refused",
         "inbound_agent_down_direct",
+        "splice_missed",
     ];
 }
 
@@ -175,4 +192,5 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::InboundKey {}
+    unsafe impl aya::Pod for super::JoinedPeer {}
 }

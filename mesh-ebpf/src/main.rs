@@ -26,7 +26,7 @@
 #![no_std]
 #![no_main]
 
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext,
@@ -40,15 +40,15 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
     CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, FAMILY_V6, HBONE_PORT, INBOUND_PORT,
-    InboundKey, MAX_CGROUP_ANCESTORS, MAX_EXCLUSIONS, MAX_INBOUND_ADDRS, MAX_PENDING_CONNECTIONS,
-    MAX_WORKLOADS, OrigDst, PortKey, WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry, setting, stat,
-    v4_mapped,
+    InboundKey, JoinedPeer, MAX_CGROUP_ANCESTORS, MAX_EXCLUSIONS, MAX_INBOUND_ADDRS,
+    MAX_JOINED_SOCKETS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OrigDst, PortKey,
+    WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry, setting, stat, v4_mapped,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -97,6 +97,19 @@ static MESHED_ADDRS: HashMap<InboundKey, u8> = HashMap::with_max_entries(MAX_INB
 /// Node-wide settings, indexed by `mesh_common::setting` (written by the agent).
 #[map]
 static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
+
+/// Agent sockets of joined connections, by socket cookie: valid redirect targets
+/// (filled by the agent before it starts splicing either direction).
+#[map]
+static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_JOINED_SOCKETS, 0);
+
+/// Agent sockets whose received bytes `splice_joined` forwards, by socket cookie.
+#[map]
+static SPLICED: SockHash<u64> = SockHash::with_max_entries(MAX_JOINED_SOCKETS, 0);
+
+/// Where each spliced socket's bytes go, and how many went (filled by the agent).
+#[map]
+static JOINED_PEERS: HashMap<u64, JoinedPeer> = HashMap::with_max_entries(MAX_JOINED_SOCKETS, 0);
 
 /// `sk_lookup` verdict: continue (with or without a selected socket).
 const SK_PASS: u32 = 1;
@@ -218,6 +231,47 @@ pub fn track_captured_sockets(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     0
+}
+
+/// Named apart from its section: an eBPF fn named like its section fails to link.
+#[stream_verdict]
+pub fn splice_joined(ctx: SkBuffContext) -> u32 {
+    splice(&ctx)
+}
+
+#[inline(always)]
+fn splice(ctx: &SkBuffContext) -> u32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(peer) = JOINED_PEERS.get_ptr_mut(&cookie) else {
+        // Not joined (yet): the agent reads these bytes itself.
+        return SK_PASS;
+    };
+    let len = ctx.len() as u64;
+    if len == 0 {
+        // A bare FIN (TCP has already recorded the end of stream, which the
+        // agent reads and passes on). Any path that queues an empty segment
+        // (a redirect, or keeping it behind bytes still waiting to be sent)
+        // makes the kernel's work queue try to move zero bytes, which it takes
+        // for a broken pipe and resets the connection: drop it instead.
+        return SK_DROP;
+    }
+    // SAFETY: a live map value.
+    let mut target = unsafe { (*peer).peer_cookie };
+    if SPLICE_TARGETS.redirect_skb(ctx, &mut target, 0) == SK_PASS as i64 {
+        // SAFETY: a live map value. The verdict of one socket runs under that
+        // socket's lock, and only this socket's verdict writes this entry, so
+        // the add cannot race (the agent only reads it).
+        unsafe {
+            let bytes = &raw mut (*peer).bytes;
+            write_volatile(bytes, read_volatile(bytes) + len);
+        }
+        SK_PASS
+    } else {
+        // The peer socket is gone: keep the bytes on this socket, where the
+        // agent sees them, rather than drop data the sender was told arrived.
+        count(stat::SPLICE_MISSED);
+        SK_PASS
+    }
 }
 
 #[inline(always)]

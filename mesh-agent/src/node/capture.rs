@@ -12,22 +12,23 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use mesh_common::{
     CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, InboundKey, MAX_EXCLUSIONS,
-    MAX_INBOUND_ADDRS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OrigDst, PortKey,
-    V4_MAPPED_PREFIX_BITS, WorkloadEntry, setting, stat, v4_mapped,
+    MAX_INBOUND_ADDRS, MAX_JOINED_SOCKETS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OrigDst,
+    PortKey, V4_MAPPED_PREFIX_BITS, WorkloadEntry, setting, stat, v4_mapped,
 };
 use serde::Serialize;
 
 use crate::node::pins::{self, Generation, PinError};
+use crate::node::splice::{Splice, SpliceError};
 
 /// The kernel programs, built by `cargo xtask build` and embedded so the agent is one file.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -73,6 +74,9 @@ pub enum CaptureError {
     /// The object is missing a program the agent needs (a build mismatch).
     #[error("the embedded eBPF object has no program named {0}")]
     MissingProgram(&'static str),
+    /// The fast path's maps are missing or of the wrong kind.
+    #[error("same-node fast path: {0}")]
+    Splice(#[source] SpliceError),
     /// The bpffs pin directory could not be used.
     #[error(transparent)]
     Pin(#[from] PinError),
@@ -126,6 +130,7 @@ const SOCK_ADDR_PROGRAMS: [(&str, &str); 2] = [
 ];
 const SOCK_OPS_PROGRAM: &str = "track_captured_sockets";
 const SK_LOOKUP_PROGRAM: &str = "steer_inbound";
+const SPLICE_PROGRAM: &str = "splice_joined";
 /// Cgroup programs with the name of their pinned link.
 const CGROUP_LINKS: [(&str, &str); 3] = [
     ("capture_connect4", "connect4"),
@@ -133,7 +138,7 @@ const CGROUP_LINKS: [(&str, &str); 3] = [
     (SOCK_OPS_PROGRAM, "sock_ops"),
 ];
 /// Every map in the object; each is pinned by name in the generation directory.
-const MAPS: [&str; 9] = [
+const MAPS: [&str; 12] = [
     "WORKLOADS",
     "EXCLUDED_PORTS",
     "EXCLUDED_CIDRS",
@@ -143,6 +148,9 @@ const MAPS: [&str; 9] = [
     "INBOUND_LISTENERS",
     "MESHED_ADDRS",
     "SETTINGS",
+    "SPLICE_TARGETS",
+    "SPLICED",
+    "JOINED_PEERS",
 ];
 
 /// Cgroup bpf_links (5.7+, always used on our minimum kernel) coexist with other
@@ -200,6 +208,8 @@ pub struct Capture {
     pending: Mutex<HashMap<MapData, u64, OrigDst>>,
     orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
     stats: PerCpuArray<MapData, u64>,
+    /// The same-node fast path's maps.
+    pub splice: Arc<Splice>,
     programs: Vec<ProgramSummary>,
     generation: Generation,
     /// The cgroup links, held so this process's fds keep them for as long as it runs.
@@ -296,6 +306,34 @@ impl Capture {
             .map_err(program_err(SK_LOOKUP_PROGRAM))?;
         sk_lookup.load().map_err(program_err(SK_LOOKUP_PROGRAM))?;
 
+        let splice = Arc::new(Splice::from_object(&mut ebpf).map_err(CaptureError::Splice)?);
+        {
+            let verdict: &mut SkSkb = ebpf
+                .program_mut(SPLICE_PROGRAM)
+                .ok_or(CaptureError::MissingProgram(SPLICE_PROGRAM))?
+                .try_into()
+                .map_err(program_err(SPLICE_PROGRAM))?;
+            verdict.load().map_err(program_err(SPLICE_PROGRAM))?;
+            // Attached to the (pinned) map, replacing a predecessor's program of
+            // this build. The link is forgotten, never detached: a draining
+            // predecessor exiting must not take the verdict off its successor's
+            // joined sockets.
+            let id = splice
+                .with_spliced_map(|m| verdict.attach(m.fd()))
+                .map_err(program_err(SPLICE_PROGRAM))?;
+            let link = verdict.take_link(id).map_err(program_err(SPLICE_PROGRAM))?;
+            std::mem::forget(link);
+        }
+        if adopted {
+            let swept = splice.sweep();
+            if swept > 0 {
+                tracing::info!(
+                    swept,
+                    "removed fast-path entries of connections that died with a previous agent"
+                );
+            }
+        }
+
         let mut settings: Array<MapData, u32> = take_map(&mut ebpf, "SETTINGS")?;
         let down = match options.on_agent_down {
             AgentDown::Closed => setting::AGENT_DOWN_CLOSED,
@@ -373,6 +411,15 @@ impl Capture {
                 .id(),
             cgroup: PathBuf::new(),
         });
+        let verdict = ebpf
+            .program(SPLICE_PROGRAM)
+            .ok_or(CaptureError::MissingProgram(SPLICE_PROGRAM))?;
+        programs.push(ProgramSummary {
+            name: SPLICE_PROGRAM,
+            hook: "sk_skb/stream_verdict (map SPLICED)",
+            id: verdict.info().map_err(program_err(SPLICE_PROGRAM))?.id(),
+            cgroup: PathBuf::new(),
+        });
 
         let config = ConfigMaps {
             workloads: take_map(&mut ebpf, "WORKLOADS")?,
@@ -384,6 +431,7 @@ impl Capture {
             pending: Mutex::new(take_map(&mut ebpf, "PENDING")?),
             orig_dst: Mutex::new(take_map(&mut ebpf, "ORIG_DST")?),
             stats: take_map(&mut ebpf, "STATS")?,
+            splice,
             inbound: Mutex::new(take_map(&mut ebpf, "INBOUND_LISTENERS")?),
             meshed_addrs: Mutex::new(take_map(&mut ebpf, "MESHED_ADDRS")?),
             programs,
@@ -712,6 +760,7 @@ impl Capture {
         let config = self.config.lock().expect("capture map lock");
         let pending = self.pending.lock().expect("pending lock").keys().count() as u64;
         let orig_dst = self.orig_dst.lock().expect("orig dst lock").keys().count() as u64;
+        let splice = self.splice.occupancy();
         vec![
             MapOccupancy {
                 name: "WORKLOADS",
@@ -752,6 +801,21 @@ impl Capture {
                 name: "ORIG_DST",
                 entries: orig_dst,
                 capacity: MAX_PENDING_CONNECTIONS.into(),
+            },
+            MapOccupancy {
+                name: "SPLICE_TARGETS",
+                entries: splice.targets,
+                capacity: MAX_JOINED_SOCKETS.into(),
+            },
+            MapOccupancy {
+                name: "SPLICED",
+                entries: splice.spliced,
+                capacity: MAX_JOINED_SOCKETS.into(),
+            },
+            MapOccupancy {
+                name: "JOINED_PEERS",
+                entries: splice.peers,
+                capacity: MAX_JOINED_SOCKETS.into(),
             },
         ]
     }

@@ -6,3 +6,4 @@ pub mod capture;
 pub mod cgroup;
 pub mod netns;
 pub mod pins;
+pub mod splice;

@@ -18,6 +18,7 @@ use crate::proxy::l7::PodL7;
 use crate::proxy::pod::{
     Transport, accept_until_cancelled, connect, relay_to, reset, spawn_bounded, transport,
 };
+use crate::proxy::same_node;
 
 /// Where a captured connection goes, decided from kernel facts only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +110,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<PodL7
     }
     let destination_workload = ctx.pod.directory.lookup(route.destination.ip());
     let transport = transport(destination_workload.as_deref(), ctx.pod.identity.is_some());
+    let served_here = ctx
+        .pod
+        .local
+        .enabled()
+        .then(|| ctx.pod.local.lookup(route.destination.ip()))
+        .flatten();
+    if same_node::eligible(ctx.pod.local.enabled(), &transport, served_here.is_some())
+        && let Some(dest) = served_here
+    {
+        same_node::serve(client, peer, route.destination, source, &ctx.pod, dest).await;
+        return;
+    }
     let mut peers = Peers::outbound(source.clone(), destination_workload);
     peers.mutual_tls = matches!(transport, Transport::Tunnel { .. });
     let mut guard = ConnectionGuard::open(

@@ -35,6 +35,10 @@ pub struct PodContext {
     pub meta: RwLock<Arc<WorkloadMeta>>,
     /// The pod cgroup the kernel matched for this workload.
     pub cgroup_id: u64,
+    /// The pod's addresses: what destinations' policies see as its source.
+    pub ips: Vec<IpAddr>,
+    /// Pods this agent serves, for the same-node fast path.
+    pub local: Arc<crate::proxy::same_node::LocalDestinations>,
     /// Creates upstream sockets inside the pod.
     pub netns: Arc<NetnsHandle>,
     /// Kernel maps holding original destinations.
