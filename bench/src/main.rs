@@ -352,6 +352,7 @@ fn main() -> anyhow::Result<()> {
     let mesh_same = client("mesh-same")?;
     let mesh_cross = client("mesh-cross")?;
     let mesh_l7 = client("mesh-l7")?;
+    let mesh_fast = client("mesh-fast")?;
     let sidecar_client = client("sidecar")?;
     let to = |pod: &Pod, proxies: &[u32]| Target {
         http: pod.addr(HTTP_PORT),
@@ -395,6 +396,7 @@ fn main() -> anyhow::Result<()> {
         mesh_same.workload_yaml(),
         mesh_cross.workload_yaml(),
         mesh_l7.workload_yaml(),
+        mesh_fast.workload_yaml(),
     ];
     let mut all = local_config.clone();
     all.push(far.workload_yaml());
@@ -455,6 +457,20 @@ fn main() -> anyhow::Result<()> {
         with_workloads_kib: agent.rss_kib()?,
         workloads: local_config.len() + WORKLOADS_FOR_MEMORY,
     };
+
+    // The experimental same-node fast path (sockets joined in the kernel) is a
+    // node-wide agent setting: a second agent with it on replaces the first
+    // (adopting its pinned programs) for one more path.
+    const FAST_PATH: &str = "mesh (mTLS), same node, kernel fast path";
+    if selected(FAST_PATH) {
+        drop(agent);
+        let mut args = ca.args().to_vec();
+        args.push("--same-node-fast-path=true");
+        let agent = Agent::start_with(&bench.tools, &local, &yaml_docs(&all), &args)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let target = to(&server, &[agent.pid(), remote_agent.pid()]);
+        paths.push(bench.measure(FAST_PATH, Some(DIRECT_SAME), &mesh_fast, &target)?);
+    }
 
     let results = report::Results::new(
         bench.plan.clone(),

@@ -79,6 +79,7 @@ pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
                         c.destination_workload.clone().unwrap_or_else(|| "-".into()),
                         c.bytes_received.to_string(),
                         c.bytes_sent.to_string(),
+                        c.path.clone(),
                         format!("{:.1}s", c.age_seconds),
                     ]
                 })
@@ -92,6 +93,7 @@ pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
                     "DST WORKLOAD",
                     "BYTES OUT",
                     "BYTES IN",
+                    "CARRIED BY",
                     "AGE",
                 ],
                 rows,

@@ -327,6 +327,18 @@ fn a_live_deny_closes_a_joined_connection() {
         Ok(mesh.joined() == 2)
     })
     .unwrap();
+    let mut debug = std::process::Command::new(&mesh.tools.agent);
+    debug.args([
+        "debug",
+        "connections",
+        "--admin-addr",
+        &mesh.agent.admin.to_string(),
+    ]);
+    let table = nodemesh_testkit::run(&mut debug).unwrap();
+    assert!(
+        table.lines().filter(|l| l.contains(" kernel ")).count() == 2,
+        "`debug connections` does not show the joined connection:\n{table}"
+    );
     let deny = "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: deny-shop, namespace: backend}
