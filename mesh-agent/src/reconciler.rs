@@ -589,7 +589,6 @@ impl Agent {
             meta: RwLock::new(Arc::new(WorkloadMeta::from_config(w))),
             cgroup_id,
             ips: w.ips.clone(),
-            local: self.local.clone(),
             netns,
             capture: self.capture.clone(),
             metrics: self.metrics.clone(),
@@ -610,6 +609,7 @@ impl Agent {
             pod: ctx.clone(),
             l7: self.l7.clone(),
             upstreams: Upstreams::new(ctx.clone()),
+            local: self.local.clone(),
         });
         let cancel = CancellationToken::new();
         // Any early return below stops the listeners already spawned.

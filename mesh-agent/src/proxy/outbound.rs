@@ -111,12 +111,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<PodL7
     let destination_workload = ctx.pod.directory.lookup(route.destination.ip());
     let transport = transport(destination_workload.as_deref(), ctx.pod.identity.is_some());
     let served_here = ctx
-        .pod
         .local
         .enabled()
-        .then(|| ctx.pod.local.lookup(route.destination.ip()))
+        .then(|| ctx.local.lookup(route.destination.ip()))
         .flatten();
-    if same_node::eligible(ctx.pod.local.enabled(), &transport, served_here.is_some())
+    if same_node::eligible(ctx.local.enabled(), &transport, served_here.is_some())
         && let Some(dest) = served_here
     {
         same_node::serve(client, peer, route.destination, source, &ctx.pod, dest).await;

@@ -37,8 +37,6 @@ pub struct PodContext {
     pub cgroup_id: u64,
     /// The pod's addresses: what destinations' policies see as its source.
     pub ips: Vec<IpAddr>,
-    /// Pods this agent serves, for the same-node fast path.
-    pub local: Arc<crate::proxy::same_node::LocalDestinations>,
     /// Creates upstream sockets inside the pod.
     pub netns: Arc<NetnsHandle>,
     /// Kernel maps holding original destinations.

@@ -49,8 +49,9 @@ pub struct L7 {
     pub request_log: Option<tracing_appender::non_blocking::NonBlocking>,
 }
 
-/// One pod's L7 side: its context, the Services and routes in force, and its
-/// pooled HTTP connections to endpoints.
+/// What one pod's outbound listener needs: its context, the Services and
+/// routes in force, its pooled HTTP connections to endpoints, and the pods
+/// served on this node.
 pub struct PodL7 {
     /// The pod.
     pub pod: std::sync::Arc<crate::proxy::pod::PodContext>,
@@ -58,6 +59,8 @@ pub struct PodL7 {
     pub l7: std::sync::Arc<L7>,
     /// This pod's pooled HTTP connections to endpoints.
     pub upstreams: upstream::Upstreams,
+    /// Pods this agent serves, for the same-node fast path of L4 connections.
+    pub local: std::sync::Arc<crate::proxy::same_node::LocalDestinations>,
 }
 
 #[cfg(test)]
