@@ -134,7 +134,8 @@ async fn pump(from: &TcpStream, to: &TcpStream, counter: ByteCounter) -> io::Res
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// Writes all of `data` to a shared socket, waiting for room as needed.
+pub(crate) async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         to.writable().await?;
         match to.try_write(data) {
@@ -146,7 +147,8 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+/// Half-closes `to`; a peer already gone is not an error here.
+pub(crate) fn shutdown_write(to: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
         // The peer may already be gone; its own error will surface on the other direction.
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),

@@ -26,7 +26,7 @@ use crate::connections::{CarriedBy, ConnectionGuard, Peers};
 use crate::node::splice::{Joined, kick};
 use crate::proxy::inbound::{InboundContext, Refusal, admit};
 use crate::proxy::pod::{PodContext, Transport, reset};
-use crate::proxy::relay::relay;
+use crate::proxy::relay::{relay, shutdown_write, write_all};
 use crate::state::workload::WorkloadMeta;
 
 /// The meshed pods this agent serves, by address, for finding a connection's
@@ -353,18 +353,6 @@ async fn on_readable(
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Bytes `socket` has taken to send so far: transmitted once, plus not yet
 /// sent. Read in one `TCP_INFO` call, under the socket's lock, so consistent.
 fn queued_for_send(socket: &TcpStream) -> io::Result<u64> {
@@ -407,10 +395,7 @@ async fn half_close(to: &TcpStream, expected: u64, cancel: &CancellationToken) -
         }
         wait = (wait * 2).min(Duration::from_millis(50));
     }
-    match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        other => other,
-    }
+    shutdown_write(to)
 }
 
 #[cfg(test)]
