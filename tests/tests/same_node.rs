@@ -106,6 +106,19 @@ impl SameNode {
         Process::spawn(&mut cmd, name).unwrap()
     }
 
+    /// Starts `server` in `b` (it prints a line once listening on `sys.argv[1]`),
+    /// runs `client` in `a` against it, and returns both outputs.
+    fn client_and_server(&self, client: &str, server: &str) -> (String, String) {
+        let addr = self.b.addr(PY_PORT).to_string();
+        let mut server = self.python(&self.b, server, &addr, "server");
+        server.wait_line(Duration::from_secs(10)).unwrap();
+        let client = self
+            .python(&self.a, client, &addr, "client")
+            .wait(RUN)
+            .unwrap();
+        (client.stdout, server.wait(RUN).unwrap().stdout)
+    }
+
     /// Waits until the agent holds no connection and the fast path's maps are empty.
     fn assert_all_closed(&self) {
         wait_until("every connection closed", Duration::from_secs(20), || {
@@ -232,17 +245,9 @@ print(json.dumps({"banner_ok": n == 1 << 20 and h.hexdigest() == banner, "sent":
 c.close()
 "#;
     let mesh = SameNode::new(&[]);
-    let addr = mesh.b.addr(PY_PORT).to_string();
-    let mut server = mesh.python(&mesh.b, SERVER, &addr, "server");
-    server.wait_line(Duration::from_secs(10)).unwrap();
-    let client = mesh
-        .python(&mesh.a, CLIENT, &addr, "client")
-        .wait(RUN)
-        .unwrap();
-    let server = server.wait(RUN).unwrap();
-    let client: serde_json::Value = serde_json::from_str(client.stdout.trim()).unwrap();
-    let server: serde_json::Value =
-        serde_json::from_str(server.stdout.lines().last().unwrap()).unwrap();
+    let (client, server) = mesh.client_and_server(CLIENT, SERVER);
+    let client: serde_json::Value = serde_json::from_str(client.trim()).unwrap();
+    let server: serde_json::Value = serde_json::from_str(server.lines().last().unwrap()).unwrap();
     assert_eq!(client["banner_ok"], true, "{client}");
     assert_eq!(server["received"], client["sent"], "{server} {client}");
     assert_eq!(server["sha256"], client["sent_sha256"], "{server} {client}");
@@ -284,23 +289,14 @@ c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); c.cl
 print(json.dumps({"client_saw": seen}))
 "#;
     let mesh = SameNode::new(&[]);
-    let addr = mesh.b.addr(PY_PORT).to_string();
-    let mut server = mesh.python(&mesh.b, SERVER, &addr, "server");
-    server.wait_line(Duration::from_secs(10)).unwrap();
-    let client = mesh
-        .python(&mesh.a, CLIENT, &addr, "client")
-        .wait(RUN)
-        .unwrap();
-    let server = server.wait(RUN).unwrap();
+    let (client, server) = mesh.client_and_server(CLIENT, SERVER);
     assert!(
-        client.stdout.contains(r#""client_saw": "reset""#),
-        "the server's reset reached the client as: {}",
-        client.stdout
+        client.contains(r#""client_saw": "reset""#),
+        "the server's reset reached the client as: {client}"
     );
     assert!(
-        server.stdout.contains(r#""server_saw": "reset""#),
-        "the client's reset reached the server as: {}",
-        server.stdout
+        server.contains(r#""server_saw": "reset""#),
+        "the client's reset reached the server as: {server}"
     );
     mesh.assert_all_closed();
     assert_eq!(mesh.metric("nodemesh_spliced_connections_total", &[]), 2.0);

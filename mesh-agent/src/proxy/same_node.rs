@@ -262,37 +262,37 @@ async fn carry(
                 ended(r, app, client, &mut buf, &mut out.relayed_to_client, Direction::ToClient).await
             }
         };
-        match &step {
-            Ok(Some(Direction::ToServer)) => client_open = false,
-            Ok(Some(Direction::ToClient)) => app_open = false,
-            _ => {}
-        }
-        match step {
-            Ok(None) => {}
+        // A direction that ended: which socket to half-close, having queued how much.
+        let ended = match step {
+            Ok(None) => continue,
             Ok(Some(Direction::ToServer)) => {
-                let expected = joined.bytes().to_server + out.relayed_to_server;
-                if let Err(e) = half_close(app, expected, cancel).await {
-                    out.error = Some(io::Error::new(
-                        e.kind(),
-                        format!("passing the client's half-close to the server: {e}"),
-                    ));
-                    break;
-                }
+                client_open = false;
+                (
+                    app,
+                    joined.bytes().to_server + out.relayed_to_server,
+                    "client's",
+                    "server",
+                )
             }
             Ok(Some(Direction::ToClient)) => {
-                let expected = joined.bytes().to_client + out.relayed_to_client;
-                if let Err(e) = half_close(client, expected, cancel).await {
-                    out.error = Some(io::Error::new(
-                        e.kind(),
-                        format!("passing the server's half-close to the client: {e}"),
-                    ));
-                    break;
-                }
+                app_open = false;
+                (
+                    client,
+                    joined.bytes().to_client + out.relayed_to_client,
+                    "server's",
+                    "client",
+                )
             }
             Err(e) => {
                 out.error = Some(e);
                 break;
             }
+        };
+        let (to, expected, whose, receiver) = ended;
+        if let Err(e) = half_close(to, expected, cancel).await {
+            let context = format!("passing the {whose} half-close to the {receiver}: {e}");
+            out.error = Some(io::Error::new(e.kind(), context));
+            break;
         }
     }
     if out.error.is_some() {
