@@ -1005,6 +1005,16 @@ impl Agent {
         Ok(serde_json::from_str(&self.get("/config_dump")?)?)
     }
 
+    /// Waits until the agent holds at least one available certificate.
+    pub fn wait_for_certificate(&self) -> anyhow::Result<()> {
+        wait_until("a certificate", Duration::from_secs(10), || {
+            let dump = self.config_dump()?;
+            Ok(dump["certificates"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["state"] == "available")))
+        })
+    }
+
     /// `/connections`.
     pub fn connections(&self) -> anyhow::Result<Vec<ConnectionView>> {
         Ok(serde_json::from_str(&self.get("/connections")?)?)

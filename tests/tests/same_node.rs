@@ -50,13 +50,7 @@ impl SameNode {
         }
         agent_args.extend(args);
         let agent = Agent::start_with(&tools, &node, &config, &agent_args).unwrap();
-        wait_until("a certificate", Duration::from_secs(10), || {
-            let dump = agent.config_dump()?;
-            Ok(dump["certificates"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["state"] == "available")))
-        })
-        .unwrap();
+        agent.wait_for_certificate().unwrap();
         SameNode {
             tools,
             agent,

@@ -120,13 +120,7 @@ impl TwoNodes {
 
     fn wait_ready_certs(&self) {
         for agent in [&self.near, &self.far] {
-            wait_until("a certificate", Duration::from_secs(10), || {
-                let dump = agent.config_dump()?;
-                Ok(dump["certificates"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["state"] == "available")))
-            })
-            .unwrap();
+            agent.wait_for_certificate().unwrap();
         }
     }
 }
