@@ -41,6 +41,11 @@ struct Cli {
     /// profiling one path. Partial runs do not replace `latest.*`.
     #[arg(long)]
     only: Vec<String>,
+    /// Also record where the proxies spend their CPU (`perf record -g`) during the
+    /// first constant-rate run and the one-stream bulk run of each proxied path,
+    /// and write each profile's top symbols to this directory.
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 /// How long each measurement runs.
@@ -119,6 +124,7 @@ struct Bench {
     tools: Tools,
     loadgen: PathBuf,
     plan: Plan,
+    profile: Option<PathBuf>,
 }
 
 /// Where the load goes and who carries it.
@@ -174,6 +180,72 @@ impl SyscallCount {
     }
 }
 
+/// `perf record` of the proxies while a phase runs, reported as the symbols
+/// that take the most CPU (self time), so a change can be aimed at a cost.
+struct CpuProfile {
+    child: std::process::Child,
+    data: PathBuf,
+    report: PathBuf,
+}
+
+impl CpuProfile {
+    /// Starts sampling `pids` if `dir` is set; `None` (said on stderr) where perf cannot.
+    fn start(dir: Option<&std::path::Path>, pids: &[u32], name: &str) -> Option<Self> {
+        let dir = dir?;
+        if pids.is_empty() {
+            return None;
+        }
+        std::fs::create_dir_all(dir).ok()?;
+        let stem: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let data = dir.join(format!("{stem}.perf.data"));
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let child = std::process::Command::new("perf")
+            .args(["record", "-F", "997", "-g", "-q", "-o"])
+            .arg(&data)
+            .arg("-p")
+            .arg(pids.join(","))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .inspect_err(|e| eprintln!("bench: no profile: perf: {e}"))
+            .ok()?;
+        std::thread::sleep(Duration::from_millis(300));
+        Some(CpuProfile {
+            child,
+            data,
+            report: dir.join(format!("{stem}.txt")),
+        })
+    }
+
+    /// Stops sampling and writes the report next to the data.
+    fn finish(mut self) {
+        // SAFETY: kill(2) on our own child's pid; SIGINT makes perf write and exit.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let report = std::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--percent-limit",
+                "0.7",
+            ])
+            .args(["--sort", "dso,symbol", "-g", "none", "-i"])
+            .arg(&self.data)
+            .output();
+        match report {
+            Ok(out) => {
+                let _ = std::fs::write(&self.report, &out.stdout);
+                eprintln!("bench: profile in {}", self.report.display());
+            }
+            Err(e) => eprintln!("bench: perf report: {e}"),
+        }
+    }
+}
+
 /// A per-process counter summed over the proxies (0 for one that is gone).
 fn sum_of(pids: &[u32], counter: fn(u32) -> anyhow::Result<u64>) -> u64 {
     pids.iter().map(|p| counter(*p).unwrap_or(0)).sum()
@@ -202,7 +274,16 @@ impl Bench {
         eprintln!("bench: {name}");
         let s = |v: f64| v.to_string();
         let mut rates = Vec::new();
-        for rps in &self.plan.rates {
+        for (i, rps) in self.plan.rates.iter().enumerate() {
+            let profile = (i == 0)
+                .then(|| {
+                    CpuProfile::start(
+                        self.profile.as_deref(),
+                        &target.proxies,
+                        &format!("{name} {rps} rps"),
+                    )
+                })
+                .flatten();
             let cpu_before = cpu_of(&target.proxies);
             let switches_before = sum_of(&target.proxies, proc_context_switches);
             let syscalls = SyscallCount::start(&target.proxies);
@@ -220,6 +301,9 @@ impl Bench {
                 ],
             )?;
             let wall = started.elapsed().as_secs_f64();
+            if let Some(profile) = profile {
+                profile.finish();
+            }
             let proxy_vcpu = (cpu_of(&target.proxies) - cpu_before) / wall;
             let requests =
                 (load["achieved_rps"].as_f64().unwrap_or(0.0) * self.plan.rate_seconds).max(1.0);
@@ -250,6 +334,16 @@ impl Bench {
         )?;
         // The proxies' CPU over the run gives their cost per unit of throughput.
         let bulk = |streams: usize| -> anyhow::Result<Value> {
+            let profile = (streams == 1)
+                .then(|| {
+                    CpuProfile::start(
+                        self.profile.as_deref(),
+                        &target.proxies,
+                        &format!("{name} bulk 1 stream"),
+                    )
+                })
+                .flatten();
+            let syscalls = SyscallCount::start(&target.proxies);
             let cpu_before = cpu_of(&target.proxies);
             let started = Instant::now();
             let mut result = self.loadgen(
@@ -264,11 +358,22 @@ impl Bench {
                     s(self.plan.bulk_seconds),
                 ],
             )?;
+            if let Some(profile) = profile {
+                profile.finish();
+            }
             if !target.proxies.is_empty() {
                 let vcpu = (cpu_of(&target.proxies) - cpu_before) / started.elapsed().as_secs_f64();
                 result["proxy_vcpu"] = vcpu.into();
                 if let Some(gbit) = result["gbit_per_s"].as_f64().filter(|g| *g > 0.0) {
                     result["proxy_vcpu_per_gbit_per_s"] = (vcpu / gbit).into();
+                }
+                // System calls per MiB carried: what batching of reads and writes saves.
+                let mib = result["bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0);
+                if let Some(count) = syscalls
+                    .and_then(SyscallCount::finish)
+                    .filter(|_| mib > 0.0)
+                {
+                    result["proxy_syscalls_per_mib"] = (count as f64 / mib).into();
                 }
             }
             Ok(result)
@@ -315,6 +420,7 @@ fn main() -> anyhow::Result<()> {
         tools: Tools::new(env_path("NODEMESH_PODTOOL_BIN")?)?,
         loadgen: env_path("NODEMESH_LOADGEN_BIN")?,
         plan: Plan::new(cli.quick),
+        profile: cli.profile.clone(),
     };
     let started = Instant::now();
 

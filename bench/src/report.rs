@@ -163,21 +163,26 @@ impl Results {
             out.push('\n');
         }
         out.push_str("**Capacity**:\n\n");
-        out.push_str("| path | max requests/s (64 conns) | p99 at max (µs) | bulk Gbit/s, 1 stream | proxy vCPU per Gbit/s, 1 stream | bulk Gbit/s, 8 streams | new connections/s |\n");
-        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str("| path | max requests/s (64 conns) | p99 at max (µs) | bulk Gbit/s, 1 stream | proxy vCPU per Gbit/s, 1 stream | proxy syscalls per MiB, 1 stream | bulk Gbit/s, 8 streams | new connections/s |\n");
+        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         for p in &self.paths {
             let per_gbit = match p.bulk_1["proxy_vcpu_per_gbit_per_s"].as_f64() {
                 Some(v) => format!("{v:.3}"),
                 None => "-".to_owned(),
             };
+            let syscalls_per_mib = match p.bulk_1["proxy_syscalls_per_mib"].as_f64() {
+                Some(v) => format!("{v:.0}"),
+                None => "-".to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {:.0} | {:.2} | {} | {:.2} | {:.0} |",
+                "| {} | {:.0} | {:.0} | {:.2} | {} | {} | {:.2} | {:.0} |",
                 p.name,
                 num(&p.max, "rps"),
                 num(&p.max, "p99_us"),
                 num(&p.bulk_1, "gbit_per_s"),
                 per_gbit,
+                syscalls_per_mib,
                 num(&p.bulk_8, "gbit_per_s"),
                 num(&p.connect, "connections_per_s"),
             );

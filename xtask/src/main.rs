@@ -74,6 +74,10 @@ enum Cmd {
         /// Only the paths whose name contains this text (repeatable).
         #[arg(long)]
         only: Vec<String>,
+        /// Write perf profiles of the proxies to this directory (the run's own
+        /// figures then include perf's overhead; compare only unprofiled runs).
+        #[arg(long)]
+        profile: Option<PathBuf>,
     },
     /// Build, then make the OCI image of the agent and the CNI plugin with buildah
     /// (from scratch: the stripped binaries and the libraries `ldd` lists), and
@@ -125,7 +129,11 @@ fn run() -> anyhow::Result<()> {
         Cmd::Build => build(&root).map(|_| ()),
         Cmd::Test { args } => test(&root, &args),
         Cmd::Demo => demo(&root),
-        Cmd::Bench { quick, only } => bench(&root, quick, &only),
+        Cmd::Bench {
+            quick,
+            only,
+            profile,
+        } => bench(&root, quick, &only, profile.as_deref()),
         Cmd::Scale { args } => scale(&root, &args),
         Cmd::Soak { minutes, args } => soak(&root, minutes, &args),
     }
@@ -505,11 +513,14 @@ fn git_rev(root: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()> {
+fn bench(root: &Path, quick: bool, only: &[String], profile: Option<&Path>) -> anyhow::Result<()> {
     let built = build(root)?;
     let mut cmd = Command::new(built.release_dir.join("nodemesh-bench"));
     if quick {
         cmd.arg("--quick");
+    }
+    if let Some(dir) = profile {
+        cmd.arg("--profile").arg(root.join(dir));
     }
     for path in only {
         cmd.args(["--only", path]);

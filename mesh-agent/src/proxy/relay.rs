@@ -25,6 +25,8 @@ use crate::connections::ByteCounter;
 
 /// Per-direction copy buffer; a full 1 KiB-response exchange fits many times over.
 const COPY_BUFFER: usize = 16 * 1024;
+/// Copy buffer of a tunnelled direction once a read has filled [`COPY_BUFFER`].
+const BULK_BUFFER: usize = 128 * 1024;
 /// Bytes one direction carries by copying before it moves to `splice`.
 pub const SPLICE_AFTER: u64 = 256 * 1024;
 /// Pipe capacity once spliced; a larger pipe means fewer system calls per byte.
@@ -64,9 +66,10 @@ where
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut tunnel_read, mut tunnel_write) = tokio::io::split(tunnel);
     let up = async {
+        let mut size = COPY_BUFFER;
         loop {
             tcp.readable().await?;
-            let mut buf = Vec::with_capacity(COPY_BUFFER);
+            let mut buf = Vec::with_capacity(size);
             loop {
                 buf.clear();
                 match tcp.try_read_buf(&mut buf) {
@@ -75,6 +78,12 @@ where
                     Ok(n) => {
                         tunnel_write.write_all(&buf).await?;
                         from_tcp.add(n);
+                        // A full buffer means bulk: larger pieces mean fewer reads,
+                        // DATA frames and wake-ups per byte.
+                        if n == buf.capacity() && size < BULK_BUFFER {
+                            size = BULK_BUFFER;
+                            buf = Vec::with_capacity(size);
+                        }
                     }
                     // Drained: the buffer goes while the socket is idle.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -92,6 +101,9 @@ where
             }
             write_all(tcp, &buf[..n]).await?;
             to_tcp.add(n);
+            if n == buf.len() && buf.len() < BULK_BUFFER {
+                buf = vec![0u8; BULK_BUFFER];
+            }
         }
     };
     let result = tokio::try_join!(up, down);

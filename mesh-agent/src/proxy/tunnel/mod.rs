@@ -12,6 +12,7 @@
 //! in-pod listener on 15008.
 
 pub mod pool;
+pub mod read_ahead;
 pub mod server;
 
 use std::sync::{Arc, Mutex};

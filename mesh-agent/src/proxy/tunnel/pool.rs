@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use super::TunnelError;
+use super::read_ahead::ReadAhead;
 use crate::identity::Identity;
 
 /// Bounds of the pool.
@@ -312,7 +313,7 @@ impl TunnelPool {
         let _ = tcp.set_nodelay(true);
         let server_name = rustls::pki_types::ServerName::IpAddress(key.address.ip().into());
         let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(server_name, tcp)
+            .connect(server_name, ReadAhead::new(tcp))
             .await
             .map_err(|source| TunnelError::Tls {
                 addr: key.address,

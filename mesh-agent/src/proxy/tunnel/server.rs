@@ -24,6 +24,7 @@ use crate::identity::{Identity, identity_of};
 use crate::proxy::inbound::{InboundContext, Refusal, admit};
 use crate::proxy::pod::accept_until_cancelled;
 use crate::proxy::relay::relay_tunnel;
+use crate::proxy::tunnel::read_ahead::ReadAhead;
 
 /// Bound on the TLS handshake of an inbound tunnel connection (slowloris guard).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,7 +55,9 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Inbound
     };
     let _ = stream.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ReadAhead::new(stream)))
+        .await
+    {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return refuse("handshake", e.to_string()),
         Err(_) => return refuse("handshake_timeout", format!("{HANDSHAKE_TIMEOUT:?}")),
