@@ -412,6 +412,51 @@ pub struct Memory {
     pub with_workloads_kib: u64,
     /// How many workloads that was.
     pub workloads: usize,
+    /// RSS per enrolled idle workload: the growth from `idle_kib` to
+    /// `with_workloads_kib`, per added workload, in bytes.
+    pub per_idle_workload_bytes: u64,
+    /// RSS of both agents per idle connection held open through the tunnel to
+    /// the other node (client side and server side together), in bytes.
+    pub per_idle_connection_bytes: u64,
+}
+
+/// Idle connections held open for the per-connection memory figure.
+const IDLE_CONNECTIONS: usize = 1000;
+const ECHO_PORT: u16 = 9000;
+
+/// Both agents' RSS growth per idle connection: `IDLE_CONNECTIONS` echo
+/// connections from `client` to `far` (through the tunnel), held open.
+fn idle_connection_bytes(
+    bench: &Bench,
+    client: &Pod,
+    far: &Pod,
+    near_agent: &Agent,
+    far_agent: &Agent,
+) -> anyhow::Result<u64> {
+    let rss = || -> anyhow::Result<u64> { Ok(near_agent.rss_kib()? + far_agent.rss_kib()?) };
+    let _echo = far.serve(
+        &bench.tools,
+        &["echo", "--listen", &far.addr(ECHO_PORT).to_string()],
+    )?;
+    let before = rss()?;
+    let mut cmd = client.command(&bench.tools.podtool)?;
+    let count = IDLE_CONNECTIONS.to_string();
+    cmd.args(["connect", "--to", &far.addr(ECHO_PORT).to_string()])
+        .args([
+            "--count",
+            &count,
+            "--concurrency",
+            &count,
+            "--hold-ms",
+            "8000",
+        ]);
+    let held = Process::spawn(&mut cmd, "idle connections")?;
+    nodemesh_testkit::wait_until("idle connections open", Duration::from_secs(30), || {
+        Ok(far_agent.connections()?.len() >= IDLE_CONNECTIONS)
+    })?;
+    let during = rss()?;
+    held.wait(Duration::from_secs(60))?;
+    Ok(during.saturating_sub(before) * 1024 / IDLE_CONNECTIONS as u64)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -557,11 +602,17 @@ fn main() -> anyhow::Result<()> {
     docs.extend(extra.iter().map(Pod::workload_yaml));
     agent.reconfigure(&yaml_docs(&docs))?;
     std::thread::sleep(Duration::from_secs(1));
+    let with_workloads_kib = agent.rss_kib()?;
+    let per_idle_connection_bytes =
+        idle_connection_bytes(&bench, &mesh_cross, &far, &agent, &remote_agent)?;
     let memory = Memory {
         idle_kib: memory_idle,
         peak_under_load_kib: peak,
-        with_workloads_kib: agent.rss_kib()?,
+        with_workloads_kib,
         workloads: local_config.len() + WORKLOADS_FOR_MEMORY,
+        per_idle_workload_bytes: with_workloads_kib.saturating_sub(memory_idle) * 1024
+            / WORKLOADS_FOR_MEMORY as u64,
+        per_idle_connection_bytes,
     };
 
     // The experimental same-node fast path (sockets joined in the kernel) is a

@@ -10,8 +10,12 @@
 //!    in `Listeners` batches, the last one marked.
 //! 2. The successor enrolls its pods with those sockets (both processes accept
 //!    from the same queues meanwhile) and, once serving, sends `Serving`.
-//! 3. The predecessor stops accepting, answers `Draining`, lets its established
-//!    connections finish (or `--drain-timeout` pass) and exits.
+//! 3. The predecessor stops accepting. Its joined same-node connections (the
+//!    kernel carries their bytes, so the agent holds no state for them but two
+//!    sockets) cross over in `Joined` batches, two fds each, and the successor
+//!    watches them from then on: they outlive the drain timeout. Then the
+//!    predecessor answers `Draining`, lets its other established connections
+//!    finish (or `--drain-timeout` pass) and exits.
 //!
 //! If the successor goes away before `Serving`, the predecessor resumes as if
 //! nothing happened: a failed upgrade leaves the old agent in charge.
@@ -19,7 +23,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::io::{IoSlice, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -35,7 +39,10 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_SOCKET: &str = "/var/run/nodemesh/handoff.sock";
 /// File descriptors per message, below the kernel's `SCM_MAX_FD` (253).
 const FDS_PER_MESSAGE: usize = 200;
-/// Largest message: 200 listener keys in JSON fit with room to spare.
+/// Joined connections per message: two fds each.
+const JOINED_PER_MESSAGE: usize = FDS_PER_MESSAGE / 2;
+/// Largest message: 200 listener keys or 100 joined records in JSON fit with
+/// room to spare.
 const MAX_MESSAGE: usize = 64 * 1024;
 /// How long either side waits for the other's next message.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,15 +57,58 @@ pub struct ListenerKey {
     pub addr: SocketAddr,
 }
 
+/// A joined same-node connection as it crosses to a successor: enough for the
+/// successor to check the two sockets are the ones joined, to authorize the
+/// connection again under its own policy, and to count its bytes from here on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinedRecord {
+    /// `SO_COOKIE` of the socket facing the client.
+    pub client_cookie: u64,
+    /// `SO_COOKIE` of the socket facing the server.
+    pub server_cookie: u64,
+    /// The client's address as the agent's listener saw it.
+    pub peer: SocketAddr,
+    /// The original destination (the server pod's address and port).
+    pub destination: SocketAddr,
+    /// The client pod's address, as the destination's policies see it.
+    pub source_ip: IpAddr,
+    /// Kernel byte counts at the handover, client to server and back: the
+    /// successor reports only what moves after.
+    pub moved_to_server: u64,
+    /// See `moved_to_server`.
+    pub moved_to_client: u64,
+}
+
+/// A joined connection in transit: its record and its two sockets.
+#[derive(Debug)]
+pub struct HandedOverJoined {
+    /// What the connection is.
+    pub record: JoinedRecord,
+    /// The socket facing the client.
+    pub client: OwnedFd,
+    /// The socket facing the server.
+    pub server: OwnedFd,
+}
+
 /// One message of the exchange.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 enum Message {
-    /// The successor asks for the listeners.
-    Hello { version: String },
+    /// The successor asks for the listeners; `adopts_joined` says it can take
+    /// joined connections (a successor without it never gets any).
+    Hello {
+        version: String,
+        #[serde(default)]
+        adopts_joined: bool,
+    },
     /// A batch of listeners; their fds ride along in the same order.
     Listeners { keys: Vec<ListenerKey>, last: bool },
     /// The successor serves every pod: the predecessor stops accepting.
     Serving,
+    /// A batch of joined connections; client and server fds ride along, in pairs.
+    Joined {
+        records: Vec<JoinedRecord>,
+        last: bool,
+    },
     /// The predecessor no longer accepts; it drains and exits.
     Draining,
 }
@@ -210,6 +260,7 @@ pub fn request(path: &Path) -> Result<Option<(Predecessor, Inherited)>, HandoffE
         &socket,
         &Message::Hello {
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            adopts_joined: true,
         },
         &[],
     )
@@ -249,19 +300,46 @@ pub fn request(path: &Path) -> Result<Option<(Predecessor, Inherited)>, HandoffE
 
 impl Predecessor {
     /// Tells the predecessor this agent serves every pod, and waits until it has
-    /// stopped accepting.
-    pub fn serving(self) -> Result<(), HandoffError> {
+    /// stopped accepting; returns the joined connections it handed over, which
+    /// this agent must now watch (nobody else does).
+    pub fn serving(self) -> Result<Vec<HandedOverJoined>, HandoffError> {
         let io_err = |source| HandoffError::Io {
             path: self.path.clone(),
             source,
         };
+        let protocol = |got: String| HandoffError::Protocol {
+            path: self.path.clone(),
+            got,
+        };
         send(&self.socket, &Message::Serving, &[]).map_err(io_err)?;
-        match recv(&self.socket).map_err(io_err)? {
-            (Message::Draining, _) => Ok(()),
-            (other, _) => Err(HandoffError::Protocol {
-                path: self.path.clone(),
-                got: format!("{other:?}"),
-            }),
+        let mut joined = Vec::new();
+        loop {
+            match recv(&self.socket).map_err(io_err)? {
+                (Message::Draining, _) => return Ok(joined),
+                (Message::Joined { records, last }, fds) => {
+                    if fds.len() != 2 * records.len() {
+                        return Err(protocol(format!(
+                            "{} joined connections with {} fds",
+                            records.len(),
+                            fds.len()
+                        )));
+                    }
+                    let mut fds = fds.into_iter();
+                    for record in records {
+                        let (Some(client), Some(server)) = (fds.next(), fds.next()) else {
+                            unreachable!("two fds per record, checked above");
+                        };
+                        joined.push(HandedOverJoined {
+                            record,
+                            client,
+                            server,
+                        });
+                    }
+                    // `last` only marks the end of the batches; Draining ends the exchange.
+                    let _ = last;
+                }
+                (other, _) => return Err(protocol(format!("{other:?}"))),
+            }
         }
     }
 }
@@ -274,6 +352,15 @@ pub trait Handover: Send + Sync {
     fn resume(&self);
     /// The successor serves: stop accepting and start draining.
     fn retire(&self);
+    /// Stops watching every joined connection that can cross over and returns
+    /// them; the kernel keeps carrying their bytes meanwhile.
+    fn hand_over_joined(&self) -> Vec<HandedOverJoined> {
+        Vec::new()
+    }
+    /// Watches joined connections again: the ones a successor could not take.
+    fn adopt_joined(&self, joined: Vec<HandedOverJoined>) {
+        drop(joined);
+    }
 }
 
 /// The serving side: listens on `path` (replacing a stale socket file) for one
@@ -327,14 +414,21 @@ pub fn serve(listener: OwnedFd, path: PathBuf, handover: &dyn Handover) {
 
 fn hand_over(conn: &OwnedFd, handover: &dyn Handover) -> io::Result<usize> {
     set_timeouts(conn)?;
-    match recv(conn)? {
-        (Message::Hello { version }, _) => {
-            tracing::info!(successor_version = %version, "a successor asks for the listeners; config changes wait for it")
+    let adopts_joined = match recv(conn)? {
+        (
+            Message::Hello {
+                version,
+                adopts_joined,
+            },
+            _,
+        ) => {
+            tracing::info!(successor_version = %version, "a successor asks for the listeners; config changes wait for it");
+            adopts_joined
         }
         (other, _) => {
             return Err(io::Error::other(format!("expected Hello, got {other:?}")));
         }
-    }
+    };
     let offered = handover.offer();
     let total = offered.len();
     let mut batches = offered.chunks(FDS_PER_MESSAGE).peekable();
@@ -362,8 +456,39 @@ fn hand_over(conn: &OwnedFd, handover: &dyn Handover) -> io::Result<usize> {
         }
     }
     handover.retire();
+    if adopts_joined {
+        let joined = handover.hand_over_joined();
+        if !joined.is_empty() {
+            let count = joined.len();
+            if let Err(e) = send_joined(conn, &joined) {
+                // The successor may or may not hold them now; this agent keeps
+                // watching its copies, so none is left unwatched.
+                tracing::error!(count, error = %e, "handing joined connections to the successor failed; this agent keeps them");
+                handover.adopt_joined(joined);
+                return Err(e);
+            }
+            tracing::info!(
+                count,
+                "handed joined same-node connections to the successor"
+            );
+        }
+    }
     send(conn, &Message::Draining, &[])?;
     Ok(total)
+}
+
+fn send_joined(conn: &OwnedFd, joined: &[HandedOverJoined]) -> io::Result<()> {
+    let mut batches = joined.chunks(JOINED_PER_MESSAGE).peekable();
+    while let Some(batch) = batches.next() {
+        let records = batch.iter().map(|j| j.record.clone()).collect();
+        let fds: Vec<RawFd> = batch
+            .iter()
+            .flat_map(|j| [j.client.as_raw_fd(), j.server.as_raw_fd()])
+            .collect();
+        let last = batches.peek().is_none();
+        send(conn, &Message::Joined { records, last }, &fds)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -375,6 +500,18 @@ mod tests {
         listeners: Vec<std::net::TcpListener>,
         resumed: AtomicUsize,
         retired: AtomicUsize,
+        joined: Mutex<Vec<HandedOverJoined>>,
+    }
+
+    impl Fake {
+        fn new(listeners: Vec<std::net::TcpListener>) -> Self {
+            Fake {
+                listeners,
+                resumed: AtomicUsize::new(0),
+                retired: AtomicUsize::new(0),
+                joined: Mutex::default(),
+            }
+        }
     }
 
     impl Handover for Fake {
@@ -398,6 +535,69 @@ mod tests {
         fn retire(&self) {
             self.retired.fetch_add(1, Ordering::SeqCst);
         }
+        fn hand_over_joined(&self) -> Vec<HandedOverJoined> {
+            std::mem::take(&mut *self.joined.lock().unwrap())
+        }
+    }
+
+    fn record(i: u64) -> JoinedRecord {
+        JoinedRecord {
+            client_cookie: 2 * i,
+            server_cookie: 2 * i + 1,
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            destination: "10.0.0.2:80".parse().unwrap(),
+            source_ip: "10.0.0.1".parse().unwrap(),
+            moved_to_server: i,
+            moved_to_client: 0,
+        }
+    }
+
+    /// More joined connections than fit one message cross over after Serving,
+    /// each record with its own two sockets, still connected to their peers.
+    #[test]
+    fn joined_connections_cross_over_with_their_sockets() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("handoff.sock");
+        let fake = std::sync::Arc::new(Fake::new(Vec::new()));
+        let mut kept = Vec::new();
+        for i in 0..150 {
+            let (client, client_peer) = UnixStream::pair().unwrap();
+            let (server, server_peer) = UnixStream::pair().unwrap();
+            kept.push((client_peer, server_peer));
+            fake.joined.lock().unwrap().push(HandedOverJoined {
+                record: record(i),
+                client: client.into(),
+                server: server.into(),
+            });
+        }
+        let listener = listen(&path).unwrap();
+        let server = {
+            let fake = fake.clone();
+            let path = path.clone();
+            std::thread::spawn(move || serve(listener, path, fake.as_ref()))
+        };
+        let (predecessor, _) = request(&path).unwrap().unwrap();
+        let joined = predecessor.serving().unwrap();
+        server.join().unwrap();
+        assert_eq!(joined.len(), 150);
+        for (i, (handed, (client_peer, server_peer))) in
+            joined.into_iter().zip(&mut kept).enumerate()
+        {
+            assert_eq!(handed.record, record(i as u64));
+            client_peer.write_all(b"c").unwrap();
+            server_peer.write_all(b"s").unwrap();
+            let mut byte = [0u8; 1];
+            UnixStream::from(handed.client)
+                .read_exact(&mut byte)
+                .unwrap();
+            assert_eq!(&byte, b"c");
+            UnixStream::from(handed.server)
+                .read_exact(&mut byte)
+                .unwrap();
+            assert_eq!(&byte, b"s");
+        }
     }
 
     /// More listeners than fit one message cross over, each still the same
@@ -406,13 +606,11 @@ mod tests {
     fn listeners_cross_over_in_batches_and_stay_the_same_sockets() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("handoff.sock");
-        let fake = std::sync::Arc::new(Fake {
-            listeners: (0..250)
+        let fake = std::sync::Arc::new(Fake::new(
+            (0..250)
                 .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
                 .collect(),
-            resumed: AtomicUsize::new(0),
-            retired: AtomicUsize::new(0),
-        });
+        ));
         let listener = listen(&path).unwrap();
         let server = {
             let fake = fake.clone();
@@ -440,11 +638,9 @@ mod tests {
     fn a_successor_that_goes_away_leaves_the_predecessor_serving() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("handoff.sock");
-        let fake = std::sync::Arc::new(Fake {
-            listeners: vec![std::net::TcpListener::bind("127.0.0.1:0").unwrap()],
-            resumed: AtomicUsize::new(0),
-            retired: AtomicUsize::new(0),
-        });
+        let fake = std::sync::Arc::new(Fake::new(vec![
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        ]));
         let listener = listen(&path).unwrap();
         let server = {
             let fake = fake.clone();

@@ -603,13 +603,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut source = source;
     wait_ready(&agent, &mut source).await?;
     if let Some(predecessor) = predecessor {
-        tokio::task::spawn_blocking(move || predecessor.serving())
+        let joined = tokio::task::spawn_blocking(move || predecessor.serving())
             .await?
             .context("telling the previous agent to stop accepting")?;
         let unused = agent.release_inherited();
         agent.take_over_capture();
+        let joined_count = joined.len();
+        agent.adopt_joined_connections(joined);
         tracing::info!(
             unused,
+            joined = joined_count,
             "the previous agent stopped accepting; this one serves every pod"
         );
     }

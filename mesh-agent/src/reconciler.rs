@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::ConnectionTable;
-use crate::handoff::{Handover, Inherited, ListenerKey};
+use crate::handoff::{HandedOverJoined, Handover, Inherited, ListenerKey};
 use crate::identity::manager::CertView;
 use crate::identity::node::{IdentitySettings, IdentityState};
 use crate::metrics::Metrics;
@@ -315,6 +315,15 @@ impl Agent {
             e.cancel.cancel();
         }
         self.drain.cancel();
+    }
+
+    /// Watches joined same-node connections a predecessor handed over (each
+    /// is checked and authorized again first; see [`crate::proxy::same_node::adopt`]).
+    pub fn adopt_joined_connections(&self, joined: Vec<HandedOverJoined>) {
+        for handed in joined {
+            self.runtime
+                .spawn(crate::proxy::same_node::adopt(self.local.clone(), handed));
+        }
     }
 
     /// Whether the agent has retired.
@@ -888,6 +897,17 @@ impl Handover for Agent {
 
     fn retire(&self) {
         self.runtime.block_on(Agent::retire(self));
+    }
+
+    fn hand_over_joined(&self) -> Vec<HandedOverJoined> {
+        // Each joined connection's task answers at once unless it is passing on
+        // a half-close; those finish here.
+        self.runtime
+            .block_on(self.local.hand_over_joined(Duration::from_secs(1)))
+    }
+
+    fn adopt_joined(&self, joined: Vec<HandedOverJoined>) {
+        self.adopt_joined_connections(joined);
     }
 }
 

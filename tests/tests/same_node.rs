@@ -22,10 +22,12 @@ const RUN: Duration = Duration::from_secs(120);
 struct SameNode {
     tools: Tools,
     agent: Agent,
+    /// The agent's arguments, for a successor.
+    args: Vec<String>,
     a: Pod,
     b: Pod,
     _servers: Vec<Process>,
-    _node: Node,
+    node: Node,
     _ca: MeshCa,
 }
 
@@ -54,10 +56,11 @@ impl SameNode {
         SameNode {
             tools,
             agent,
+            args: agent_args.iter().map(|a| a.to_string()).collect(),
             a,
             b,
             _servers: servers,
-            _node: node,
+            node,
             _ca: ca,
         }
     }
@@ -451,4 +454,122 @@ fn the_fast_path_can_be_turned_off() {
     mesh.assert_all_closed();
     assert_eq!(mesh.metric("nodemesh_spliced_connections_total", &[]), 0.0);
     assert!(mesh.metric("nodemesh_tunnel_connections_total", &[]) > 0.0);
+}
+
+/// Acceptance: a joined connection has no user-space state but its two
+/// sockets, so an upgrade hands them to the new agent with the listeners. A
+/// client streams through a joined connection to an echo server for several
+/// seconds; meanwhile a successor starts, the old agent hands the connection
+/// over and exits at once (nothing of its own left to drain, although its
+/// drain timeout is 1 s), and the stream goes on well past that, byte-exact.
+/// The successor lists the connection as carried by the kernel, counts it on
+/// close with the bytes moved on its watch, and leaves no map entry behind.
+#[test]
+fn a_joined_connection_survives_an_upgrade_past_the_drain_timeout() {
+    const SERVER: &str = r#"
+import hashlib, json, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+host, port = sys.argv[1].rsplit(":", 1); srv.bind((host, int(port))); srv.listen(1)
+print("listening", flush=True)
+conn, _ = srv.accept()
+h, n = hashlib.sha256(), 0
+while True:
+    chunk = conn.recv(65536)
+    if not chunk:
+        break
+    h.update(chunk); n += len(chunk)
+    conn.sendall(chunk)
+conn.shutdown(socket.SHUT_WR)
+print(json.dumps({"received": n, "sha256": h.hexdigest()}))
+conn.close()
+"#;
+    // Sends 1 MiB every 100 ms for 6 s and reads the echo on a thread; prints
+    // "joined" after the first echoed MiB so the test knows it is established.
+    const CLIENT: &str = r#"
+import hashlib, json, socket, sys, threading, time
+host, port = sys.argv[1].rsplit(":", 1)
+c = socket.create_connection((host, int(port)))
+got = {"n": 0, "h": hashlib.sha256(), "first": threading.Event()}
+def read():
+    while True:
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        got["h"].update(chunk); got["n"] += len(chunk)
+        if got["n"] >= 1 << 20:
+            got["first"].set()
+reader = threading.Thread(target=read); reader.start()
+sent = hashlib.sha256(); total = 0
+for i in range(60):
+    chunk = bytes(((i * 31 + j) % 251) for j in range(1 << 20))
+    c.sendall(chunk); sent.update(chunk); total += len(chunk)
+    if i == 0:
+        got["first"].wait(10); print("joined", flush=True)
+    time.sleep(0.1)
+c.shutdown(socket.SHUT_WR)
+reader.join()
+print(json.dumps({"sent": total, "sent_sha256": sent.hexdigest(), "received": got["n"], "received_sha256": got["h"].hexdigest()}))
+"#;
+    const TOTAL: u64 = 60 << 20;
+    let mut mesh = SameNode::new(&["--drain-timeout", "1s"]);
+    let addr = mesh.b.addr(PY_PORT).to_string();
+    let mut server = mesh.python(&mesh.b, SERVER, &addr, "server");
+    server.wait_line(Duration::from_secs(10)).unwrap();
+    let mut client = mesh.python(&mesh.a, CLIENT, &addr, "client");
+    assert_eq!(client.wait_line(Duration::from_secs(20)).unwrap(), "joined");
+    assert_eq!(mesh.joined(), 2, "{:?}", mesh.agent.connections().unwrap());
+
+    let argv: Vec<&str> = mesh.args.iter().map(String::as_str).collect();
+    let successor = mesh
+        .agent
+        .start_successor(&mesh.tools, &mesh.node, &argv)
+        .unwrap();
+    mesh.agent.log_line("joined connection handed over", |l| {
+        l.contains("handed joined same-node connections to the successor")
+    });
+    let status = mesh
+        .agent
+        .wait_exit(Duration::from_secs(10))
+        .expect("the old agent exits: it has nothing left to drain");
+    assert!(status.success(), "{status}");
+    assert!(
+        mesh.agent.log().contains("no connections left"),
+        "{}",
+        mesh.agent.log()
+    );
+    drop(std::mem::replace(&mut mesh.agent, successor));
+    // The successor watches the connection now; the old agent is gone.
+    wait_until("the successor lists it", Duration::from_secs(5), || {
+        Ok(mesh.joined() == 2)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", mesh.agent.connections().unwrap()));
+
+    let client: serde_json::Value =
+        serde_json::from_str(client.wait(RUN).unwrap().stdout.lines().last().unwrap()).unwrap();
+    let server: serde_json::Value =
+        serde_json::from_str(server.wait(RUN).unwrap().stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(client["sent"], TOTAL, "{client}");
+    assert_eq!(client["received"], TOTAL, "{client}");
+    assert_eq!(client["received_sha256"], client["sent_sha256"], "{client}");
+    assert_eq!(server["received"], TOTAL, "{server}");
+    assert_eq!(server["sha256"], client["sent_sha256"], "{server}");
+    mesh.assert_all_closed();
+    for reporter in ["source", "destination"] {
+        let labels = [
+            ("reporter", reporter),
+            ("source_workload", "a"),
+            ("destination_workload", "b"),
+        ];
+        assert_eq!(
+            mesh.metric("istio_tcp_connections_closed_total", &labels),
+            1.0,
+            "{reporter}"
+        );
+        // The successor counts what moved on its watch: most, not all.
+        let received = mesh.metric("istio_tcp_received_bytes_total", &labels);
+        assert!(
+            received > 0.0 && received < TOTAL as f64,
+            "{reporter}: {received}"
+        );
+    }
 }

@@ -43,6 +43,14 @@ pub enum SpliceError {
         /// What the kernel said.
         source: MapError,
     },
+    /// Handed-over sockets whose peer entries do not name each other.
+    #[error("sockets {client} and {server} are not a joined pair")]
+    NotJoined {
+        /// Cookie of the socket said to face the client.
+        client: u64,
+        /// Cookie of the socket said to face the server.
+        server: u64,
+    },
 }
 
 impl SpliceError {
@@ -79,6 +87,9 @@ pub struct Joined {
     pub client: u64,
     /// Cookie of the socket facing the server.
     pub server: u64,
+    /// Whether dropping it removes the peer entries: not once handed to a
+    /// successor agent, which then owns them.
+    owns_entries: bool,
 }
 
 /// Bytes the kernel moved for one joined connection.
@@ -193,6 +204,7 @@ impl Splice {
             to_server_spliced: false,
             to_client_spliced: false,
             refusals: Vec::new(),
+            owns_entries: true,
         };
         {
             let mut targets = self.targets.lock().expect("splice map lock");
@@ -246,6 +258,26 @@ impl Splice {
             })
             .collect();
         Ok(joined)
+    }
+
+    /// Takes over a join another agent made (its sockets were handed over):
+    /// the peer entries must name each other, else the two sockets are not the
+    /// joined pair the record claims.
+    pub fn adopt(self: &Arc<Self>, client: u64, server: u64) -> Result<Joined, SpliceError> {
+        let peers = self.peers.lock().expect("splice map lock");
+        let peer_of = |cookie: u64| peers.get(&cookie, 0).ok().map(|p| p.peer_cookie);
+        if peer_of(client) != Some(server) || peer_of(server) != Some(client) {
+            return Err(SpliceError::NotJoined { client, server });
+        }
+        Ok(Joined {
+            splice: self.clone(),
+            client,
+            server,
+            to_server_spliced: true,
+            to_client_spliced: true,
+            refusals: Vec::new(),
+            owns_entries: true,
+        })
     }
 
     fn leave_targets(&self, c: u64, s: u64) {
@@ -305,8 +337,18 @@ impl Joined {
     }
 }
 
+impl Joined {
+    /// Leaves the peer entries in place on drop: a successor agent owns them now.
+    pub fn hand_over(mut self) {
+        self.owns_entries = false;
+    }
+}
+
 impl Drop for Joined {
     fn drop(&mut self) {
+        if !self.owns_entries {
+            return;
+        }
         let mut peers = self.splice.peers.lock().expect("splice map lock");
         let _ = peers.remove(&self.client);
         let _ = peers.remove(&self.server);

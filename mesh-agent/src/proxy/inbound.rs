@@ -123,6 +123,28 @@ pub async fn admit(
     peer: SocketAddr,
     destination: SocketAddr,
 ) -> Result<(ConnectionGuard, CancellationToken, TcpStream), Refusal> {
+    let (mut guard, cancel) = authorize(ctx, source_workload, source, peer, destination)?;
+    match connect_in_pod(&ctx.workload, destination).await {
+        Ok(app) => Ok((guard, cancel, app)),
+        Err(e) => {
+            guard.fail("UF");
+            tracing::warn!(%destination, error = %e, "delivery to the application failed");
+            Err(Refusal::Undeliverable)
+        }
+    }
+}
+
+/// The policy half of [`admit`], for a connection whose application socket
+/// already exists (a joined connection handed over by a predecessor agent):
+/// the connection is counted, checked against the policies in force now, and
+/// registered for revocation.
+pub fn authorize(
+    ctx: &InboundContext,
+    source_workload: Option<Arc<WorkloadMeta>>,
+    source: Option<Identity>,
+    peer: SocketAddr,
+    destination: SocketAddr,
+) -> Result<(ConnectionGuard, CancellationToken), Refusal> {
     let w = &ctx.workload;
     let local = w.meta.read().expect("meta lock").clone();
     let peers = Peers {
@@ -154,12 +176,5 @@ pub async fn admit(
     // Registered before dialling, so a policy change meanwhile still revokes it.
     let cancel = CancellationToken::new();
     guard.authorized(attrs, cancel.clone());
-    match connect_in_pod(w, destination).await {
-        Ok(app) => Ok((guard, cancel, app)),
-        Err(e) => {
-            guard.fail("UF");
-            tracing::warn!(%destination, error = %e, "delivery to the application failed");
-            Err(Refusal::Undeliverable)
-        }
-    }
+    Ok((guard, cancel))
 }

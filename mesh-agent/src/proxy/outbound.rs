@@ -118,7 +118,16 @@ async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<PodL7
     if same_node::eligible(ctx.local.enabled(), &transport, served_here.is_some())
         && let Some(dest) = served_here
     {
-        same_node::serve(client, peer, route.destination, source, &ctx.pod, dest).await;
+        same_node::serve(
+            client,
+            peer,
+            route.destination,
+            source,
+            &ctx.pod,
+            dest,
+            &ctx.local,
+        )
+        .await;
         return;
     }
     let mut peers = Peers::outbound(source.clone(), destination_workload);

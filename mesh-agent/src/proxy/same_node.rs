@@ -12,19 +12,29 @@
 //! it has been queued on the other socket, a reset resets the other side, and a
 //! policy change that revokes the connection resets both. If the sockets cannot
 //! be joined (a full map, say), the connection is relayed in user space instead.
+//!
+//! A joined connection has no user-space state but its two sockets, so on an
+//! upgrade it crosses to the successor agent with the listeners
+//! ([`crate::handoff`]): the predecessor's task stops watching it, the sockets
+//! travel as fds, and the successor checks they are the joined pair, authorizes
+//! the connection again under its own policies and watches it from then on.
+//! The kernel carries its bytes throughout, so it outlives the drain timeout.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock, Weak};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::{CarriedBy, ConnectionGuard, Peers};
-use crate::node::splice::{Joined, kick};
-use crate::proxy::inbound::{InboundContext, Refusal, admit};
+use crate::handoff::{HandedOverJoined, JoinedRecord};
+use crate::node::splice::{Joined, SplicedBytes, kick, socket_cookie};
+use crate::proxy::inbound::{InboundContext, Refusal, admit, authorize};
 use crate::proxy::pod::{PodContext, Transport, reset};
 use crate::proxy::relay::{relay, shutdown_write, write_all};
 use crate::state::workload::WorkloadMeta;
@@ -34,6 +44,14 @@ use crate::state::workload::WorkloadMeta;
 pub struct LocalDestinations {
     enabled: bool,
     by_ip: RwLock<HashMap<IpAddr, Weak<InboundContext>>>,
+    /// Joined connections that can cross to a successor, by client cookie.
+    handovers: Mutex<HashMap<u64, HandoverSlot>>,
+}
+
+/// How the agent asks a joined connection's task to hand it over, and gets it.
+struct HandoverSlot {
+    request: CancellationToken,
+    reply: oneshot::Receiver<HandedOverJoined>,
 }
 
 /// A pod's entries in [`LocalDestinations`]; removed on drop.
@@ -49,6 +67,7 @@ impl LocalDestinations {
         LocalDestinations {
             enabled,
             by_ip: RwLock::default(),
+            handovers: Mutex::default(),
         }
     }
 
@@ -73,6 +92,47 @@ impl LocalDestinations {
             ips: ips.to_vec(),
             ctx: weak,
         }
+    }
+
+    /// Stops watching every joined connection that can cross to a successor
+    /// and returns them (those whose task does not answer within `wait` stay).
+    pub async fn hand_over_joined(&self, wait: Duration) -> Vec<HandedOverJoined> {
+        let slots: Vec<HandoverSlot> = self
+            .handovers
+            .lock()
+            .expect("handover lock")
+            .drain()
+            .map(|(_, slot)| slot)
+            .collect();
+        for slot in &slots {
+            slot.request.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            // A connection that ended meanwhile drops its sender: nothing to hand over.
+            if let Ok(Ok(joined)) = tokio::time::timeout_at(deadline, slot.reply).await {
+                out.push(joined);
+            }
+        }
+        out
+    }
+
+    fn offer_handover(&self, key: u64) -> (CancellationToken, oneshot::Sender<HandedOverJoined>) {
+        let (tx, rx) = oneshot::channel();
+        let request = CancellationToken::new();
+        self.handovers.lock().expect("handover lock").insert(
+            key,
+            HandoverSlot {
+                request: request.clone(),
+                reply: rx,
+            },
+        );
+        (request, tx)
+    }
+
+    fn withdraw_handover(&self, key: u64) {
+        self.handovers.lock().expect("handover lock").remove(&key);
     }
 
     /// The destination pod served here at `ip`, if any.
@@ -132,6 +192,7 @@ pub async fn serve(
     source: Arc<WorkloadMeta>,
     ctx: &PodContext,
     dest: Arc<InboundContext>,
+    local: &Arc<LocalDestinations>,
 ) {
     let dest_meta = dest.workload.meta.read().expect("meta lock").clone();
     let mut peers = Peers::outbound(source.clone(), Some(dest_meta));
@@ -205,28 +266,282 @@ pub async fn serve(
     };
     guard.carried_by(path);
     dest_guard.carried_by(path);
-    let outcome = carry(&client, &app, &joined, &cancel).await;
-    let moved = joined.bytes();
+    let watched = Watched {
+        client,
+        app,
+        joined,
+        guard,
+        dest_guard,
+        cancel,
+        peer,
+        destination,
+        source_ip: from.ip(),
+        counted_from: SplicedBytes::default(),
+    };
+    watch(watched, local).await;
+}
+
+/// A joined connection and everything the agent keeps for it.
+struct Watched {
+    client: TcpStream,
+    app: TcpStream,
+    joined: Joined,
+    /// The source's and the destination's reports.
+    guard: ConnectionGuard,
+    dest_guard: ConnectionGuard,
+    /// Fires when a policy change revokes the connection.
+    cancel: CancellationToken,
+    peer: SocketAddr,
+    destination: SocketAddr,
+    /// The client pod's address, as the destination's policies saw it.
+    source_ip: IpAddr,
+    /// Kernel byte counts before this agent watched it (a predecessor's share).
+    counted_from: SplicedBytes,
+}
+
+/// Watches a joined connection until it ends or crosses to a successor agent,
+/// then reports its bytes.
+async fn watch(w: Watched, local: &LocalDestinations) {
+    let Watched {
+        mut client,
+        mut app,
+        joined,
+        guard,
+        dest_guard,
+        cancel,
+        peer,
+        destination,
+        source_ip,
+        counted_from,
+    } = w;
+    // Only a connection the kernel carries both ways can cross over: its
+    // agent-side state is nothing but the two sockets.
+    let whole = joined.to_server_spliced && joined.to_client_spliced;
+    let (outcome, moved) = loop {
+        let handover = whole.then(|| local.offer_handover(joined.client));
+        let outcome = carry(
+            &client,
+            &app,
+            &joined,
+            &cancel,
+            handover.as_ref().map(|(request, _)| request),
+        )
+        .await;
+        local.withdraw_handover(joined.client);
+        let moved = joined.bytes();
+        let Some((_, reply)) = handover.filter(|_| outcome.handed_over) else {
+            break (outcome, moved);
+        };
+        if reply.is_closed() {
+            // The handover gave up waiting for this one: keep watching.
+            continue;
+        }
+        let record = JoinedRecord {
+            client_cookie: joined.client,
+            server_cookie: joined.server,
+            peer,
+            destination,
+            source_ip,
+            moved_to_server: moved.to_server,
+            moved_to_client: moved.to_client,
+        };
+        let (client_fd, server_fd) = match (owned(client), owned(app)) {
+            (Ok(c), Ok(s)) => (c, s),
+            (c, s) => {
+                // Sockets this agent can no longer hold are closed: both ends see it.
+                tracing::error!(%destination, client = ?c.err(), server = ?s.err(), "a joined connection could not be handed over; closed");
+                return;
+            }
+        };
+        let handed = HandedOverJoined {
+            record,
+            client: client_fd,
+            server: server_fd,
+        };
+        match reply.send(handed) {
+            Ok(()) => {
+                // The successor owns the peer entries and reports from here.
+                account(&guard, &dest_guard, moved, counted_from, &outcome);
+                joined.hand_over();
+                return;
+            }
+            Err(handed) => match (reactor(handed.client), reactor(handed.server)) {
+                // The handover gave up meanwhile: keep watching.
+                (Ok(c), Ok(s)) => (client, app) = (c, s),
+                (c, s) => {
+                    tracing::error!(%destination, client = ?c.err(), server = ?s.err(), "a joined connection could not be watched again; closed");
+                    return;
+                }
+            },
+        }
+    };
+    account(&guard, &dest_guard, moved, counted_from, &outcome);
+    if let Some(e) = outcome.error {
+        tracing::debug!(%destination, error = %e, "joined connection ended with error");
+    }
+}
+
+/// Adds the bytes moved while this agent watched to both reports.
+fn account(
+    guard: &ConnectionGuard,
+    dest_guard: &ConnectionGuard,
+    moved: SplicedBytes,
+    counted_from: SplicedBytes,
+    outcome: &Carried,
+) {
     if outcome.relayed_to_server + outcome.relayed_to_client > 0 {
         tracing::debug!(
-            %destination,
             relayed_to_server = outcome.relayed_to_server,
             relayed_to_client = outcome.relayed_to_client,
             "the agent relayed part of a joined connection"
         );
     }
-    let (to_server, to_client) = (
-        moved.to_server + outcome.relayed_to_server,
-        moved.to_client + outcome.relayed_to_client,
-    );
-    guard.received().add(to_server as usize);
-    guard.sent().add(to_client as usize);
-    dest_guard.received().add(to_server as usize);
-    dest_guard.sent().add(to_client as usize);
-    if let Some(e) = outcome.error {
-        tracing::debug!(%destination, error = %e, "joined connection ended with error");
+    let to_server =
+        moved.to_server.saturating_sub(counted_from.to_server) + outcome.relayed_to_server;
+    let to_client =
+        moved.to_client.saturating_sub(counted_from.to_client) + outcome.relayed_to_client;
+    for g in [guard, dest_guard] {
+        g.received().add(to_server as usize);
+        g.sent().add(to_client as usize);
     }
-    drop(joined);
+}
+
+/// A plain socket back in this runtime's reactor.
+fn reactor(fd: OwnedFd) -> io::Result<TcpStream> {
+    let socket = std::net::TcpStream::from(fd);
+    socket.set_nonblocking(true)?;
+    TcpStream::from_std(socket)
+}
+
+/// A tokio socket as a plain fd, out of this runtime's reactor.
+fn owned(socket: TcpStream) -> io::Result<OwnedFd> {
+    Ok(OwnedFd::from(socket.into_std()?))
+}
+
+/// Why a handed-over joined connection was not taken; it is then reset.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// The fds are not the sockets the record names.
+    #[error("socket cookie {found} where the record says {expected}")]
+    WrongSocket {
+        /// The record's cookie.
+        expected: u64,
+        /// The fd's.
+        found: u64,
+    },
+    /// A socket call failed.
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    /// The kernel's peer entries do not name the pair.
+    #[error(transparent)]
+    NotJoined(#[from] crate::node::splice::SpliceError),
+    /// The source or destination pod is not (or no longer) served here.
+    #[error("no pod served here at {0}")]
+    UnknownPod(IpAddr),
+    /// The destination's policies in force here refuse it.
+    #[error("denied by the destination's policy")]
+    Denied,
+}
+
+/// Takes over a joined connection a predecessor agent handed over (or one
+/// this agent could not hand over): checks the two sockets are the joined pair
+/// the record names, authorizes it under the policies in force here, and
+/// watches it until it ends. One that fails a check is reset, never left
+/// unwatched.
+pub async fn adopt(local: Arc<LocalDestinations>, handed: HandedOverJoined) {
+    let HandedOverJoined {
+        record,
+        client,
+        server,
+    } = handed;
+    let destination = record.destination;
+    let sockets = (|| -> Result<(TcpStream, TcpStream), AdoptError> {
+        let mut pair = Vec::with_capacity(2);
+        for (fd, expected) in [
+            (client, record.client_cookie),
+            (server, record.server_cookie),
+        ] {
+            let found = socket_cookie(fd.as_fd())?;
+            if found != expected {
+                return Err(AdoptError::WrongSocket { expected, found });
+            }
+            pair.push(reactor(fd)?);
+        }
+        let server = pair.pop().expect("two sockets");
+        let client = pair.pop().expect("two sockets");
+        Ok((client, server))
+    })();
+    let (client, app) = match sockets {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::error!(%destination, error = %e, "a handed-over joined connection is not what it claims; closed");
+            return;
+        }
+    };
+    match take_over(&local, &record) {
+        Ok((joined, guard, dest_guard, cancel)) => {
+            let watched = Watched {
+                client,
+                app,
+                joined,
+                guard,
+                dest_guard,
+                cancel,
+                peer: record.peer,
+                destination,
+                source_ip: record.source_ip,
+                counted_from: SplicedBytes {
+                    to_server: record.moved_to_server,
+                    to_client: record.moved_to_client,
+                },
+            };
+            watch(watched, &local).await;
+        }
+        Err(e) => {
+            tracing::warn!(%destination, source = %record.source_ip, error = %e, "a handed-over joined connection was not taken; reset");
+            reset(client);
+            let _ = app.set_zero_linger();
+        }
+    }
+}
+
+/// The checks and reports of [`adopt`].
+fn take_over(
+    local: &LocalDestinations,
+    record: &JoinedRecord,
+) -> Result<(Joined, ConnectionGuard, ConnectionGuard, CancellationToken), AdoptError> {
+    let dest = local
+        .lookup(record.destination.ip())
+        .ok_or(AdoptError::UnknownPod(record.destination.ip()))?;
+    let source = local
+        .lookup(record.source_ip)
+        .ok_or(AdoptError::UnknownPod(record.source_ip))?;
+    let splice = &dest.workload.capture.splice;
+    let joined = splice.adopt(record.client_cookie, record.server_cookie)?;
+    let source_meta = source.workload.meta.read().expect("meta lock").clone();
+    let dest_meta = dest.workload.meta.read().expect("meta lock").clone();
+    let from = SocketAddr::new(record.source_ip, record.peer.port());
+    let (dest_guard, cancel) = authorize(
+        &dest,
+        Some(source_meta.clone()),
+        Some(source_meta.identity()),
+        from,
+        record.destination,
+    )
+    .map_err(|_: Refusal| AdoptError::Denied)?;
+    let mut peers = Peers::outbound(source_meta, Some(dest_meta));
+    peers.mutual_tls = true;
+    let ctx = &source.workload;
+    let guard = ConnectionGuard::open(
+        &ctx.connections,
+        &ctx.metrics,
+        peers,
+        record.peer,
+        record.destination,
+    );
+    guard.carried_by(CarriedBy::Kernel);
+    dest_guard.carried_by(CarriedBy::Kernel);
+    Ok((joined, guard, dest_guard, cancel))
 }
 
 /// How a joined connection ended, and bytes the agent carried itself (only
@@ -236,17 +551,27 @@ struct Carried {
     relayed_to_server: u64,
     relayed_to_client: u64,
     error: Option<io::Error>,
+    /// Stopped watching, both directions open, for a successor agent to go on.
+    handed_over: bool,
 }
 
-/// Watches the two joined sockets until both directions have ended.
+/// Watches the two joined sockets until both directions have ended, or until
+/// `handover` asks for the connection while both are still open.
 async fn carry(
     client: &TcpStream,
     app: &TcpStream,
     joined: &Joined,
     cancel: &CancellationToken,
+    handover: Option<&CancellationToken>,
 ) -> Carried {
-    use std::os::fd::AsFd;
     let mut out = Carried::default();
+    let handover_requested = async {
+        match handover {
+            Some(request) => request.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(handover_requested);
     // Bytes that arrived before the join are forwarded now, in order.
     let _ = kick(client.as_fd());
     let _ = kick(app.as_fd());
@@ -255,6 +580,11 @@ async fn carry(
     while client_open || app_open {
         let step = tokio::select! {
             _ = cancel.cancelled() => Err(io::Error::other("revoked by a policy change")),
+            // Only whole: a half-closed direction's pending hand-off stays here.
+            _ = &mut handover_requested, if client_open && app_open => {
+                out.handed_over = true;
+                return out;
+            }
             r = client.readable(), if client_open => {
                 ended(r, client, app, &mut buf, &mut out.relayed_to_server, Direction::ToServer).await
             }
