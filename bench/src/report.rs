@@ -188,15 +188,21 @@ impl Results {
             );
         }
         let mem = &self.memory;
+        let per_connection = match mem.per_idle_connection_bytes {
+            0 => "per idle tunnelled connection not measured in this run".to_owned(),
+            bytes => format!(
+                "{:.1} KiB per idle tunnelled connection (both agents)",
+                bytes as f64 / 1024.0
+            ),
+        };
         let _ = writeln!(
             out,
-            "\n**Node agent memory (RSS)**: {:.1} MB idle with 3 workloads, {:.1} MB peak under load, {:.1} MB idle with {} workloads after the load ({:.1} KiB per idle workload); {:.1} KiB per idle tunnelled connection (both agents).",
+            "\n**Node agent memory (RSS)**: {:.1} MB idle with 3 workloads, {:.1} MB peak under load, {:.1} MB idle with {} workloads after the load ({:.1} KiB per idle workload); {per_connection}.",
             mem.idle_kib as f64 / 1024.0,
             mem.peak_under_load_kib as f64 / 1024.0,
             mem.with_workloads_kib as f64 / 1024.0,
             mem.workloads,
             mem.per_idle_workload_bytes as f64 / 1024.0,
-            mem.per_idle_connection_bytes as f64 / 1024.0,
         );
         out
     }
