@@ -361,6 +361,10 @@ pub trait Handover: Send + Sync {
     fn adopt_joined(&self, joined: Vec<HandedOverJoined>) {
         drop(joined);
     }
+    /// An exchange with a successor ended (either way): an agent that retired
+    /// in it may exit now, and not before, or joined connections in transit
+    /// would close with it.
+    fn exchange_ended(&self) {}
 }
 
 /// The serving side: listens on `path` (replacing a stale socket file) for one
@@ -402,11 +406,13 @@ pub fn serve(listener: OwnedFd, path: PathBuf, handover: &dyn Handover) {
                     listeners,
                     "handed over to a successor; draining established connections"
                 );
+                handover.exchange_ended();
                 return;
             }
             Err(e) => {
                 handover.resume();
                 tracing::warn!(error = %e, "handoff to a successor failed; this agent keeps serving");
+                handover.exchange_ended();
             }
         }
     }

@@ -631,6 +631,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         agent.retire().await;
     }
     drain_connections(&agent, args.drain_timeout).await;
+    // Joined connections handed to a successor may still be in transit.
+    agent.exchange_ended(Duration::from_secs(30)).await;
     match agent.capture.on_agent_down() {
         AgentDown::Closed => tracing::info!(
             "exiting; capture stays pinned: meshed pods are refused until an agent serves them"

@@ -186,6 +186,8 @@ pub struct Agent {
     /// Another build's links are taken over only after the predecessor stopped
     /// accepting, not at the first apply.
     hold_takeover: AtomicBool,
+    /// Whether an exchange with a successor is under way ([`Handover`]).
+    exchanging: tokio::sync::watch::Sender<bool>,
     /// The admin endpoint's listener, handed to a successor.
     admin_listener: std::sync::Mutex<Option<(ListenerKey, OwnedFd)>>,
     /// Fires when this agent hands over or stops: listeners stop accepting and
@@ -267,6 +269,7 @@ impl Agent {
             inherited: Inherited::default(),
             hold_takeover: AtomicBool::new(false),
             admin_listener: std::sync::Mutex::new(None),
+            exchanging: tokio::sync::watch::Sender::new(false),
             drain: CancellationToken::new(),
             runtime: tokio::runtime::Handle::current(),
         }
@@ -323,6 +326,20 @@ impl Agent {
         for handed in joined {
             self.runtime
                 .spawn(crate::proxy::same_node::adopt(self.local.clone(), handed));
+        }
+    }
+
+    /// Waits (up to `timeout`) until no exchange with a successor is under
+    /// way: a retired agent exits only after its last message, so nothing in
+    /// transit (joined connections) closes with it.
+    pub async fn exchange_ended(&self, timeout: Duration) {
+        let mut exchanging = self.exchanging.subscribe();
+        let ended = exchanging.wait_for(|busy| !busy);
+        if tokio::time::timeout(timeout, ended).await.is_err() {
+            tracing::warn!(
+                ?timeout,
+                "the exchange with a successor did not end; exiting anyway"
+            );
         }
     }
 
@@ -860,6 +877,7 @@ impl Agent {
 
 impl Handover for Agent {
     fn offer(&self) -> Vec<(ListenerKey, OwnedFd)> {
+        self.exchanging.send_replace(true);
         // Under the state lock: an apply in progress finishes first, and none starts.
         let mut state = self.runtime.block_on(self.state.lock());
         state.frozen = true;
@@ -908,6 +926,10 @@ impl Handover for Agent {
 
     fn adopt_joined(&self, joined: Vec<HandedOverJoined>) {
         self.adopt_joined_connections(joined);
+    }
+
+    fn exchange_ended(&self) {
+        self.exchanging.send_replace(false);
     }
 }
 
