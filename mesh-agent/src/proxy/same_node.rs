@@ -277,6 +277,7 @@ pub async fn serve(
         destination,
         source_ip: from.ip(),
         counted_from: SplicedBytes::default(),
+        adopted: false,
     };
     watch(watched, local).await;
 }
@@ -297,6 +298,8 @@ struct Watched {
     source_ip: IpAddr,
     /// Kernel byte counts before this agent watched it (a predecessor's share).
     counted_from: SplicedBytes,
+    /// Handed over by a predecessor agent, not joined by this one.
+    adopted: bool,
 }
 
 /// Watches a joined connection until it ends or crosses to a successor agent,
@@ -313,10 +316,14 @@ async fn watch(w: Watched, local: &LocalDestinations) {
         destination,
         source_ip,
         counted_from,
+        adopted,
     } = w;
     // Only a connection the kernel carries both ways can cross over: its
     // agent-side state is nothing but the two sockets.
     let whole = joined.to_server_spliced && joined.to_client_spliced;
+    // Only a join this agent just made can have bytes waiting from before it;
+    // a connection adopted from a predecessor was joined all along.
+    let mut kick_first = !adopted;
     let (outcome, moved) = loop {
         let handover = whole.then(|| local.offer_handover(joined.client));
         let outcome = carry(
@@ -325,6 +332,7 @@ async fn watch(w: Watched, local: &LocalDestinations) {
             &joined,
             &cancel,
             handover.as_ref().map(|(request, _)| request),
+            std::mem::take(&mut kick_first),
         )
         .await;
         local.withdraw_handover(joined.client);
@@ -494,6 +502,7 @@ pub async fn adopt(local: Arc<LocalDestinations>, handed: HandedOverJoined) {
                     to_server: record.moved_to_server,
                     to_client: record.moved_to_client,
                 },
+                adopted: true,
             };
             watch(watched, &local).await;
         }
@@ -563,6 +572,7 @@ async fn carry(
     joined: &Joined,
     cancel: &CancellationToken,
     handover: Option<&CancellationToken>,
+    kick_first: bool,
 ) -> Carried {
     let mut out = Carried::default();
     let handover_requested = async {
@@ -572,9 +582,11 @@ async fn carry(
         }
     };
     tokio::pin!(handover_requested);
-    // Bytes that arrived before the join are forwarded now, in order.
-    let _ = kick(client.as_fd());
-    let _ = kick(app.as_fd());
+    if kick_first {
+        // Bytes that arrived before the join are forwarded now, in order.
+        let _ = kick(client.as_fd());
+        let _ = kick(app.as_fd());
+    }
     let (mut client_open, mut app_open) = (true, true);
     let mut buf = Vec::new();
     while client_open || app_open {
@@ -619,6 +631,12 @@ async fn carry(
             }
         };
         let (to, expected, whose, receiver) = ended;
+        let from = if std::ptr::eq(to, app) { client } else { app };
+        if let Err(e) = check_forwarded(from, expected) {
+            tracing::error!(error = %e, "a joined connection's stream was corrupted in the kernel");
+            out.error = Some(e);
+            break;
+        }
         if let Err(e) = half_close(to, expected, cancel).await {
             let context = format!("passing the {whose} half-close to the {receiver}: {e}");
             out.error = Some(io::Error::new(e.kind(), context));
@@ -683,9 +701,9 @@ async fn on_readable(
     }
 }
 
-/// Bytes `socket` has taken to send so far: transmitted once, plus not yet
-/// sent. Read in one `TCP_INFO` call, under the socket's lock, so consistent.
-fn queued_for_send(socket: &TcpStream) -> io::Result<u64> {
+/// The socket's `TCP_INFO`, read in one call under the socket's lock, so its
+/// counters are consistent with each other.
+fn tcp_info(socket: &TcpStream) -> io::Result<libc::tcp_info> {
     use std::os::fd::AsRawFd;
     // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -703,7 +721,33 @@ fn queued_for_send(socket: &TcpStream) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+/// Bytes `socket` has taken to send so far: transmitted once, plus not yet sent.
+fn queued_for_send(socket: &TcpStream) -> io::Result<u64> {
+    let info = tcp_info(socket)?;
     Ok(info.tcpi_bytes_sent - info.tcpi_bytes_retrans + u64::from(info.tcpi_notsent_bytes))
+}
+
+/// Checks, once a direction has ended, that the bytes passed on from `from`
+/// (by the kernel and by the agent) are exactly the bytes TCP accepted on it.
+/// More means the kernel forwarded a segment twice: a retransmitted segment
+/// that overlaps bytes already received is queued whole, and the sockmap
+/// verdict's reader (`tcp_read_skb`) ignores the overlap. The stream is then
+/// corrupt, and the caller resets both ends rather than let the receiver see
+/// a clean end of a stream with bytes repeated in it.
+fn check_forwarded(from: &TcpStream, forwarded: u64) -> io::Result<()> {
+    let received = tcp_info(from)?.tcpi_bytes_received;
+    if forwarded > received {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the kernel forwarded {forwarded} bytes but TCP received {received}: a retransmitted segment overlapping delivered bytes was forwarded whole; both ends reset"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Passes a half-close on to `to` once it has queued every byte that came
