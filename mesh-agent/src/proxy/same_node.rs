@@ -589,9 +589,16 @@ async fn carry(
     }
     let (mut client_open, mut app_open) = (true, true);
     let mut buf = Vec::new();
+    let mut audit =
+        tokio::time::interval_at(tokio::time::Instant::now() + AUDIT_EVERY, AUDIT_EVERY);
+    audit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut audited = SplicedBytes::default();
     while client_open || app_open {
         let step = tokio::select! {
             _ = cancel.cancelled() => Err(io::Error::other("revoked by a policy change")),
+            _ = audit.tick() => {
+                audit_forwarded(client, app, joined, &out, &mut audited).map(|()| None)
+            }
             // Only whole: a half-closed direction's pending hand-off stays here.
             _ = &mut handover_requested, if client_open && app_open => {
                 out.handed_over = true;
@@ -604,39 +611,32 @@ async fn carry(
                 ended(r, app, client, &mut buf, &mut out.relayed_to_client, Direction::ToClient).await
             }
         };
-        // A direction that ended: which socket to half-close, having queued how much.
+        // A direction that ended: which socket to half-close, having queued
+        // how much, checked against what TCP accepted on the other one.
         let ended = match step {
             Ok(None) => continue,
             Ok(Some(Direction::ToServer)) => {
                 client_open = false;
-                (
-                    app,
-                    joined.bytes().to_server + out.relayed_to_server,
-                    "client's",
-                    "server",
-                )
+                let forwarded = joined.bytes().to_server + out.relayed_to_server;
+                check_forwarded(client, forwarded).map(|()| (app, forwarded, "client's", "server"))
             }
             Ok(Some(Direction::ToClient)) => {
                 app_open = false;
-                (
-                    client,
-                    joined.bytes().to_client + out.relayed_to_client,
-                    "server's",
-                    "client",
-                )
+                let forwarded = joined.bytes().to_client + out.relayed_to_client;
+                check_forwarded(app, forwarded).map(|()| (client, forwarded, "server's", "client"))
             }
+            Err(e) => Err(e),
+        };
+        let (to, expected, whose, receiver) = match ended {
+            Ok(ended) => ended,
             Err(e) => {
+                if e.kind() == io::ErrorKind::InvalidData {
+                    tracing::error!(error = %e, "a joined connection's stream was corrupted in the kernel");
+                }
                 out.error = Some(e);
                 break;
             }
         };
-        let (to, expected, whose, receiver) = ended;
-        let from = if std::ptr::eq(to, app) { client } else { app };
-        if let Err(e) = check_forwarded(from, expected) {
-            tracing::error!(error = %e, "a joined connection's stream was corrupted in the kernel");
-            out.error = Some(e);
-            break;
-        }
         if let Err(e) = half_close(to, expected, cancel).await {
             let context = format!("passing the {whose} half-close to the {receiver}: {e}");
             out.error = Some(io::Error::new(e.kind(), context));
@@ -730,9 +730,34 @@ fn queued_for_send(socket: &TcpStream) -> io::Result<u64> {
     Ok(info.tcpi_bytes_sent - info.tcpi_bytes_retrans + u64::from(info.tcpi_notsent_bytes))
 }
 
-/// Checks, once a direction has ended, that the bytes passed on from `from`
-/// (by the kernel and by the agent) are exactly the bytes TCP accepted on it.
-/// More means the kernel forwarded a segment twice: a retransmitted segment
+/// How often a joined connection that moved bytes is audited for bytes the
+/// kernel forwarded twice (see [`check_forwarded`]): a stream carried for
+/// hours is reset within this long of a repeated segment, not at its end.
+const AUDIT_EVERY: Duration = Duration::from_secs(2);
+
+/// The periodic [`check_forwarded`] of both directions, skipped while the
+/// kernel has moved nothing since the last one (an idle connection costs one
+/// map read per period).
+fn audit_forwarded(
+    client: &TcpStream,
+    app: &TcpStream,
+    joined: &Joined,
+    carried: &Carried,
+    audited: &mut SplicedBytes,
+) -> io::Result<()> {
+    // The kernel's count first, then TCP's: TCP's only grows meanwhile.
+    let moved = joined.bytes();
+    if moved == *audited {
+        return Ok(());
+    }
+    *audited = moved;
+    check_forwarded(client, moved.to_server + carried.relayed_to_server)?;
+    check_forwarded(app, moved.to_client + carried.relayed_to_client)
+}
+
+/// Checks that the bytes passed on from `from` (by the kernel and by the
+/// agent) are no more than the bytes TCP accepted on it; once a direction has
+/// ended they are exactly those. More means the kernel forwarded a segment twice: a retransmitted segment
 /// that overlaps bytes already received is queued whole, and the sockmap
 /// verdict's reader (`tcp_read_skb`) ignores the overlap. The stream is then
 /// corrupt, and the caller resets both ends rather than let the receiver see
@@ -776,6 +801,26 @@ async fn half_close(to: &TcpStream, expected: u64, cancel: &CancellationToken) -
 mod tests {
     use super::*;
     use crate::identity::Identity;
+
+    /// The audit's comparison on a real socket pair: what TCP accepted passes,
+    /// one byte more is a repeated segment.
+    #[tokio::test]
+    async fn forwarding_more_than_tcp_received_is_caught() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut receiver, _) = listener.accept().await.unwrap();
+        sender.write_all(&[7u8; 100_000]).await.unwrap();
+        let mut got = vec![0u8; 100_000];
+        receiver.read_exact(&mut got).await.unwrap();
+        check_forwarded(&receiver, 0).unwrap();
+        check_forwarded(&receiver, 100_000).unwrap();
+        let e = check_forwarded(&receiver, 100_001).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("100001"), "{e}");
+    }
 
     #[test]
     fn eligibility() {
