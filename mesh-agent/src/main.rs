@@ -246,8 +246,10 @@ struct RunArgs {
     /// Experimental: join connections between two meshed pods on this node in
     /// the kernel (sockmap): admitted as usual, then carried with no copy
     /// through the agent and no TLS, as the bytes never leave the node. Off by
-    /// default: the kernel gives such connections no flow control yet (see
-    /// docs/architecture.md); off, they are tunnelled like cross-node traffic.
+    /// default: the kernel gives such connections no flow control yet, and can
+    /// forward a retransmitted segment twice (the agent detects it and resets
+    /// the connection; see docs/architecture.md); off, they are tunnelled like
+    /// cross-node traffic.
     #[arg(long, env = "NODEMESH_SAME_NODE_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
     same_node_fast_path: bool,
     /// Cgroup to attach the programs to; default: the cgroup2 root.
