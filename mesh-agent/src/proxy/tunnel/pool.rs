@@ -99,6 +99,41 @@ pub struct TunnelPool {
     dialled: tokio::sync::Notify,
 }
 
+/// A stream's claim on one of its key's counters (`dialing` or `reserved`),
+/// given back on drop with a wake-up for the waiters. A stream is cancelled
+/// mid-dial or mid-wait whenever its client goes away first; a count kept
+/// after that would make the key wait for ever for a dial that no longer
+/// exists, and every later stream of the key above its first connection's
+/// share would hang.
+struct Held<'a> {
+    pool: &'a TunnelPool,
+    key: &'a PoolKey,
+    counter: fn(&mut Entry) -> &mut usize,
+}
+
+impl<'a> Held<'a> {
+    /// Holds a count that `pick` already took.
+    fn new(pool: &'a TunnelPool, key: &'a PoolKey, counter: fn(&mut Entry) -> &mut usize) -> Self {
+        Held { pool, key, counter }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = self
+            .pool
+            .entries
+            .lock()
+            .expect("pool lock")
+            .get_mut(self.key)
+        {
+            let count = (self.counter)(entry);
+            *count = count.saturating_sub(1);
+        }
+        self.pool.dialled.notify_waiters();
+    }
+}
+
 /// One open CONNECT stream's claim on its connection; released on drop.
 pub struct StreamLease {
     conn: Arc<Pooled>,
@@ -216,28 +251,29 @@ impl TunnelPool {
                 Pick::Use(conn) => return Ok(conn),
                 Pick::Wait => dialled.await,
                 Pick::WaitReserved => {
+                    let _reserved = Held::new(self, key, |e| &mut e.reserved);
                     dialled.await;
-                    if let Some(entry) = self.entries.lock().expect("pool lock").get_mut(key) {
-                        entry.reserved = entry.reserved.saturating_sub(1);
-                    }
                 }
                 Pick::Dial => {
+                    let dialing = Held::new(self, key, |e| &mut e.dialing);
                     let made = tokio::time::timeout(
                         self.settings.connect_timeout,
                         self.dial(key, dial, tls),
                     )
                     .await
                     .unwrap_or(Err(TunnelError::Timeout("tunnel connection setup")));
-                    let made = {
+                    let made = made.inspect(|conn| {
+                        conn.streams.fetch_add(1, Ordering::Relaxed);
                         let mut entries = self.entries.lock().expect("pool lock");
-                        let entry = entries.entry(key.clone()).or_default();
-                        entry.dialing -= 1;
-                        made.inspect(|conn| {
-                            conn.streams.fetch_add(1, Ordering::Relaxed);
-                            entry.conns.push(conn.clone());
-                        })
-                    };
-                    self.dialled.notify_waiters();
+                        entries
+                            .entry(key.clone())
+                            .or_default()
+                            .conns
+                            .push(conn.clone());
+                    });
+                    // Gives the dial slot back and wakes the waiters, who find
+                    // the new connection already listed.
+                    drop(dialing);
                     return made;
                 }
             }
@@ -403,4 +439,56 @@ fn never_processed(e: &hyper::Error) -> bool {
         source = cause.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> PoolKey {
+        PoolKey {
+            source_workload: "shop/a".into(),
+            source: Identity::new("cluster.local", "shop", "a"),
+            destination: Identity::new("cluster.local", "backend", "b"),
+            address: "127.0.0.1:15008".parse().expect("address"),
+        }
+    }
+
+    fn counts(pool: &TunnelPool, key: &PoolKey) -> (usize, usize) {
+        let entries = pool.entries.lock().expect("pool lock");
+        entries.get(key).map_or((0, 0), |e| (e.dialing, e.reserved))
+    }
+
+    /// Streams whose clients go away while their connection is being dialled
+    /// (or while they wait for it) give their claims back: the next stream
+    /// dials instead of waiting for a dial that no longer exists.
+    #[tokio::test]
+    async fn streams_cancelled_while_dialling_or_waiting_leave_no_claim() {
+        let pool = TunnelPool::new(PoolSettings::default());
+        let key = key();
+        let tls = || {
+            Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("TLS 1.3")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth())
+        };
+        // A dial that never finishes: the peer does not answer.
+        let dial = || std::future::pending::<std::io::Result<TcpStream>>();
+        let mut waiting = Vec::new();
+        for _ in 0..3 {
+            waiting.push(pool.acquire(&key, &dial, &tls));
+        }
+        let all = futures::future::join_all(waiting);
+        // The clients give up while the first dials and the others wait on it.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), all)
+                .await
+                .is_err()
+        );
+        assert_eq!(counts(&pool, &key), (0, 0));
+        assert!(matches!(pool.pick(&key), Pick::Dial));
+    }
 }
