@@ -559,8 +559,7 @@ print(json.dumps({"sent": total, "sent_sha256": sent.hexdigest(), "received": go
 
     let report = |p: Process, who: &str| -> serde_json::Value {
         let out = p.wait(RUN).unwrap();
-        let last = out.stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| {
+        out.report().unwrap_or_else(|e| {
             panic!(
                 "{who} gave no report ({e}): {out:?}\n--- agent log ---\n{}",
                 mesh.agent.log()

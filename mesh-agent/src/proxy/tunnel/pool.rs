@@ -100,21 +100,38 @@ pub struct TunnelPool {
 }
 
 /// A stream's claim on one of its key's counters (`dialing` or `reserved`),
-/// given back on drop with a wake-up for the waiters. A stream is cancelled
-/// mid-dial or mid-wait whenever its client goes away first; a count kept
-/// after that would make the key wait for ever for a dial that no longer
-/// exists, and every later stream of the key above its first connection's
-/// share would hang.
+/// given back on drop. A stream is cancelled mid-dial or mid-wait whenever its
+/// client goes away first; a count kept after that would make the key wait for
+/// ever for a dial that no longer exists, and every later stream of the key
+/// above its first connection's share would hang.
 struct Held<'a> {
     pool: &'a TunnelPool,
     key: &'a PoolKey,
     counter: fn(&mut Entry) -> &mut usize,
+    /// Whether giving it back wakes the waiters: a dial ending changes what
+    /// they may pick; a waiter leaving does not.
+    wakes: bool,
 }
 
 impl<'a> Held<'a> {
-    /// Holds a count that `pick` already took.
-    fn new(pool: &'a TunnelPool, key: &'a PoolKey, counter: fn(&mut Entry) -> &mut usize) -> Self {
-        Held { pool, key, counter }
+    /// The dial slot `pick` took.
+    fn dialing(pool: &'a TunnelPool, key: &'a PoolKey) -> Self {
+        Held {
+            pool,
+            key,
+            counter: |e| &mut e.dialing,
+            wakes: true,
+        }
+    }
+
+    /// The slot on a connection being dialled that `pick` reserved.
+    fn reserved(pool: &'a TunnelPool, key: &'a PoolKey) -> Self {
+        Held {
+            pool,
+            key,
+            counter: |e| &mut e.reserved,
+            wakes: false,
+        }
     }
 }
 
@@ -130,7 +147,9 @@ impl Drop for Held<'_> {
             let count = (self.counter)(entry);
             *count = count.saturating_sub(1);
         }
-        self.pool.dialled.notify_waiters();
+        if self.wakes {
+            self.pool.dialled.notify_waiters();
+        }
     }
 }
 
@@ -251,11 +270,11 @@ impl TunnelPool {
                 Pick::Use(conn) => return Ok(conn),
                 Pick::Wait => dialled.await,
                 Pick::WaitReserved => {
-                    let _reserved = Held::new(self, key, |e| &mut e.reserved);
+                    let _reserved = Held::reserved(self, key);
                     dialled.await;
                 }
                 Pick::Dial => {
-                    let dialing = Held::new(self, key, |e| &mut e.dialing);
+                    let dialing = Held::dialing(self, key);
                     let made = tokio::time::timeout(
                         self.settings.connect_timeout,
                         self.dial(key, dial, tls),
