@@ -462,13 +462,33 @@ fn idle_connection_bytes(
         });
     if let Err(e) = waited {
         anyhow::bail!(
-            "{e}: {open:?} open (near, far); loader said {:?}",
-            held.wait(Duration::from_secs(30)).map(|f| f.stdout)
+            "{e}: {open:?} open (near, far); loader said {:?}; the agents' last warnings:\n{}",
+            held.wait(Duration::from_secs(30)).map(|f| f.stdout),
+            last_warnings(&[near_agent, far_agent])
         );
     }
     let during = rss()?;
     held.wait(Duration::from_secs(60))?;
     Ok(during.saturating_sub(before) * 1024 / IDLE_CONNECTIONS as u64)
+}
+
+/// The last few warning and error lines of each agent's log, so a failed
+/// measurement says why without a rerun.
+fn last_warnings(agents: &[&Agent]) -> String {
+    const LINES: usize = 5;
+    let mut out = String::new();
+    for agent in agents {
+        let log = agent.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        for line in &lines[lines.len().saturating_sub(LINES)..] {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 fn main() -> anyhow::Result<()> {

@@ -417,7 +417,19 @@ impl Node {
         let netns = Netns::create("node")?;
         let cgroup = CgroupDir::create(&cgroup2.mount.join("nodemesh-tests"), &netns.name)?;
         let bridge_ip = Ipv4Addr::new(198, 18, index, 1);
-        netns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // A bridge without an address of its own takes the lowest of its ports'
+        // MACs, so enrolling a pod could change the pods' gateway MAC and black-hole
+        // their traffic until their neighbour entries expire (seconds).
+        let bridge_mac = format!("02:00:c6:12:{index:02x}:01");
+        netns.ip(&[
+            "link",
+            "add",
+            "br0",
+            "address",
+            &bridge_mac,
+            "type",
+            "bridge",
+        ])?;
         netns.ip(&["addr", "add", &format!("{bridge_ip}/24"), "dev", "br0"])?;
         netns.ip(&["link", "set", "br0", "up"])?;
         let gateway6 = node_gateway6(index);
