@@ -42,8 +42,9 @@ struct Cli {
     #[arg(long)]
     only: Vec<String>,
     /// Also record where the proxies spend their CPU (`perf record -g`) during the
-    /// first constant-rate run and the one-stream bulk run of each proxied path,
-    /// and write each profile's top symbols to this directory.
+    /// first constant-rate run, the one-stream bulk run and the new-connection
+    /// run of each proxied path, and write each profile's top symbols to this
+    /// directory.
     #[arg(long)]
     profile: Option<PathBuf>,
 }
@@ -379,6 +380,11 @@ impl Bench {
             Ok(result)
         };
         let (bulk_1, bulk_8) = (bulk(1)?, bulk(8)?);
+        let profile = CpuProfile::start(
+            self.profile.as_deref(),
+            &target.proxies,
+            &format!("{name} new connections"),
+        );
         let connect = self.loadgen(
             client,
             &[
@@ -389,6 +395,9 @@ impl Bench {
                 s(self.plan.connect_seconds),
             ],
         )?;
+        if let Some(profile) = profile {
+            profile.finish();
+        }
         Ok(PathResult {
             name: name.to_owned(),
             baseline: baseline.map(str::to_owned),
