@@ -564,6 +564,17 @@ struct Carried {
     handed_over: bool,
 }
 
+impl Carried {
+    /// Every byte passed on in each direction: what the kernel moved (`kernel`,
+    /// read from its map) plus what the agent relayed itself.
+    fn forwarded(&self, kernel: SplicedBytes) -> SplicedBytes {
+        SplicedBytes {
+            to_server: kernel.to_server + self.relayed_to_server,
+            to_client: kernel.to_client + self.relayed_to_client,
+        }
+    }
+}
+
 /// Watches the two joined sockets until both directions have ended, or until
 /// `handover` asks for the connection while both are still open.
 async fn carry(
@@ -617,12 +628,12 @@ async fn carry(
             Ok(None) => continue,
             Ok(Some(Direction::ToServer)) => {
                 client_open = false;
-                let forwarded = joined.bytes().to_server + out.relayed_to_server;
+                let forwarded = out.forwarded(joined.bytes()).to_server;
                 check_forwarded(client, forwarded).map(|()| (app, forwarded, "client's", "server"))
             }
             Ok(Some(Direction::ToClient)) => {
                 app_open = false;
-                let forwarded = joined.bytes().to_client + out.relayed_to_client;
+                let forwarded = out.forwarded(joined.bytes()).to_client;
                 check_forwarded(app, forwarded).map(|()| (client, forwarded, "server's", "client"))
             }
             Err(e) => Err(e),
@@ -631,7 +642,7 @@ async fn carry(
             Ok(ended) => ended,
             Err(e) => {
                 if e.kind() == io::ErrorKind::InvalidData {
-                    tracing::error!(error = %e, "a joined connection's stream was corrupted in the kernel");
+                    tracing::error!(error = %e, "a joined connection's stream was corrupted in the kernel; both ends are reset");
                 }
                 out.error = Some(e);
                 break;
@@ -751,8 +762,9 @@ fn audit_forwarded(
         return Ok(());
     }
     *audited = moved;
-    check_forwarded(client, moved.to_server + carried.relayed_to_server)?;
-    check_forwarded(app, moved.to_client + carried.relayed_to_client)
+    let forwarded = carried.forwarded(moved);
+    check_forwarded(client, forwarded.to_server)?;
+    check_forwarded(app, forwarded.to_client)
 }
 
 /// Checks that the bytes passed on from `from` (by the kernel and by the
@@ -769,7 +781,7 @@ fn check_forwarded(from: &TcpStream, forwarded: u64) -> io::Result<()> {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "the kernel forwarded {forwarded} bytes but TCP received {received}: a retransmitted segment overlapping delivered bytes was forwarded whole; both ends reset"
+                "the kernel forwarded {forwarded} bytes but TCP received {received}: a retransmitted segment overlapping delivered bytes was forwarded whole"
             ),
         ));
     }
