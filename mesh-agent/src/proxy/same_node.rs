@@ -772,9 +772,9 @@ fn audit_forwarded(
 /// ended they are exactly those. More means the kernel forwarded a segment
 /// twice: a retransmitted segment that overlaps bytes already received is
 /// queued whole, and the sockmap verdict's reader (`tcp_read_skb`) ignores
-/// the overlap. The stream is then
-/// corrupt, and the caller resets both ends rather than let the receiver see
-/// a clean end of a stream with bytes repeated in it.
+/// the overlap. The stream is then corrupt, and the caller resets both ends
+/// rather than let the receiver see a clean end of a stream with bytes
+/// repeated in it.
 fn check_forwarded(from: &TcpStream, forwarded: u64) -> io::Result<()> {
     let received = tcp_info(from)?.tcpi_bytes_received;
     if forwarded > received {
