@@ -15,6 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::metrics::Format;
 use crate::reconciler::Agent;
 
 /// Serves the endpoint until the process exits, or until the agent hands over
@@ -113,10 +114,15 @@ async fn route(
         ),
         "/metrics" => {
             agent.metrics.refresh_from_kernel(&agent.capture);
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = Format::negotiate(accept);
             respond(
                 StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                agent.metrics.encode(),
+                format.content_type(),
+                agent.metrics.encode_as(format),
             )
         }
         "/config_dump" => json(&agent.config_dump().await),

@@ -12,9 +12,7 @@ use std::time::{Instant, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
-use crate::metrics::{
-    DestinationLabels, DestinationServiceLabels, Metrics, SourceLabels, TcpLabels,
-};
+use crate::metrics::{DestinationServiceLabels, Metrics, TcpLabels};
 use crate::state::policy::{self, Decision, Policies};
 use crate::state::service::Service;
 use crate::state::workload::WorkloadMeta;
@@ -78,6 +76,9 @@ pub struct ConnectionInfo {
     revoked: std::sync::atomic::AtomicBool,
     /// Who moves the bytes, as a [`CarriedBy`] discriminant.
     carried_by: std::sync::atomic::AtomicU8,
+    /// Whether the agent serves its requests (and so decides each under the
+    /// policies in force); otherwise its bytes are carried unread.
+    serves_requests: std::sync::atomic::AtomicBool,
 }
 
 /// Who moves a connection's bytes.
@@ -175,7 +176,14 @@ impl ConnectionTable {
             let Some((conn, cancel)) = authz.as_ref() else {
                 continue;
             };
-            if let Decision::Deny(why) = policies.decide(destination, conn) {
+            // A connection carried unread cannot meet rules about HTTP; one
+            // whose requests are served is decided again at each request.
+            let decision = if info.serves_requests.load(Ordering::Relaxed) {
+                policies.decide(destination, conn)
+            } else {
+                policies.decide_opaque(destination, conn)
+            };
+            if let Decision::Deny(why) = decision {
                 tracing::info!(
                     id = info.id,
                     source = ?conn.source.as_ref().map(|s| s.to_string()),
@@ -246,19 +254,34 @@ impl ByteCounter {
     }
 }
 
+/// How a connection shows in Istio's TCP metrics. A connection whose requests
+/// the agent serves is reported as requests only: counting it as TCP too would
+/// count its bytes twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporting {
+    /// As a TCP connection (L4).
+    Tcp,
+    /// Not as TCP: its requests are reported instead.
+    Requests,
+    /// Not known yet (its protocol is being detected): [`ConnectionGuard::report`]
+    /// decides; one that ends undecided was a TCP connection.
+    Undecided,
+}
+
 /// Owned by a connection's task for its whole life; see the module doc.
 pub struct ConnectionGuard {
     info: Arc<ConnectionInfo>,
     table: Arc<ConnectionTable>,
     metrics: Arc<Metrics>,
     labels: TcpLabels,
+    reporting: Reporting,
     sent: Counter,
     received: Counter,
     outcome: &'static str,
 }
 
 impl ConnectionGuard {
-    /// Registers a new connection and counts it opened.
+    /// Registers a new TCP connection and counts it opened.
     pub fn open(
         table: &Arc<ConnectionTable>,
         metrics: &Arc<Metrics>,
@@ -266,7 +289,26 @@ impl ConnectionGuard {
         client: SocketAddr,
         original_destination: SocketAddr,
     ) -> Self {
-        let labels = tcp_labels(&peers, original_destination);
+        Self::open_reporting(
+            table,
+            metrics,
+            peers,
+            client,
+            original_destination,
+            Reporting::Tcp,
+        )
+    }
+
+    /// Registers a new connection, reported in the TCP metrics as `reporting` says.
+    pub fn open_reporting(
+        table: &Arc<ConnectionTable>,
+        metrics: &Arc<Metrics>,
+        peers: Peers,
+        client: SocketAddr,
+        original_destination: SocketAddr,
+        reporting: Reporting,
+    ) -> Self {
+        let labels = tcp_labels(metrics, &peers, original_destination);
         let info = Arc::new(ConnectionInfo {
             id: table.next_id.fetch_add(1, Ordering::Relaxed),
             peers,
@@ -279,22 +321,43 @@ impl ConnectionGuard {
             authz: Mutex::new(None),
             revoked: std::sync::atomic::AtomicBool::new(false),
             carried_by: std::sync::atomic::AtomicU8::new(CarriedBy::Agent as u8),
+            serves_requests: std::sync::atomic::AtomicBool::new(false),
         });
         table
             .live
             .lock()
             .expect("connection table lock")
             .insert(info.id, info.clone());
-        metrics.tcp_opened.get_or_create(&labels).inc();
         metrics.open_connections.inc();
-        ConnectionGuard {
-            sent: metrics.tcp_sent_bytes.get_or_create_owned(&labels),
-            received: metrics.tcp_received_bytes.get_or_create_owned(&labels),
+        let mut guard = ConnectionGuard {
+            // Counters of no series until the connection is reported as TCP.
+            sent: Counter::default(),
+            received: Counter::default(),
             info,
             table: table.clone(),
             metrics: metrics.clone(),
             labels,
+            reporting: Reporting::Undecided,
             outcome: "-",
+        };
+        guard.report(reporting);
+        guard
+    }
+
+    /// Decides how an undecided connection is reported; a decided one keeps its way.
+    pub fn report(&mut self, reporting: Reporting) {
+        if self.reporting != Reporting::Undecided {
+            return;
+        }
+        self.reporting = reporting;
+        if reporting == Reporting::Requests {
+            self.info.serves_requests.store(true, Ordering::Relaxed);
+        }
+        if reporting == Reporting::Tcp {
+            let m = &self.metrics;
+            m.tcp_opened.get_or_create(&self.labels).inc();
+            self.sent = m.tcp_sent_bytes.get_or_create_owned(&self.labels);
+            self.received = m.tcp_received_bytes.get_or_create_owned(&self.labels);
         }
     }
 
@@ -336,11 +399,14 @@ impl Drop for ConnectionGuard {
         if self.info.revoked.load(Ordering::Relaxed) {
             self.outcome = "DENY";
         }
-        let closed = TcpLabels {
-            response_flags: self.outcome,
-            ..self.labels.clone()
-        };
-        self.metrics.tcp_closed.get_or_create(&closed).inc();
+        self.report(Reporting::Tcp);
+        if self.reporting == Reporting::Tcp {
+            let closed = TcpLabels {
+                response_flags: self.outcome,
+                ..self.labels.clone()
+            };
+            self.metrics.tcp_closed.get_or_create(&closed).inc();
+        }
         let view = self.info.view();
         tracing::info!(
             target: "access",
@@ -366,11 +432,11 @@ fn security(mutual_tls: bool) -> &'static str {
 }
 
 /// Istio's label set for a connection.
-fn tcp_labels(peers: &Peers, dst: SocketAddr) -> TcpLabels {
+fn tcp_labels(metrics: &Metrics, peers: &Peers, dst: SocketAddr) -> TcpLabels {
     TcpLabels {
         reporter: peers.reporter,
-        source: SourceLabels::of(peers.source.as_deref(), peers.source_principal()),
-        destination: DestinationLabels::of(peers.destination.as_deref()),
+        source: metrics.source_labels(peers.source.as_deref(), peers.source_principal()),
+        destination: metrics.destination_labels(peers.destination.as_deref()),
         service: match &peers.service {
             Some(service) => DestinationServiceLabels::of(service),
             None => DestinationServiceLabels::address(dst),

@@ -185,7 +185,8 @@ struct RunArgs {
         default_value = "/var/run/secrets/tokens/istio-token"
     )]
     ca_token_file: PathBuf,
-    /// The cluster's name, sent to the CA as `ClusterID` (istiod's default: Kubernetes).
+    /// The cluster's name: sent to the CA as `ClusterID`, and the
+    /// `source_cluster`/`destination_cluster` of every metric (istiod's default: Kubernetes).
     #[arg(long, env = "NODEMESH_CLUSTER_ID", default_value = "Kubernetes")]
     cluster_id: String,
     /// Lifetime of the workload certificates the agent mints; renewed at half of it.
@@ -569,7 +570,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections,
         same_node_fast_path: args.same_node_fast_path,
     };
-    let metrics = Arc::new(mesh_agent::metrics::Metrics::new());
+    let metrics = Arc::new(mesh_agent::metrics::Metrics::for_cluster(&args.cluster_id));
     let identity = match &identity_settings {
         Some(s) => Some(Arc::new(
             IdentityState::start(s, metrics.clone()).context("mesh CA")?,

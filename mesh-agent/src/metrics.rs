@@ -34,11 +34,14 @@ pub struct SourceLabels {
     pub source_canonical_service: String,
     /// Client canonical revision (Istio's canonical-revision rules).
     pub source_canonical_revision: String,
+    /// Client cluster (`--cluster-id`), `unknown` for a client the agent does not know.
+    pub source_cluster: String,
 }
 
 impl SourceLabels {
-    /// Labels for a client the agent may not know (`unknown` fills the gaps, as in Istio).
-    pub fn of(workload: Option<&WorkloadMeta>, principal: String) -> Self {
+    /// Labels for a client the agent may not know (`unknown` fills the gaps, as in
+    /// Istio); a known client is in `cluster`.
+    pub fn of(workload: Option<&WorkloadMeta>, principal: String, cluster: &str) -> Self {
         let [name, namespace, app, version, service, revision] = workload_labels(workload);
         SourceLabels {
             source_workload: name,
@@ -48,6 +51,7 @@ impl SourceLabels {
             source_version: version,
             source_canonical_service: service,
             source_canonical_revision: revision,
+            source_cluster: cluster_of(workload, cluster),
         }
     }
 }
@@ -70,11 +74,14 @@ pub struct DestinationLabels {
     pub destination_canonical_service: String,
     /// Server canonical revision (Istio's canonical-revision rules).
     pub destination_canonical_revision: String,
+    /// Server cluster (`--cluster-id`), `unknown` for a server the agent does not know.
+    pub destination_cluster: String,
 }
 
 impl DestinationLabels {
-    /// Labels for a server the agent may not know (`unknown` fills the gaps, as in Istio).
-    pub fn of(workload: Option<&WorkloadMeta>) -> Self {
+    /// Labels for a server the agent may not know (`unknown` fills the gaps, as in
+    /// Istio); a known server is in `cluster`.
+    pub fn of(workload: Option<&WorkloadMeta>, cluster: &str) -> Self {
         let [name, namespace, app, version, service, revision] = workload_labels(workload);
         DestinationLabels {
             destination_workload: name,
@@ -84,7 +91,17 @@ impl DestinationLabels {
             destination_version: version,
             destination_canonical_service: service,
             destination_canonical_revision: revision,
+            destination_cluster: cluster_of(workload, cluster),
         }
+    }
+}
+
+/// The cluster of a workload: every workload the agent knows is in its own
+/// cluster (one mesh per cluster); one it does not know is `unknown`, as in Istio.
+fn cluster_of(workload: Option<&WorkloadMeta>, cluster: &str) -> String {
+    match workload {
+        Some(_) => cluster.to_owned(),
+        None => unknown(),
     }
 }
 
@@ -230,6 +247,11 @@ fn size_histogram() -> Histogram {
 pub type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: &'static str,
 }
@@ -328,6 +350,8 @@ pub struct Metrics {
     /// `istio_response_bytes`: response body sizes.
     pub response_bytes: HistogramFamily,
     retries: Family<RetryLabels, Counter>,
+    requests_denied: Family<PolicyLabels, Counter>,
+    requests_audited: Family<PolicyLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     detections: Family<ProtocolLabels, Counter>,
     rejected_objects: Family<KindLabels, Gauge>,
@@ -336,6 +360,8 @@ pub struct Metrics {
     cni_requests: Family<CniLabels, Counter>,
     /// Last kernel counter values, so Prometheus counters advance by the delta.
     last_decisions: Mutex<[u64; mesh_common::stat::COUNT as usize]>,
+    /// The cluster this agent's workloads are in (`source_/destination_cluster`).
+    cluster_id: String,
 }
 
 impl Default for Metrics {
@@ -344,9 +370,17 @@ impl Default for Metrics {
     }
 }
 
+/// The cluster name Istio uses when none is configured.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
 impl Metrics {
-    /// Registers every metric.
+    /// Registers every metric, for workloads in Istio's default cluster.
     pub fn new() -> Self {
+        Self::for_cluster(DEFAULT_CLUSTER_ID)
+    }
+
+    /// Registers every metric, for workloads in cluster `cluster_id`.
+    pub fn for_cluster(cluster_id: &str) -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
             tcp_opened: Family::default(),
@@ -375,6 +409,8 @@ impl Metrics {
             request_bytes: Family::new_with_constructor(size_histogram),
             response_bytes: Family::new_with_constructor(size_histogram),
             retries: Family::default(),
+            requests_denied: Family::default(),
+            requests_audited: Family::default(),
             ejections: Family::default(),
             detections: Family::default(),
             rejected_objects: Family::default(),
@@ -382,6 +418,7 @@ impl Metrics {
             cni_requests: Family::default(),
             watch_errors: Family::default(),
             last_decisions: Mutex::new([0; mesh_common::stat::COUNT as usize]),
+            cluster_id: cluster_id.to_owned(),
             registry: Registry::default(),
         };
         registry.register(
@@ -515,6 +552,16 @@ impl Metrics {
             m.retries.clone(),
         );
         registry.register(
+            "nodemesh_requests_denied",
+            "Requests denied (403) by an AuthorizationPolicy at the destination, per policy (namespace/name; none: no ALLOW policy matched)",
+            m.requests_denied.clone(),
+        );
+        registry.register(
+            "nodemesh_requests_audited",
+            "Requests that matched an AUDIT AuthorizationPolicy, per policy",
+            m.requests_audited.clone(),
+        );
+        registry.register(
             "nodemesh_endpoint_ejections",
             "Endpoints ejected by outlier detection",
             m.ejections.clone(),
@@ -547,6 +594,25 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// The cluster of the workloads this agent reports on.
+    pub fn cluster(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// Labels of a client, in this agent's cluster when known.
+    pub fn source_labels(
+        &self,
+        workload: Option<&WorkloadMeta>,
+        principal: String,
+    ) -> SourceLabels {
+        SourceLabels::of(workload, principal, &self.cluster_id)
+    }
+
+    /// Labels of a server, in this agent's cluster when known.
+    pub fn destination_labels(&self, workload: Option<&WorkloadMeta>) -> DestinationLabels {
+        DestinationLabels::of(workload, &self.cluster_id)
+    }
+
     /// Counts a retry decision for `service`.
     pub fn retry(&self, service: &str, granted: bool) {
         let result = if granted {
@@ -558,6 +624,24 @@ impl Metrics {
             .get_or_create(&RetryLabels {
                 destination_service: service.to_owned(),
                 result,
+            })
+            .inc();
+    }
+
+    /// Counts a request denied by `policy` (`None`: no ALLOW policy matched).
+    pub fn request_denied(&self, policy: Option<&str>) {
+        self.requests_denied
+            .get_or_create(&PolicyLabels {
+                policy: policy.unwrap_or("none").to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a request that matched the AUDIT policy `policy`.
+    pub fn request_audited(&self, policy: &str) {
+        self.requests_audited
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
             })
             .inc();
     }
@@ -694,13 +778,103 @@ impl Metrics {
         occupancy
     }
 
-    /// Prometheus text exposition.
+    /// OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
     }
+
+    /// The exposition in `format`.
+    pub fn encode_as(&self, format: Format) -> String {
+        match format {
+            Format::OpenMetrics => self.encode(),
+            Format::Text004 => openmetrics_to_text004(&self.encode()),
+        }
+    }
+}
+
+/// The exposition formats `/metrics` can answer in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0.0: counters' metadata is named without `_total`.
+    OpenMetrics,
+    /// Prometheus text 0.0.4, what Envoy and Istio's proxies serve: counters'
+    /// metadata is named like their samples (`istio_requests_total`).
+    Text004,
+}
+
+impl Format {
+    /// The `Content-Type` of a response in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text004 => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+
+    /// The format a scraper's `Accept` header prefers (highest `q`, the earlier
+    /// on a tie). Without a preference for OpenMetrics the answer is text 0.0.4,
+    /// which every Prometheus-compatible reader parses.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let mut best = (0.0f32, Format::Text004);
+        for range in accept.unwrap_or("").split(',') {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or("").to_ascii_lowercase();
+            let q = params
+                .find_map(|p| p.strip_prefix("q="))
+                .and_then(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            let format = match media.as_str() {
+                "application/openmetrics-text" => Format::OpenMetrics,
+                "text/plain" => Format::Text004,
+                _ => continue,
+            };
+            if q > best.0 {
+                best = (q, format);
+            }
+        }
+        best.1
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4: a counter family's
+/// `HELP`/`TYPE` lines take the `_total` name of its samples, `UNIT` lines and
+/// the `# EOF` terminator go (0.0.4 has neither). The samples are the same in
+/// both formats for the types the agent exports (counters, gauges, histograms).
+pub fn openmetrics_to_text004(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -721,7 +895,7 @@ mod tests {
     }
 
     // Istio's standard labels: dashboards and alerts written for Istio select on them.
-    const ISTIO_COMMON: [&str; 18] = [
+    const ISTIO_COMMON: [&str; 20] = [
         "reporter",
         "source_workload",
         "source_workload_namespace",
@@ -730,6 +904,7 @@ mod tests {
         "source_version",
         "source_canonical_service",
         "source_canonical_revision",
+        "source_cluster",
         "destination_workload",
         "destination_workload_namespace",
         "destination_principal",
@@ -737,6 +912,7 @@ mod tests {
         "destination_version",
         "destination_canonical_service",
         "destination_canonical_revision",
+        "destination_cluster",
         "destination_service",
         "destination_service_name",
         "destination_service_namespace",
@@ -745,8 +921,8 @@ mod tests {
     #[test]
     fn tcp_and_http_series_carry_istio_standard_labels() {
         let metrics = Metrics::new();
-        let source = SourceLabels::of(None, "unknown".into());
-        let destination = DestinationLabels::of(None);
+        let source = metrics.source_labels(None, "unknown".into());
+        let destination = metrics.destination_labels(None);
         let service = DestinationServiceLabels::address("10.0.0.1:80".parse().unwrap());
         metrics
             .tcp_opened
@@ -802,5 +978,89 @@ mod tests {
         ]
         .concat();
         assert_eq!(label_names(&text, "istio_requests_total"), http);
+    }
+
+    #[test]
+    fn known_workloads_are_in_the_agents_cluster() {
+        let metrics = Metrics::for_cluster("east");
+        let w = WorkloadMeta {
+            name: "web-0".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            labels: Default::default(),
+            workload_name: "web".into(),
+            meshed: true,
+            trust_domain: "cluster.local".into(),
+        };
+        assert_eq!(
+            metrics
+                .source_labels(Some(&w), w.principal())
+                .source_cluster,
+            "east"
+        );
+        assert_eq!(
+            metrics.destination_labels(Some(&w)).destination_cluster,
+            "east"
+        );
+        assert_eq!(
+            metrics.destination_labels(None).destination_cluster,
+            "unknown"
+        );
+    }
+
+    #[test]
+    fn accept_headers_choose_the_format() {
+        let prometheus_2 = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let cases = [
+            (None, Format::Text004),
+            (Some("*/*"), Format::Text004),
+            (Some("text/plain;version=0.0.4"), Format::Text004),
+            (Some(prometheus_2), Format::OpenMetrics),
+            (
+                Some("text/plain;version=0.0.4;q=0.9,application/openmetrics-text;q=0.5"),
+                Format::Text004,
+            ),
+            (
+                Some("Application/OpenMetrics-Text; version=1.0.0"),
+                Format::OpenMetrics,
+            ),
+            (Some("application/json"), Format::Text004),
+        ];
+        for (accept, expected) in cases {
+            assert_eq!(Format::negotiate(accept), expected, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn text_004_names_counter_metadata_like_its_samples() {
+        let metrics = Metrics::new();
+        metrics.orig_dst_missing.inc();
+        metrics.open_connections.set(3);
+        let text = metrics.encode_as(Format::Text004);
+        assert!(
+            text.contains("# TYPE nodemesh_orig_dst_missing_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP nodemesh_orig_dst_missing_total Captured"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nnodemesh_orig_dst_missing_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE nodemesh_open_connections gauge\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        // The OpenMetrics form is unchanged.
+        let om = metrics.encode_as(Format::OpenMetrics);
+        assert!(
+            om.contains("# TYPE nodemesh_orig_dst_missing counter\n") && om.ends_with("# EOF\n")
+        );
     }
 }

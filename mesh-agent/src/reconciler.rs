@@ -657,6 +657,7 @@ impl Agent {
                 WorkloadMeta::from_config(w).identity(),
                 w.ips.clone(),
                 self.policies.clone(),
+                self.l7.clone(),
             ));
             for ip in &w.ips {
                 let addr = SocketAddr::new(*ip, HBONE_PORT);

@@ -451,7 +451,7 @@ fn policy_doc(index: usize) -> impl Strategy<Value = String> {
     (
         prop::sample::select(vec!["shop", "backend"]),
         prop::option::of(prop::sample::select(vec!["web", "db"])),
-        prop::sample::select(vec!["ALLOW", "DENY"]),
+        prop::sample::select(vec!["ALLOW", "DENY", "AUDIT"]),
         prop::collection::vec(
             (
                 prop::collection::vec(principal(), 0..3),
@@ -459,6 +459,8 @@ fn policy_doc(index: usize) -> impl Strategy<Value = String> {
                 prop::collection::vec(block(), 0..2),
                 prop::collection::vec(port(), 0..2),
                 prop::collection::vec(port(), 0..2),
+                prop::collection::vec(prop::sample::select(vec!["GET", "POST"]), 0..2),
+                prop::collection::vec(prop::sample::select(vec!["/api/*", "/admin", "*.json"]), 0..2),
             ),
             0..3,
         ),
@@ -467,9 +469,9 @@ fn policy_doc(index: usize) -> impl Strategy<Value = String> {
             let selector = app.map(|a| format!("  selector: {{matchLabels: {{app: {a}}}}}\n")).unwrap_or_default();
             let rules: Vec<String> = rules
                 .into_iter()
-                .map(|(principals, namespaces, blocks, ports, not_ports)| {
+                .map(|(principals, namespaces, blocks, ports, not_ports, methods, paths)| {
                     format!(
-                        "    - from: [{{source: {{principals: {principals:?}, namespaces: {namespaces:?}, ipBlocks: {blocks:?}}}}}]\n      to: [{{operation: {{ports: {ports:?}, notPorts: {not_ports:?}}}}}]\n"
+                        "    - from: [{{source: {{principals: {principals:?}, namespaces: {namespaces:?}, ipBlocks: {blocks:?}}}}}]\n      to: [{{operation: {{ports: {ports:?}, notPorts: {not_ports:?}, methods: {methods:?}, notPaths: {paths:?}}}}}]\n"
                     )
                 })
                 .collect();
@@ -500,6 +502,7 @@ fn connection() -> impl Strategy<Value = Connection> {
             source: source
                 .map(|(ns, sa)| mesh_agent::identity::Identity::new("cluster.local", ns, sa)),
             source_ip: ip.parse().unwrap(),
+            destination_ip: "10.1.0.5".parse().unwrap(),
             destination_port: port,
         })
 }
@@ -561,5 +564,37 @@ proptest! {
         let mut with_deny_all = policies.clone();
         with_deny_all.extend(deny_all);
         prop_assert!(matches!(authorize(&w, &with_deny_all, &c), Decision::Deny(_)));
+    }
+
+    /// A connection's decision never contradicts its requests': a connection
+    /// allowed or denied outright has every request decided the same way, and
+    /// one left to its requests is never decided per request when it is not
+    /// HTTP (it is then allowed or denied whole).
+    #[test]
+    fn connection_and_request_decisions_agree(
+        docs in prop::collection::vec((0usize..1000).prop_flat_map(policy_doc), 0..5),
+        w in workload(),
+        c in connection(),
+        method in prop::sample::select(vec!["GET", "POST", "DELETE"]),
+        path in prop::sample::select(vec!["/api/x", "/admin", "/a.json", "/"]),
+    ) {
+        let Ok(config) = mesh_agent::state::parse(&docs.join("---\n")) else {
+            return Ok(());
+        };
+        let policies = mesh_agent::state::policy::Policies {
+            authorization_policies: config.authorization_policies,
+            ..Default::default()
+        };
+        let headers = http::HeaderMap::new();
+        let request = mesh_agent::state::policy::Request { method, path, host: "api", headers: &headers };
+        let per_connection = policies.decide(&w, &c);
+        let per_request = policies.decide_request(&w, &c, &request);
+        prop_assert!(per_request != Decision::PerRequest);
+        prop_assert!(policies.decide_opaque(&w, &c) != Decision::PerRequest);
+        match per_connection {
+            Decision::Allow => prop_assert_eq!(per_request, Decision::Allow),
+            Decision::Deny(_) => prop_assert!(matches!(per_request, Decision::Deny(_))),
+            Decision::PerRequest => {}
+        }
     }
 }

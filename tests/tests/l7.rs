@@ -218,6 +218,7 @@ fn http1_http2_grpc_and_websocket_work_through_a_service() {
         &metrics,
         "istio_requests_total",
         &[
+            ("reporter", "source"),
             ("request_protocol", "grpc"),
             ("grpc_response_status", "14"),
             ("destination_service", "grpc.shop.svc.cluster.local"),
@@ -227,6 +228,19 @@ fn http1_http2_grpc_and_websocket_work_through_a_service() {
         grpc_fail, 1.0,
         "the failing gRPC call is counted with its status"
     );
+    // The destination side parsed the same call from the tunnel.
+    let grpc_fail_at_destination = metric_sum(
+        &metrics,
+        "istio_requests_total",
+        &[
+            ("reporter", "destination"),
+            ("request_protocol", "grpc"),
+            ("grpc_response_status", "14"),
+            ("destination_service", "grpc.shop.svc.cluster.local"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    assert_eq!(grpc_fail_at_destination, 1.0, "{metrics}");
     let mtls = metric_sum(
         &metrics,
         "istio_requests_total",
@@ -298,6 +312,20 @@ fn a_server_that_speaks_first_is_not_stalled() {
             &metrics,
             "istio_tcp_connections_opened_total",
             &[
+                ("reporter", "source"),
+                ("destination_service", "db.shop.svc.cluster.local"),
+                ("destination_workload", "db")
+            ]
+        ),
+        1.0
+    );
+    // The destination side names the Service too, not the pod's address.
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
                 ("destination_service", "db.shop.svc.cluster.local"),
                 ("destination_workload", "db")
             ]
@@ -652,6 +680,48 @@ fn request_metrics_match_the_requests_sent() {
             ("response_code", code),
         ]
     };
+    // The destination agent (the same one: the pods share the node) parses the
+    // requests it receives from the tunnel and reports them too.
+    let at_destination = |code: &'static str, protocol: &'static str| {
+        vec![
+            ("reporter", "destination"),
+            ("source_workload", "client"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/client-sa",
+            ),
+            ("source_cluster", "Kubernetes"),
+            ("destination_workload", "web-a"),
+            ("destination_cluster", "Kubernetes"),
+            ("destination_service", "web.shop.svc.cluster.local"),
+            ("request_protocol", protocol),
+            ("connection_security_policy", "mutual_tls"),
+            ("response_code", code),
+        ]
+    };
+    for (code, n) in [("200", 40.0), ("503", 15.0), ("404", 5.0)] {
+        assert_eq!(
+            metric_sum(
+                &metrics,
+                "istio_requests_total",
+                &at_destination(code, "http")
+            ),
+            n,
+            "destination, code {code}\n{metrics}"
+        );
+    }
+    // Connections whose requests are reported are not also TCP connections.
+    for reporter in ["source", "destination"] {
+        assert_eq!(
+            metric_sum(
+                &metrics,
+                "istio_tcp_connections_opened_total",
+                &[("reporter", reporter)]
+            ),
+            0.0,
+            "{reporter}\n{metrics}"
+        );
+    }
     for (code, n) in [("200", 40.0), ("503", 15.0), ("404", 5.0)] {
         assert_eq!(
             metric_sum(&metrics, "istio_requests_total", &labels(code)),
@@ -693,7 +763,7 @@ fn request_metrics_match_the_requests_sent() {
         .agent
         .stdout()
         .lines()
-        .find(|l| l.contains("/status/503"))
+        .find(|l| l.contains("/status/503") && l.contains("\"reporter\":\"source\""))
         .unwrap()
         .to_owned();
     let entry: Value = serde_json::from_str(&line).unwrap();

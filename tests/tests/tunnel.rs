@@ -232,7 +232,9 @@ fn cross_node_traffic_is_mutual_tls_and_byte_exact() {
     );
 
     let (a_id, b_id) = (principal("shop", "a-sa"), principal("backend", "b-sa"));
-    for (agent, reporter) in [(&mesh.near, "source"), (&mesh.far, "destination")] {
+    // The source side carries both connections unread (pod IPs); the
+    // destination side parses the HTTP one and reports its request instead.
+    for (agent, reporter, tcp) in [(&mesh.near, "source", 2.0), (&mesh.far, "destination", 1.0)] {
         wait_until(
             &format!("{reporter} metrics"),
             Duration::from_secs(10),
@@ -248,7 +250,7 @@ fn cross_node_traffic_is_mutual_tls_and_byte_exact() {
                         ("destination_workload", "b"),
                         ("response_flags", "-"),
                     ],
-                )? == 2.0)
+                )? == tcp)
             },
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.metrics().unwrap()));
@@ -263,6 +265,22 @@ fn cross_node_traffic_is_mutual_tls_and_byte_exact() {
             .unwrap();
         assert!(received >= 8_000_000.0, "{reporter} received {received}");
     }
+    let requests = mesh
+        .far
+        .metric(
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "mutual_tls"),
+                ("source_principal", &a_id),
+                ("destination_workload", "b"),
+                ("destination_service", &mesh.b.addr(HTTP_PORT).to_string()),
+                ("request_protocol", "http"),
+                ("response_code", "200"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(requests, 1.0, "{}", mesh.far.metrics().unwrap());
     // One tunnel connection carried both streams.
     let pool = &mesh.near.config_dump().unwrap()["tunnelPool"];
     assert_eq!(pool[0]["connections"], 1, "{pool}");

@@ -6,6 +6,10 @@
 //! Under `STRICT` peer authentication the connection is refused. Under
 //! `PERMISSIVE` it is authorized (with no peer identity) and delivered to the
 //! application from inside the pod, labelled `connection_security_policy="none"`.
+//!
+//! Every admitted connection, tunnelled or plaintext, is then detected as on
+//! the client side: HTTP is served request by request (`l7::destination`),
+//! anything else is relayed byte for byte.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -13,13 +17,18 @@ use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::connections::{ConnectionGuard, Peers};
+use crate::connections::{ConnectionGuard, Peers, Reporting};
 use crate::identity::Identity;
 use crate::identity::node::IdentityState;
+use crate::proxy::l7::L7;
+use crate::proxy::l7::catalog::ServicePortState;
+use crate::proxy::l7::destination;
+use crate::proxy::l7::detect::Detected;
 use crate::proxy::pod::{PodContext, accept_until_cancelled, connect_in_pod};
 use crate::proxy::relay::relay;
 use crate::proxy::tunnel::{ServingCert, server_config};
 use crate::state::policy::{self, Decision, PolicyStore};
+use crate::state::service::{PortProtocol, Service};
 use crate::state::workload::WorkloadMeta;
 
 /// What the listener of one workload needs.
@@ -32,6 +41,8 @@ pub struct InboundContext {
     pub ips: Vec<IpAddr>,
     /// Peer authentication and authorization in force.
     pub policies: Arc<PolicyStore>,
+    /// Services (to name the one a connection reaches, and its protocol) and L7 settings.
+    pub l7: Arc<L7>,
     /// The TLS config, rebuilt when the trust bundle changes.
     tls: Mutex<Option<(Arc<rustls::RootCertStore>, Arc<rustls::ServerConfig>)>>,
     serving: Arc<ServingCert>,
@@ -45,6 +56,7 @@ impl InboundContext {
         identity: Identity,
         ips: Vec<IpAddr>,
         policies: Arc<PolicyStore>,
+        l7: Arc<L7>,
     ) -> Self {
         let serving = Arc::new(ServingCert::new(identity, identity_state.certs.clone()));
         InboundContext {
@@ -52,6 +64,7 @@ impl InboundContext {
             identity: identity_state,
             ips,
             policies,
+            l7,
             tls: Mutex::new(None),
             serving,
         }
@@ -80,16 +93,63 @@ pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: Canc
     .await;
 }
 
-async fn handle(client: TcpStream, ctx: Arc<InboundContext>) {
+async fn handle(mut client: TcpStream, ctx: Arc<InboundContext>) {
     let (Ok(peer), Ok(destination)) = (client.peer_addr(), client.local_addr()) else {
         return;
     };
     // Plaintext proves nothing about the client: no source workload or principal.
-    let Ok((guard, cancel, app)) = admit(&ctx, None, None, peer, destination).await else {
+    let Ok(mut admitted) = admit(&ctx, None, None, peer, destination).await else {
         let _ = client.set_zero_linger();
         return;
     };
     let _ = client.set_nodelay(true);
+    let settings = &ctx.l7.settings;
+    let (protocol, prefix) =
+        match destination::detect(&mut client, admitted.protocol, settings.detect_timeout).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(client = %peer, error = %e, "client went away during detection");
+                return;
+            }
+        };
+    if protocol != Detected::Opaque {
+        let connection = admitted.http_connection(&ctx, peer, destination);
+        let Admitted {
+            mut guard,
+            cancel,
+            app,
+            ..
+        } = admitted;
+        destination::serve_http(
+            client,
+            prefix,
+            app,
+            protocol,
+            connection,
+            &mut guard,
+            settings,
+            &cancel,
+            &ctx.workload.drain,
+        )
+        .await;
+        return;
+    }
+    admitted.guard.report(Reporting::Tcp);
+    if admitted.refused_as_opaque(&ctx) {
+        let _ = client.set_zero_linger();
+        let _ = admitted.app.set_zero_linger();
+        return;
+    }
+    let Admitted {
+        guard,
+        cancel,
+        mut app,
+        ..
+    } = admitted;
+    if let Err(e) = pass_on(&mut app, &prefix, &guard).await {
+        tracing::debug!(%destination, error = %e, "inbound connection ended with error");
+        return;
+    }
     tokio::select! {
         result = relay(&client, &app, guard.received(), guard.sent()) => {
             if let Err(e) = result {
@@ -103,6 +163,20 @@ async fn handle(client: TcpStream, ctx: Arc<InboundContext>) {
     }
 }
 
+/// Writes the bytes read during detection to the application, counted as the client's.
+pub async fn pass_on(
+    app: &mut TcpStream,
+    prefix: &[u8],
+    guard: &ConnectionGuard,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if !prefix.is_empty() {
+        app.write_all(prefix).await?;
+        guard.received().add(prefix.len());
+    }
+    Ok(())
+}
+
 /// Why an inbound connection was not delivered; already logged and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -110,6 +184,71 @@ pub enum Refusal {
     Denied,
     /// The application could not be reached from inside the pod (`UF`).
     Undeliverable,
+}
+
+/// An inbound connection past its checks, with its application socket.
+pub struct Admitted {
+    /// Counts it and lists it until it ends; its TCP reporting is undecided
+    /// until its protocol is known.
+    pub guard: ConnectionGuard,
+    /// Fires if a later policy revokes it.
+    pub cancel: CancellationToken,
+    /// The application's end, dialled inside the pod.
+    pub app: TcpStream,
+    /// Who is on each end.
+    pub peers: Peers,
+    /// What its authorization saw.
+    pub attrs: policy::Connection,
+    /// The Service port the destination serves, if any.
+    pub service: Option<Arc<ServicePortState>>,
+    /// How its bytes are treated ([`destination::inbound_protocol`]).
+    pub protocol: PortProtocol,
+}
+
+impl Admitted {
+    /// Whether the policies in force refuse it now that it is known not to
+    /// speak HTTP (an L7 rule cannot be met: Istio denies); logged and marked.
+    pub fn refused_as_opaque(&mut self, ctx: &InboundContext) -> bool {
+        let Some(local) = self.peers.destination.clone() else {
+            return false;
+        };
+        match ctx.policies.get().decide_opaque(&local, &self.attrs) {
+            Decision::Deny(why) => {
+                self.guard.fail("DENY");
+                log_denied(&local, &self.attrs, self.app_destination(), &why);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn app_destination(&self) -> SocketAddr {
+        SocketAddr::new(self.attrs.destination_ip, self.attrs.destination_port)
+    }
+
+    /// What serving its requests needs.
+    pub fn http_connection(
+        &self,
+        ctx: &InboundContext,
+        client: SocketAddr,
+        destination: SocketAddr,
+    ) -> destination::HttpConnection {
+        let metrics = &ctx.workload.metrics;
+        destination::HttpConnection {
+            labels: destination::request_labels(
+                metrics,
+                &self.peers,
+                self.service.as_ref().map(|s| &*s.service),
+                destination,
+            ),
+            metrics: metrics.clone(),
+            request_log: ctx.l7.request_log.clone(),
+            client,
+            policies: ctx.policies.clone(),
+            workload: self.peers.destination.clone(),
+            attrs: self.attrs.clone(),
+        }
+    }
 }
 
 /// The checks every inbound connection passes, tunnelled (`source` is the proven
@@ -122,10 +261,32 @@ pub async fn admit(
     source: Option<Identity>,
     peer: SocketAddr,
     destination: SocketAddr,
-) -> Result<(ConnectionGuard, CancellationToken, TcpStream), Refusal> {
-    let (mut guard, cancel) = authorize(ctx, source_workload, source, peer, destination)?;
+) -> Result<Admitted, Refusal> {
+    let service = ctx.l7.catalog.get().serving(destination);
+    let (mut guard, cancel, peers, attrs) = authorize_reporting(
+        ctx,
+        source_workload,
+        source,
+        peer,
+        destination,
+        service.as_ref().map(|s| s.service.clone()),
+        Reporting::Undecided,
+    )?;
+    let protocol = destination::inbound_protocol(
+        &ctx.l7.settings,
+        service.as_ref().map(|s| (s.protocol, s.port.port)),
+        destination.port(),
+    );
     match connect_in_pod(&ctx.workload, destination).await {
-        Ok(app) => Ok((guard, cancel, app)),
+        Ok(app) => Ok(Admitted {
+            guard,
+            cancel,
+            app,
+            peers,
+            attrs,
+            service,
+            protocol,
+        }),
         Err(e) => {
             guard.fail("UF");
             tracing::warn!(%destination, error = %e, "delivery to the application failed");
@@ -145,6 +306,42 @@ pub fn authorize(
     peer: SocketAddr,
     destination: SocketAddr,
 ) -> Result<(ConnectionGuard, CancellationToken), Refusal> {
+    let service = ctx
+        .l7
+        .catalog
+        .get()
+        .serving(destination)
+        .map(|s| s.service.clone());
+    authorize_reporting(
+        ctx,
+        source_workload,
+        source,
+        peer,
+        destination,
+        service,
+        Reporting::Tcp,
+    )
+    .map(|(guard, cancel, _, _)| (guard, cancel))
+}
+
+/// [`authorize`], reported as `reporting` says, naming `service` as the one reached.
+fn authorize_reporting(
+    ctx: &InboundContext,
+    source_workload: Option<Arc<WorkloadMeta>>,
+    source: Option<Identity>,
+    peer: SocketAddr,
+    destination: SocketAddr,
+    service: Option<Arc<Service>>,
+    reporting: Reporting,
+) -> Result<
+    (
+        ConnectionGuard,
+        CancellationToken,
+        Peers,
+        policy::Connection,
+    ),
+    Refusal,
+> {
     let w = &ctx.workload;
     let local = w.meta.read().expect("meta lock").clone();
     let peers = Peers {
@@ -153,28 +350,52 @@ pub fn authorize(
         source_principal: source.as_ref().map(Identity::to_string),
         destination: Some(local.clone()),
         mutual_tls: source.is_some(),
-        service: None,
+        service,
     };
-    let mut guard = ConnectionGuard::open(&w.connections, &w.metrics, peers, peer, destination);
+    let mut guard = ConnectionGuard::open_reporting(
+        &w.connections,
+        &w.metrics,
+        peers.clone(),
+        peer,
+        destination,
+        reporting,
+    );
     let attrs = policy::Connection {
         source,
         source_ip: peer.ip(),
+        destination_ip: destination.ip(),
         destination_port: destination.port(),
     };
-    if let Decision::Deny(why) = ctx.policies.get().decide(&local, &attrs) {
+    let policies = ctx.policies.get();
+    // A connection already known to be carried unread (a joined one handed
+    // over) cannot meet rules about HTTP; any other may still be HTTP.
+    let decision = match reporting {
+        Reporting::Tcp => policies.decide_opaque(&local, &attrs),
+        _ => policies.decide(&local, &attrs),
+    };
+    if let Decision::Deny(why) = decision {
         guard.fail("DENY");
-        tracing::info!(
-            workload = %local.key(),
-            source = attrs.source.as_ref().map_or("plaintext".to_owned(), Identity::to_string),
-            client = %peer,
-            %destination,
-            reason = %why,
-            "inbound connection denied by policy"
-        );
+        log_denied(&local, &attrs, destination, &why);
         return Err(Refusal::Denied);
     }
     // Registered before dialling, so a policy change meanwhile still revokes it.
     let cancel = CancellationToken::new();
-    guard.authorized(attrs, cancel.clone());
-    Ok((guard, cancel))
+    guard.authorized(attrs.clone(), cancel.clone());
+    Ok((guard, cancel, peers, attrs))
+}
+
+fn log_denied(
+    local: &WorkloadMeta,
+    attrs: &policy::Connection,
+    destination: SocketAddr,
+    why: &policy::Denial,
+) {
+    tracing::info!(
+        workload = %local.key(),
+        source = attrs.source.as_ref().map_or("plaintext".to_owned(), Identity::to_string),
+        client = %attrs.source_ip,
+        %destination,
+        reason = %why,
+        "inbound connection denied by policy"
+    );
 }

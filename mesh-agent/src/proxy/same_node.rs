@@ -31,10 +31,10 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::connections::{CarriedBy, ConnectionGuard, Peers};
+use crate::connections::{CarriedBy, ConnectionGuard, Peers, Reporting};
 use crate::handoff::{HandedOverJoined, JoinedRecord};
 use crate::node::splice::{Joined, SplicedBytes, kick, socket_cookie};
-use crate::proxy::inbound::{InboundContext, Refusal, admit, authorize};
+use crate::proxy::inbound::{Admitted, InboundContext, Refusal, admit, authorize};
 use crate::proxy::pod::{PodContext, Transport, reset};
 use crate::proxy::relay::{relay, shutdown_write, write_all};
 use crate::state::workload::WorkloadMeta;
@@ -202,7 +202,7 @@ pub async fn serve(
     let mut guard = ConnectionGuard::open(&ctx.connections, &ctx.metrics, peers, peer, destination);
     let _ = client.set_nodelay(true);
     let from = source_address(&ctx.ips, destination, peer);
-    let (dest_guard, cancel, app) = match admit(
+    let mut admitted = match admit(
         &dest,
         Some(source.clone()),
         Some(source.identity()),
@@ -221,6 +221,21 @@ pub async fn serve(
             return;
         }
     };
+    // Carried byte for byte: a TCP connection at both ends, which an
+    // AuthorizationPolicy about HTTP refuses (the fast path reads no requests).
+    admitted.guard.report(Reporting::Tcp);
+    if admitted.refused_as_opaque(&dest) {
+        guard.fail("DENY");
+        let _ = admitted.app.set_zero_linger();
+        reset(client);
+        return;
+    }
+    let Admitted {
+        guard: dest_guard,
+        cancel,
+        app,
+        ..
+    } = admitted;
     let _ = app.set_nodelay(true);
     let joined = match ctx.capture.splice.join(&client, &app) {
         Ok(joined) => joined,

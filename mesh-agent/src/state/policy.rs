@@ -1,9 +1,13 @@
-//! Peer authentication and L4 authorization, in the shape of Istio's
+//! Peer authentication and authorization, in the shape of Istio's
 //! `security.istio.io/v1` `PeerAuthentication` and `AuthorizationPolicy`, so
-//! existing L4 policies load unchanged.
+//! existing policies load unchanged.
 //!
 //! Both decisions are pure functions of the policies, the workload and the
-//! connection's attributes, kept apart from the I/O that enforces them.
+//! connection's (and, for rules about HTTP, the request's) attributes, kept
+//! apart from the I/O that enforces them. A rule about HTTP cannot be decided
+//! from a connection alone: such a connection is let through to be decided
+//! request by request ([`Decision::PerRequest`]), and one that turns out not
+//! to speak HTTP is decided as Istio does, failing closed ([`Policies::decide_opaque`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -122,7 +126,7 @@ pub fn effective_mtls_mode(w: &WorkloadMeta, policies: &[PeerAuthentication]) ->
     }
 }
 
-/// `ALLOW` or `DENY`.
+/// `ALLOW`, `DENY` or `AUDIT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
@@ -131,9 +135,11 @@ pub enum Action {
     Allow,
     /// Traffic matching a rule is denied, whatever else allows it.
     Deny,
+    /// Traffic matching a rule is logged; the decision is left to the others.
+    Audit,
 }
 
-/// An `AuthorizationPolicy` document (its L4 subset).
+/// An `AuthorizationPolicy` document (all but its JWT attributes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuthorizationPolicy {
     /// `metadata.name`.
@@ -158,6 +164,24 @@ pub struct Rule {
     /// Any of these operations.
     #[serde(default)]
     pub to: Vec<To>,
+    /// All of these conditions.
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+/// `rules[].when[]`: one attribute (`key`) and the values it must (or must not) have.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Condition {
+    /// `request.headers[<name>]`, `source.ip`, `remote.ip`, `source.namespace`,
+    /// `source.principal`, `destination.ip` or `destination.port`.
+    pub key: String,
+    /// Any of these matches (Istio's exact, `prefix*`, `*suffix` and `*`).
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// None of these may match.
+    #[serde(default)]
+    pub not_values: Vec<String>,
 }
 
 /// `rules[].from[]`.
@@ -201,16 +225,68 @@ pub struct Source {
     pub not_ip_blocks: Vec<String>,
 }
 
-/// What is being reached. Only ports exist at L4.
+/// What is being reached: a port, and for HTTP the host, method and path.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Operation {
+    /// Request hosts (`Host` or `:authority`), matched without case.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Hosts that must not match.
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
     /// Destination ports (strings, as in Istio).
     #[serde(default)]
     pub ports: Vec<String>,
     /// Ports that must not match.
     #[serde(default)]
     pub not_ports: Vec<String>,
+    /// Request methods.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Methods that must not match.
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    /// Request paths, without the query.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Paths that must not match.
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+impl Operation {
+    /// Whether any of its fields needs an HTTP request to be decided.
+    fn is_http(&self) -> bool {
+        [
+            &self.hosts,
+            &self.not_hosts,
+            &self.methods,
+            &self.not_methods,
+            &self.paths,
+            &self.not_paths,
+        ]
+        .iter()
+        .any(|v| !v.is_empty())
+    }
+}
+
+/// The `when` keys that need no JWT; `request.headers[...]` is the only one
+/// about HTTP.
+const CONDITION_KEYS: [&str; 6] = [
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+];
+
+/// The header a `request.headers[<name>]` key names.
+fn header_key(key: &str) -> Option<&str> {
+    key.strip_prefix("request.headers[")
+        .and_then(|k| k.strip_suffix(']'))
+        .filter(|k| http::HeaderName::from_bytes(k.as_bytes()).is_ok())
 }
 
 /// Raw `spec` of an AuthorizationPolicy, parsed strictly.
@@ -235,10 +311,11 @@ impl AuthorizationPolicy {
         let action = match raw.action.as_deref().unwrap_or("ALLOW") {
             "ALLOW" => Action::Allow,
             "DENY" => Action::Deny,
+            "AUDIT" => Action::Audit,
             other => {
                 return Err((
                     "spec.action".into(),
-                    format!("{other:?} is not supported (ALLOW or DENY)"),
+                    format!("{other:?} is not supported (ALLOW, DENY or AUDIT)"),
                 ));
             }
         };
@@ -266,6 +343,38 @@ impl AuthorizationPolicy {
                     }
                 }
             }
+            for (j, c) in rule.when.iter().enumerate() {
+                let field = format!("spec.rules[{i}].when[{j}]");
+                if header_key(&c.key).is_none() && !CONDITION_KEYS.contains(&c.key.as_str()) {
+                    let why = if c.key.starts_with("request.auth.") {
+                        "needs a JWT, which the mesh does not check".to_owned()
+                    } else {
+                        format!(
+                            "is not supported (request.headers[<name>], {})",
+                            CONDITION_KEYS.join(", ")
+                        )
+                    };
+                    return Err((format!("{field}.key"), format!("{:?} {why}", c.key)));
+                }
+                if c.values.is_empty() && c.not_values.is_empty() {
+                    return Err((field, "needs values or notValues".into()));
+                }
+                let ip_key = matches!(c.key.as_str(), "source.ip" | "remote.ip" | "destination.ip");
+                for v in c.values.iter().chain(&c.not_values) {
+                    if ip_key && parse_block(v).is_none() {
+                        return Err((
+                            format!("{field}.values"),
+                            format!("{v:?} is not an IP address or CIDR"),
+                        ));
+                    }
+                    if c.key == "destination.port" && v.parse::<u16>().is_err() {
+                        return Err((
+                            format!("{field}.values"),
+                            format!("{v:?} is not a port number"),
+                        ));
+                    }
+                }
+            }
         }
         Ok(AuthorizationPolicy {
             name,
@@ -281,8 +390,21 @@ impl AuthorizationPolicy {
         in_scope && self.selector.as_ref().is_none_or(|s| s.selects(w))
     }
 
-    fn matches(&self, c: &Connection) -> bool {
-        self.rules.iter().any(|r| r.matches(c))
+    fn matches(&self, c: &Connection, r: Option<&Request<'_>>) -> Match {
+        Match::any(self.rules.iter().map(|rule| rule.matches(c, r)))
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether any rule needs an HTTP request to be decided.
+    pub fn is_http(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.to.iter().any(|t| t.operation.is_http())
+                || r.when.iter().any(|c| header_key(&c.key).is_some())
+        })
     }
 }
 
@@ -293,49 +415,185 @@ pub struct Connection {
     pub source: Option<Identity>,
     /// The peer's address.
     pub source_ip: IpAddr,
+    /// The destination address on the workload.
+    pub destination_ip: IpAddr,
     /// The destination port on the workload.
     pub destination_port: u16,
 }
 
-impl Rule {
-    fn matches(&self, c: &Connection) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|f| f.source.matches(c)))
-            && (self.to.is_empty() || self.to.iter().any(|t| t.operation.matches(c)))
+/// What is known of one HTTP request when it is authorized.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// `GET`, `POST`...
+    pub method: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// `Host` or `:authority`.
+    pub host: &'a str,
+    /// The request headers.
+    pub headers: &'a http::HeaderMap,
+}
+
+/// Whether a rule matches, when part of it may be about a request not yet seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Match {
+    Yes,
+    No,
+    /// Only the request can tell.
+    Unknown,
+}
+
+impl Match {
+    fn of(b: bool) -> Self {
+        if b { Match::Yes } else { Match::No }
     }
+
+    /// Any of them: yes if one is, unknown if one might be.
+    fn any(items: impl Iterator<Item = Match>) -> Self {
+        let mut out = Match::No;
+        for m in items {
+            match m {
+                Match::Yes => return Match::Yes,
+                Match::Unknown => out = Match::Unknown,
+                Match::No => {}
+            }
+        }
+        out
+    }
+
+    /// All of them: no if one is not, unknown if one might not be.
+    fn all(items: impl Iterator<Item = Match>) -> Self {
+        let mut out = Match::Yes;
+        for m in items {
+            match m {
+                Match::No => return Match::No,
+                Match::Unknown => out = Match::Unknown,
+                Match::Yes => {}
+            }
+        }
+        out
+    }
+}
+
+impl Rule {
+    fn matches(&self, c: &Connection, r: Option<&Request<'_>>) -> Match {
+        let from = if self.from.is_empty() {
+            Match::Yes
+        } else {
+            Match::of(self.from.iter().any(|f| f.source.matches(c)))
+        };
+        let to = if self.to.is_empty() {
+            Match::Yes
+        } else {
+            Match::any(self.to.iter().map(|t| t.operation.matches(c, r)))
+        };
+        let when = Match::all(self.when.iter().map(|w| w.matches(c, r)));
+        Match::all([from, to, when].into_iter())
+    }
+}
+
+/// Istio writes principals without the scheme.
+fn principal_of(c: &Connection) -> Option<String> {
+    c.source
+        .as_ref()
+        .map(|id| id.to_string().trim_start_matches("spiffe://").to_owned())
+}
+
+/// Whether `value` matches any of `patterns` (a missing value matches none).
+fn any_glob(patterns: &[String], value: Option<&str>) -> bool {
+    value.is_some_and(|v| patterns.iter().any(|p| glob(p, v)))
+}
+
+fn in_blocks(blocks: &[String], ip: IpAddr) -> bool {
+    blocks
+        .iter()
+        .filter_map(|b| parse_block(b))
+        .any(|net| net.contains(&ip))
+}
+
+/// `values` (any, when given) and `notValues` (none) of one attribute.
+fn values_match(values: &[String], not_values: &[String], hit: impl Fn(&[String]) -> bool) -> bool {
+    (values.is_empty() || hit(values)) && !hit(not_values)
 }
 
 impl Source {
     fn matches(&self, c: &Connection) -> bool {
-        // Istio writes principals without the scheme.
-        let principal = c
-            .source
-            .as_ref()
-            .map(|id| id.to_string().trim_start_matches("spiffe://").to_owned());
+        let principal = principal_of(c);
         let namespace = c.source.as_ref().map(|id| id.namespace.clone());
-        let any = |patterns: &[String], value: &Option<String>| {
-            value
-                .as_deref()
-                .is_some_and(|v| patterns.iter().any(|p| glob(p, v)))
-        };
-        let in_blocks = |blocks: &[String]| {
-            blocks
-                .iter()
-                .filter_map(|b| parse_block(b))
-                .any(|net| net.contains(&c.source_ip))
-        };
-        (self.principals.is_empty() || any(&self.principals, &principal))
-            && !any(&self.not_principals, &principal)
-            && (self.namespaces.is_empty() || any(&self.namespaces, &namespace))
-            && !any(&self.not_namespaces, &namespace)
-            && (self.ip_blocks.is_empty() || in_blocks(&self.ip_blocks))
-            && !in_blocks(&self.not_ip_blocks)
+        values_match(&self.principals, &self.not_principals, |p| {
+            any_glob(p, principal.as_deref())
+        }) && values_match(&self.namespaces, &self.not_namespaces, |p| {
+            any_glob(p, namespace.as_deref())
+        }) && values_match(&self.ip_blocks, &self.not_ip_blocks, |b| {
+            in_blocks(b, c.source_ip)
+        })
     }
 }
 
 impl Operation {
-    fn matches(&self, c: &Connection) -> bool {
+    fn matches(&self, c: &Connection, r: Option<&Request<'_>>) -> Match {
         let port = c.destination_port.to_string();
-        (self.ports.is_empty() || self.ports.contains(&port)) && !self.not_ports.contains(&port)
+        let ports = values_match(&self.ports, &self.not_ports, |p| p.contains(&port));
+        if !ports {
+            return Match::No;
+        }
+        if !self.is_http() {
+            return Match::Yes;
+        }
+        let Some(r) = r else {
+            return Match::Unknown;
+        };
+        let host = r.host.to_ascii_lowercase();
+        // `hosts` match the authority as sent, and without its port.
+        let bare = host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.parse::<u16>().is_ok())
+            .map_or(host.as_str(), |(h, _)| h);
+        let host_hit = |patterns: &[String]| {
+            patterns.iter().any(|p| {
+                let p = p.to_ascii_lowercase();
+                glob(&p, &host) || glob(&p, bare)
+            })
+        };
+        Match::of(
+            values_match(&self.hosts, &self.not_hosts, host_hit)
+                && values_match(&self.methods, &self.not_methods, |m| {
+                    m.iter().any(|m| m == r.method)
+                })
+                && values_match(&self.paths, &self.not_paths, |p| any_glob(p, Some(r.path))),
+        )
+    }
+}
+
+impl Condition {
+    fn matches(&self, c: &Connection, r: Option<&Request<'_>>) -> Match {
+        let (values, not) = (&self.values, &self.not_values);
+        if let Some(name) = header_key(&self.key) {
+            let Some(r) = r else {
+                return Match::Unknown;
+            };
+            let header = r.headers.get(name).and_then(|v| v.to_str().ok());
+            return Match::of(values_match(values, not, |p| any_glob(p, header)));
+        }
+        let hit = match self.key.as_str() {
+            "source.ip" | "remote.ip" => values_match(values, not, |b| in_blocks(b, c.source_ip)),
+            "destination.ip" => values_match(values, not, |b| in_blocks(b, c.destination_ip)),
+            "destination.port" => {
+                let port = c.destination_port.to_string();
+                values_match(values, not, |p| p.contains(&port))
+            }
+            "source.principal" => {
+                let principal = principal_of(c);
+                values_match(values, not, |p| any_glob(p, principal.as_deref()))
+            }
+            "source.namespace" => {
+                let namespace = c.source.as_ref().map(|id| id.namespace.as_str());
+                values_match(values, not, |p| any_glob(p, namespace))
+            }
+            // Rejected when the policy is loaded.
+            _ => false,
+        };
+        Match::of(hit)
     }
 }
 
@@ -358,35 +616,122 @@ fn parse_block(block: &str) -> Option<IpNet> {
         .or_else(|| block.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
-/// The authorization decision for one connection.
+/// The authorization decision for one connection or request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Let it through.
     Allow,
-    /// Refuse it, naming the policy that decided (`namespace/name`) or why none allowed it.
-    Deny(String),
+    /// Refuse it.
+    Deny(Denial),
+    /// Let the connection through, and decide each of its requests: a rule
+    /// about HTTP may still allow or deny them.
+    PerRequest,
+}
+
+/// Why traffic was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// The policy that decided (`namespace/name`); `None` when no ALLOW
+    /// policy matched or peer authentication refused.
+    pub policy: Option<String>,
+    /// Said in logs and by `debug explain`.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl Decision {
+    fn deny(policy: Option<String>, reason: String) -> Self {
+        Decision::Deny(Denial { policy, reason })
+    }
+}
+
+/// What a decision knows of the traffic.
+#[derive(Debug, Clone, Copy)]
+enum Facts<'a> {
+    /// A new connection: rules about HTTP are left to its requests.
+    Connection,
+    /// A connection that does not speak HTTP: rules about HTTP can never be
+    /// met, so an ALLOW rule with them allows nothing and a DENY rule with
+    /// them denies (Istio's fail-closed reading).
+    Opaque,
+    /// One request.
+    Request(&'a Request<'a>),
 }
 
 /// Istio's order: any matching DENY denies; with no ALLOW policy for the workload
 /// everything else is allowed; otherwise a matching ALLOW is needed.
-pub fn authorize(w: &WorkloadMeta, policies: &[AuthorizationPolicy], c: &Connection) -> Decision {
+fn decide_with(
+    w: &WorkloadMeta,
+    policies: &[AuthorizationPolicy],
+    c: &Connection,
+    facts: Facts<'_>,
+) -> Decision {
+    let request = match facts {
+        Facts::Request(r) => Some(r),
+        _ => None,
+    };
     let applicable: Vec<&AuthorizationPolicy> =
         policies.iter().filter(|p| p.applies_to(w)).collect();
-    if let Some(p) = applicable
-        .iter()
-        .find(|p| p.action == Action::Deny && p.matches(c))
-    {
-        return Decision::Deny(format!("denied by {}/{}", p.namespace, p.name));
+    let mut pending = false;
+    for p in applicable.iter().filter(|p| p.action == Action::Deny) {
+        match (p.matches(c, request), facts) {
+            (Match::Yes, _) | (Match::Unknown, Facts::Opaque) => {
+                let reason = match facts {
+                    Facts::Opaque if p.is_http() => format!(
+                        "denied by {}, whose rules about HTTP a connection that does not speak it cannot meet",
+                        p.key()
+                    ),
+                    _ => format!("denied by {}", p.key()),
+                };
+                return Decision::deny(Some(p.key()), reason);
+            }
+            (Match::Unknown, _) => pending = true,
+            (Match::No, _) => {}
+        }
     }
     let allows: Vec<&&AuthorizationPolicy> = applicable
         .iter()
         .filter(|p| p.action == Action::Allow)
         .collect();
-    if allows.is_empty() || allows.iter().any(|p| p.matches(c)) {
-        Decision::Allow
+    let allowed = if allows.is_empty() {
+        Match::Yes
     } else {
-        Decision::Deny("no ALLOW policy matched".into())
+        let found = Match::any(allows.iter().map(|p| p.matches(c, request)));
+        match (found, facts) {
+            (Match::Unknown, Facts::Opaque) => Match::No,
+            (found, _) => found,
+        }
+    };
+    match allowed {
+        Match::No => Decision::deny(None, "no ALLOW policy matched".into()),
+        Match::Unknown => Decision::PerRequest,
+        Match::Yes if pending => Decision::PerRequest,
+        Match::Yes => Decision::Allow,
     }
+}
+
+/// The decision for a new connection (see [`Decision`]).
+pub fn authorize(w: &WorkloadMeta, policies: &[AuthorizationPolicy], c: &Connection) -> Decision {
+    decide_with(w, policies, c, Facts::Connection)
+}
+
+/// The AUDIT policies a request (or, with `None`, a connection) matches.
+pub fn audits<'p>(
+    w: &WorkloadMeta,
+    policies: &'p [AuthorizationPolicy],
+    c: &Connection,
+    r: Option<&Request<'_>>,
+) -> Vec<&'p AuthorizationPolicy> {
+    policies
+        .iter()
+        .filter(|p| p.action == Action::Audit && p.applies_to(w))
+        .filter(|p| p.matches(c, r) == Match::Yes)
+        .collect()
 }
 
 /// The policies in force, swapped whole on every config apply.
@@ -424,12 +769,29 @@ impl PolicyStore {
 impl Policies {
     /// Whether an inbound connection to `w` may continue under these policies.
     pub fn decide(&self, w: &WorkloadMeta, c: &Connection) -> Decision {
+        self.decide_facts(w, c, Facts::Connection)
+    }
+
+    /// The decision for a connection to `w` known not to speak HTTP.
+    pub fn decide_opaque(&self, w: &WorkloadMeta, c: &Connection) -> Decision {
+        self.decide_facts(w, c, Facts::Opaque)
+    }
+
+    /// The decision for one request on a connection to `w`.
+    pub fn decide_request(&self, w: &WorkloadMeta, c: &Connection, r: &Request<'_>) -> Decision {
+        self.decide_facts(w, c, Facts::Request(r))
+    }
+
+    fn decide_facts(&self, w: &WorkloadMeta, c: &Connection, facts: Facts<'_>) -> Decision {
         if c.source.is_none()
             && effective_mtls_mode(w, &self.peer_authentications) == MtlsMode::Strict
         {
-            return Decision::Deny("plaintext refused: PeerAuthentication mode is STRICT".into());
+            return Decision::deny(
+                None,
+                "plaintext refused: PeerAuthentication mode is STRICT".into(),
+            );
         }
-        authorize(w, &self.authorization_policies, c)
+        decide_with(w, &self.authorization_policies, c, facts)
     }
 }
 
@@ -453,6 +815,7 @@ mod tests {
         Connection {
             source: Some(Identity::new("cluster.local", ns, sa)),
             source_ip: ip.parse().unwrap(),
+            destination_ip: "10.1.0.5".parse().unwrap(),
             destination_port: port,
         }
     }
@@ -461,6 +824,7 @@ mod tests {
         Connection {
             source: None,
             source_ip: ip.parse().unwrap(),
+            destination_ip: "10.1.0.5".parse().unwrap(),
             destination_port: port,
         }
     }
@@ -485,7 +849,7 @@ mod tests {
     fn from(source: Source) -> Rule {
         Rule {
             from: vec![From { source }],
-            to: vec![],
+            ..Rule::default()
         }
     }
 
@@ -507,13 +871,13 @@ mod tests {
             Action::Deny,
             None,
             vec![Rule {
-                from: vec![],
                 to: vec![To {
                     operation: Operation {
                         ports: vec!["9".into()],
                         ..Operation::default()
                     },
                 }],
+                ..Rule::default()
             }],
         );
         let deny_block = policy(
@@ -537,7 +901,12 @@ mod tests {
         let deny_all_allow = policy("backend", Action::Allow, None, vec![]);
         let other_ns = policy("frontend", Action::Allow, None, vec![]);
         let allow = Decision::Allow;
-        let deny = |why: &str| Decision::Deny(why.into());
+        let deny = |why: &str| {
+            Decision::Deny(Denial {
+                policy: why.strip_prefix("denied by ").map(str::to_owned),
+                reason: why.into(),
+            })
+        };
         let none = "no ALLOW policy matched";
         let cases: Vec<(&str, Vec<AuthorizationPolicy>, Connection, Decision)> = vec![
             (
@@ -615,6 +984,207 @@ mod tests {
         ];
         for (name, policies, conn, expected) in cases {
             assert_eq!(authorize(&api, &policies, &conn), expected, "{name}");
+        }
+    }
+
+    /// Parses one AuthorizationPolicy the way the config loader does.
+    fn parse(ns: &str, spec: &str) -> Result<AuthorizationPolicy, (String, String)> {
+        let raw: RawAuthorizationPolicySpec = serde_yaml_ng::from_str(spec).expect("yaml");
+        AuthorizationPolicy::from_raw("p".into(), ns.into(), raw)
+    }
+
+    #[test]
+    fn http_rules_are_decided_per_request_and_fail_closed_without_http() {
+        let api = workload("backend", "api");
+        let allow_get_api = parse(
+            "backend",
+            "action: ALLOW\nrules:\n- from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]\n  to: [{operation: {methods: [GET], paths: [/api/*]}}]\n",
+        )
+        .unwrap();
+        let deny_header = parse(
+            "backend",
+            "action: DENY\nrules:\n- when: [{key: 'request.headers[x-block]', values: ['yes']}]\n",
+        )
+        .unwrap();
+        let deny_not_admin_host = parse(
+            "backend",
+            "action: DENY\nrules:\n- to: [{operation: {notHosts: ['api.backend*'], paths: [/admin]}}]\n",
+        )
+        .unwrap();
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        let web = peer("shop", "web", "10.0.0.1", 80);
+        let other = peer("shop", "cart", "10.0.0.1", 80);
+        let none = headers(&[]);
+        let blocked = headers(&[("x-block", "yes")]);
+        let req = |method, path, host, h| Request {
+            method,
+            path,
+            host,
+            headers: h,
+        };
+        let get_api = req("GET", "/api/x", "api:80", &none);
+        let post_api = req("POST", "/api/x", "api:80", &none);
+        let get_admin = req("GET", "/admin", "api:80", &none);
+        let get_api_blocked = req("GET", "/api/x", "api:80", &blocked);
+        let allow = Decision::Allow;
+        fn denied(policy: Option<&'static str>) -> impl Fn(&Decision) -> bool {
+            move |d| matches!(d, Decision::Deny(x) if x.policy.as_deref() == policy)
+        }
+        let ps = |v: &[&AuthorizationPolicy]| v.iter().map(|p| (*p).clone()).collect::<Vec<_>>();
+        let both = ps(&[&allow_get_api, &deny_header]);
+
+        // A new connection: the HTTP rules are left to its requests.
+        assert_eq!(authorize(&api, &both, &web), Decision::PerRequest);
+        // Another principal can never match the ALLOW rule: denied at once.
+        assert!(denied(None)(&authorize(&api, &both, &other)));
+        // `None`: allowed; `Some(policy)`: denied by it (`None` inside: by no ALLOW matching).
+        let cases: [(
+            &str,
+            &Connection,
+            &Request<'_>,
+            Option<Option<&'static str>>,
+        ); 5] = [
+            ("GET /api/x allowed", &web, &get_api, None),
+            (
+                "POST refused by the ALLOW's methods",
+                &web,
+                &post_api,
+                Some(None),
+            ),
+            (
+                "/admin refused by the ALLOW's paths",
+                &web,
+                &get_admin,
+                Some(None),
+            ),
+            ("another principal refused", &other, &get_api, Some(None)),
+            (
+                "a DENY on a header wins",
+                &web,
+                &get_api_blocked,
+                Some(Some("backend/p")),
+            ),
+        ];
+        for (name, conn, request, expected) in cases {
+            let d = decide_with(&api, &both, conn, Facts::Request(request));
+            match expected {
+                None => assert_eq!(d, allow, "{name}"),
+                Some(policy) => assert!(denied(policy)(&d), "{name}: {d:?}"),
+            }
+        }
+        // Not HTTP: the ALLOW cannot match, the DENY about headers denies.
+        assert!(denied(None)(&decide_with(
+            &api,
+            &ps(&[&allow_get_api]),
+            &web,
+            Facts::Opaque
+        )));
+        assert!(denied(Some("backend/p"))(&decide_with(
+            &api,
+            &ps(&[&deny_header]),
+            &web,
+            Facts::Opaque
+        )));
+        // notHosts: hosts are matched without case and without their port.
+        let d = ps(&[&deny_not_admin_host]);
+        let admin_other_host = req("GET", "/admin", "Other:80", &none);
+        let admin_api_host = req("GET", "/admin", "API.backend.svc:8080", &none);
+        assert!(denied(Some("backend/p"))(&decide_with(
+            &api,
+            &d,
+            &web,
+            Facts::Request(&admin_other_host)
+        )));
+        assert_eq!(
+            decide_with(&api, &d, &web, Facts::Request(&admin_api_host)),
+            allow
+        );
+    }
+
+    #[test]
+    fn when_conditions_and_audit() {
+        let api = workload("backend", "api");
+        let cases = [
+            ("key: source.namespace\n    values: [shop]", true),
+            ("key: source.namespace\n    notValues: [shop]", false),
+            (
+                "key: source.principal\n    values: ['cluster.local/ns/shop/*']",
+                true,
+            ),
+            ("key: source.ip\n    values: [10.0.0.0/8]", true),
+            ("key: remote.ip\n    notValues: [10.0.0.1]", false),
+            ("key: destination.port\n    values: ['80']", true),
+            ("key: destination.ip\n    values: [10.1.0.5]", true),
+        ];
+        for (condition, matches) in cases {
+            let p = parse(
+                "backend",
+                &format!("action: DENY\nrules:\n- when:\n  - {condition}\n"),
+            )
+            .unwrap();
+            let d = authorize(&api, &[p], &peer("shop", "web", "10.0.0.1", 80));
+            assert_eq!(
+                matches!(d, Decision::Deny(_)),
+                matches,
+                "{condition}: {d:?}"
+            );
+        }
+        let audit = parse(
+            "backend",
+            "action: AUDIT\nrules:\n- to: [{operation: {methods: [DELETE]}}]\n",
+        )
+        .unwrap();
+        let headers = http::HeaderMap::new();
+        let delete = Request {
+            method: "DELETE",
+            path: "/",
+            host: "api",
+            headers: &headers,
+        };
+        let conn = peer("shop", "web", "10.0.0.1", 80);
+        let policies = [audit];
+        // AUDIT never decides; it is only reported.
+        assert_eq!(
+            decide_with(&api, &policies, &conn, Facts::Request(&delete)),
+            Decision::Allow
+        );
+        assert_eq!(audits(&api, &policies, &conn, Some(&delete)).len(), 1);
+    }
+
+    #[test]
+    fn unsupported_or_malformed_rules_are_rejected_with_their_field() {
+        let cases = [
+            ("action: CUSTOM\n", "spec.action"),
+            (
+                "rules:\n- when: [{key: 'request.auth.claims[iss]', values: [x]}]\n",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "rules:\n- when: [{key: connection.sni, values: [x]}]\n",
+                "spec.rules[0].when[0].key",
+            ),
+            (
+                "rules:\n- when: [{key: source.ip, values: [not-an-ip]}]\n",
+                "spec.rules[0].when[0].values",
+            ),
+            (
+                "rules:\n- when: [{key: destination.port, values: ['80x']}]\n",
+                "spec.rules[0].when[0].values",
+            ),
+            (
+                "rules:\n- when: [{key: source.namespace}]\n",
+                "spec.rules[0].when[0]",
+            ),
+        ];
+        for (spec, field) in cases {
+            let err = parse("backend", spec).expect_err(spec);
+            assert_eq!(err.0, field, "{spec}: {err:?}");
         }
     }
 

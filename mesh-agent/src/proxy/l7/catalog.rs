@@ -86,6 +86,9 @@ impl RateLimiter {
 pub struct Catalog {
     by_vip: HashMap<SocketAddr, Arc<ServicePortState>>,
     by_name: HashMap<(String, String, u16), Arc<ServicePortState>>,
+    /// Endpoint address to the Service port it serves (the first Service in
+    /// config order when several select it), for the destination side.
+    by_endpoint: HashMap<SocketAddr, Arc<ServicePortState>>,
     faults: HashMap<(String, String), Arc<FaultInjection>>,
     rate_limits: HashMap<(String, String), Arc<RateLimiter>>,
     routes: Vec<Arc<HttpRoute>>,
@@ -95,6 +98,12 @@ impl Catalog {
     /// The Service port behind a VIP address, if it is one.
     pub fn resolve(&self, vip: SocketAddr) -> Option<Arc<ServicePortState>> {
         self.by_vip.get(&vip).cloned()
+    }
+
+    /// The Service port an endpoint address serves, if any: how the destination
+    /// side names the Service of traffic it receives for a pod.
+    pub fn serving(&self, endpoint: SocketAddr) -> Option<Arc<ServicePortState>> {
+        self.by_endpoint.get(&endpoint).cloned()
     }
 
     /// A backend Service port by name.
@@ -174,6 +183,7 @@ impl Catalog {
             for port in &svc.ports {
                 let vip = svc.cluster_ips[0];
                 let endpoints = service::endpoints(svc, port, vip, selectable, svc_slices);
+                let endpoint_addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
                 let key = (svc.namespace.clone(), svc.name.clone(), port.port);
                 let balancer = match previous.by_name.get(&key) {
                     Some(old) => {
@@ -215,6 +225,12 @@ impl Catalog {
                     catalog
                         .by_vip
                         .insert(SocketAddr::new(*ip, port.port), state.clone());
+                }
+                for addr in endpoint_addrs {
+                    catalog
+                        .by_endpoint
+                        .entry(addr)
+                        .or_insert_with(|| state.clone());
                 }
                 catalog.by_name.insert(key, state);
             }

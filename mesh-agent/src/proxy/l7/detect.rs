@@ -76,6 +76,32 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> io::Result<(Detecte
     }
 }
 
+/// [`sniff`] for any byte stream (a tunnel stream, for one): reads until the
+/// protocol is known, EOF, or `timeout`, and returns every byte read.
+pub async fn sniff_io<C>(stream: &mut C, timeout: Duration) -> io::Result<(Detected, Vec<u8>)>
+where
+    C: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 4096];
+        // Reads of tokio streams are cancel-safe: a timed-out read took no bytes.
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return Ok((Detected::Opaque, buf)),
+            Ok(read) => read?,
+        };
+        if n == 0 {
+            return Ok((Detected::Opaque, buf));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(detected) = classify(&buf) {
+            return Ok((detected, buf));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,11 @@
 pub mod balance;
 pub mod budget;
 pub mod catalog;
+pub mod destination;
 pub mod detect;
+pub mod forward;
 pub mod proxy;
+pub mod record;
 pub mod upstream;
 
 use std::time::Duration;

@@ -4,35 +4,32 @@
 //! and the request log line when the response body ends or is dropped.
 
 use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::connections::{ByteCounter, ConnectionGuard, Peers};
+use crate::connections::{ConnectionGuard, Peers, Reporting};
 use crate::drain::serve_until_drained;
-use crate::metrics::{
-    DestinationLabels, DestinationServiceLabels, HttpLabels, Metrics, SourceLabels,
-};
+use crate::metrics::{DestinationServiceLabels, HttpLabels};
 use crate::proxy::l7::PodL7;
-use crate::proxy::l7::balance::{NoEndpoint, Outcome, Pick};
+use crate::proxy::l7::balance::{NoEndpoint, Outcome};
 use crate::proxy::l7::budget::backoff;
 use crate::proxy::l7::catalog::{Catalog, ServicePortState};
 use crate::proxy::l7::detect::{Detected, sniff};
+use crate::proxy::l7::forward::{finish_response, is_upgrade, strip_hop_by_hop};
+use crate::proxy::l7::record::{
+    MeteredIo, ObservedBody, RequestRecord, full, local, request_protocol,
+};
 use crate::proxy::l7::upstream::ProxyBody;
 use crate::proxy::pod::{MutualTls, connect, relay_to};
 use crate::proxy::pod::{reset, transport};
@@ -169,7 +166,15 @@ async fn serve_http(
     protocol: Detected,
 ) {
     let source = peers.source.clone().expect("outbound peers have a source");
-    let guard = ConnectionGuard::open(&ctx.pod.connections, &ctx.pod.metrics, peers, peer, vip);
+    // Its requests are reported, each with its own endpoint and security.
+    let guard = ConnectionGuard::open_reporting(
+        &ctx.pod.connections,
+        &ctx.pod.metrics,
+        peers,
+        peer,
+        vip,
+        Reporting::Requests,
+    );
     let io = TokioIo::new(MeteredIo {
         prefix: Bytes::from(prefix),
         stream: client,
@@ -236,7 +241,22 @@ async fn handle(
     conn: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let catalog = conn.ctx.l7.catalog.get();
-    let mut record = RequestRecord::new(&conn, &req);
+    let metrics = &conn.ctx.pod.metrics;
+    let labels = HttpLabels {
+        reporter: "source",
+        source: metrics.source_labels(Some(&conn.source), conn.principal.clone()),
+        destination: metrics.destination_labels(None),
+        service: DestinationServiceLabels::address(conn.vip),
+        request_protocol: request_protocol(req.headers()),
+        response_code: 0,
+        grpc_response_status: String::new(),
+        // Until a response exists, a dropped record means the client went away.
+        response_flags: "DC",
+        connection_security_policy: "none",
+        route: "default".into(),
+    };
+    let log = conn.ctx.l7.request_log.clone();
+    let mut record = RequestRecord::new(metrics.clone(), labels, log, &req, conn.client);
     let Some(target) = catalog.resolve(conn.vip) else {
         return Ok(record.reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -244,29 +264,9 @@ async fn handle(
             format!("{} is no longer a Service address", conn.vip),
         ));
     };
-    record.labels.service = DestinationServiceLabels::of(&target.service);
+    record.labels_mut().service = DestinationServiceLabels::of(&target.service);
     let response = route_request(req, &conn, &catalog, &target, &mut record).await;
     Ok(record.respond(response))
-}
-
-/// A response the agent makes itself, with a body that says why.
-fn local(
-    status: StatusCode,
-    flags: &'static str,
-    why: String,
-) -> (Response<ProxyBody>, &'static str) {
-    let body = format!("{why} (response_flags {flags})\n");
-    let mut resp = Response::new(full(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    (resp, flags)
-}
-
-fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 fn roll(percent: u32) -> bool {
@@ -304,7 +304,7 @@ async fn route_request(
     let prefix = rule
         .and_then(|r| route::matched_prefix(r, &facts))
         .map(str::to_owned);
-    record.labels.route = route.map(|r| r.key()).unwrap_or_else(|| "default".into());
+    record.labels_mut().route = route.map(|r| r.key()).unwrap_or_else(|| "default".into());
     let mut response_edits = Vec::new();
     let mut mirror = None;
     if let (Some(route), Some(rule)) = (route, rule) {
@@ -420,16 +420,10 @@ async fn route_request(
             }
         }
     };
-    record.labels.service = DestinationServiceLabels::of(&backend.service);
+    record.labels_mut().service = DestinationServiceLabels::of(&backend.service);
 
     ensure_traceparent(&mut parts.headers);
-    if let Some((_, line)) = &mut record.log {
-        line.traceparent = parts
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-    }
+    record.set_traceparent(&parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
 
     // Buffer small bodies so they can be resent; stream everything else once.
@@ -437,7 +431,7 @@ async fn route_request(
         && (body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= REPLAY_LIMIT));
     let counted = ObservedBody {
         inner: body,
-        observer: record.request_bytes.clone(),
+        observer: record.request_body_counter(),
     };
     let (buffered, mut streaming) = if replayable {
         match Limited::new(counted, REPLAY_LIMIT as usize).collect().await {
@@ -509,7 +503,7 @@ async fn route_request(
                     );
                 }
             };
-            record.set_destination(&pick);
+            record.set_upstream(pick.endpoint().workload.as_deref(), pick.endpoint().addr);
             let body = match (&buffered, streaming.take()) {
                 (Some(b), _) => full(b.clone()),
                 (None, Some(s)) => s,
@@ -601,7 +595,7 @@ async fn route_request(
             }
             return match outcome {
                 Ok(resp) => {
-                    record.labels.connection_security_policy =
+                    record.labels_mut().connection_security_policy =
                         if resp.extensions().get::<MutualTls>().is_some_and(|m| m.0) {
                             "mutual_tls"
                         } else {
@@ -645,35 +639,6 @@ fn endpoint_uri(addr: SocketAddr, original: &Uri) -> Uri {
         .expect("socket address and path form a URI")
 }
 
-fn finish_response(
-    resp: Response<Incoming>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    edits: &[&route::HeaderModifier],
-) -> Response<ProxyBody> {
-    let mut resp = resp;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
-                    let mut client = TokioIo::new(client);
-                    let mut upstream = TokioIo::new(upstream);
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-            }
-        });
-    } else {
-        strip_hop_by_hop(resp.headers_mut(), false);
-    }
-    for edit in edits {
-        edit.apply(resp.headers_mut());
-    }
-    resp.map(|b| b.map_err(Into::into).boxed())
-}
-
 fn redirect(
     r: &route::Redirect,
     parts: &http::request::Parts,
@@ -711,42 +676,6 @@ fn redirect(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
-}
-
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.to_ascii_lowercase().contains("upgrade"))
-        })
-}
-
-/// Removes connection-specific headers; an upgrade keeps `Connection: upgrade` and `Upgrade`.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && *n == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
-        headers.remove(name);
-    }
-    if !upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    }
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes() != b"trailers")
-    {
-        headers.remove(header::TE);
-    }
 }
 
 /// W3C trace context: kept as sent (with B3 headers), created when absent.
@@ -794,342 +723,9 @@ fn send_mirror(
     });
 }
 
-/// Records one request on drop: Istio's request metrics and, if enabled, a JSON
-/// request-log line. Lives in the response body, so streamed responses are
-/// measured to their end.
-pub struct RequestRecord {
-    metrics: Arc<Metrics>,
-    labels: HttpLabels,
-    started: Instant,
-    started_wall: SystemTime,
-    request_bytes: Arc<AtomicU64>,
-    response_bytes: u64,
-    log: Option<(tracing_appender::non_blocking::NonBlocking, RequestLine)>,
-}
-
-struct RequestLine {
-    method: String,
-    path: String,
-    authority: String,
-    client: SocketAddr,
-    upstream: Option<SocketAddr>,
-    traceparent: Option<String>,
-}
-
-impl RequestRecord {
-    fn new(conn: &ConnCtx, req: &Request<Incoming>) -> Self {
-        let grpc = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        let labels = HttpLabels {
-            reporter: "source",
-            source: SourceLabels::of(Some(&conn.source), conn.principal.clone()),
-            destination: DestinationLabels::of(None),
-            service: DestinationServiceLabels::address(conn.vip),
-            request_protocol: if grpc { "grpc" } else { "http" },
-            response_code: 0,
-            grpc_response_status: String::new(),
-            // Until a response exists, a dropped record means the client went away.
-            response_flags: "DC",
-            connection_security_policy: "none",
-            route: "default".into(),
-        };
-        let log = conn.ctx.l7.request_log.clone().map(|w| {
-            (
-                w,
-                RequestLine {
-                    method: req.method().to_string(),
-                    path: req.uri().path().to_owned(),
-                    authority: req
-                        .headers()
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(str::to_owned)
-                        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-                        .unwrap_or_default(),
-                    client: conn.client,
-                    upstream: None,
-                    traceparent: None,
-                },
-            )
-        });
-        RequestRecord {
-            metrics: conn.ctx.pod.metrics.clone(),
-            labels,
-            started: Instant::now(),
-            started_wall: SystemTime::now(),
-            request_bytes: Arc::default(),
-            response_bytes: 0,
-            log,
-        }
-    }
-
-    fn set_destination(&mut self, pick: &Pick) {
-        let w = &pick.endpoint().workload;
-        self.labels.destination = DestinationLabels::of(w.as_deref());
-        if let Some((_, line)) = &mut self.log {
-            line.upstream = Some(pick.endpoint().addr);
-        }
-    }
-
-    fn reply(self, status: StatusCode, flags: &'static str, why: String) -> Response<ProxyBody> {
-        self.respond(local(status, flags, why))
-    }
-
-    /// Moves the record into the response body, which finishes it.
-    fn respond(
-        mut self,
-        (resp, flags): (Response<ProxyBody>, &'static str),
-    ) -> Response<ProxyBody> {
-        self.labels.response_code = resp.status().as_u16();
-        self.labels.response_flags = flags;
-        if let Some(status) = resp
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-        {
-            self.labels.grpc_response_status = status.to_owned();
-        }
-        let (parts, body) = resp.into_parts();
-        Response::from_parts(
-            parts,
-            ObservedBody {
-                inner: body,
-                observer: Some(self),
-            }
-            .boxed(),
-        )
-    }
-}
-
-impl Drop for RequestRecord {
-    fn drop(&mut self) {
-        let ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        let m = &self.metrics;
-        m.requests.get_or_create(&self.labels).inc();
-        m.request_duration.get_or_create(&self.labels).observe(ms);
-        m.request_bytes
-            .get_or_create(&self.labels)
-            .observe(request_bytes as f64);
-        m.response_bytes
-            .get_or_create(&self.labels)
-            .observe(self.response_bytes as f64);
-        if let Some((mut writer, line)) = self.log.take() {
-            let l = &self.labels;
-            let entry = serde_json::json!({
-                "start_time": humantime::format_rfc3339_millis(self.started_wall).to_string(),
-                "method": line.method,
-                "path": line.path,
-                "authority": line.authority,
-                "protocol": l.request_protocol,
-                "response_code": l.response_code,
-                "grpc_status": l.grpc_response_status,
-                "response_flags": l.response_flags,
-                "duration_ms": ms,
-                "bytes_received": request_bytes,
-                "bytes_sent": self.response_bytes,
-                "client": line.client.to_string(),
-                "source_workload": format!("{}/{}", l.source.source_workload_namespace, l.source.source_workload),
-                "source_principal": l.source.source_principal,
-                "destination_service": l.service.destination_service,
-                "destination_workload": format!("{}/{}", l.destination.destination_workload_namespace, l.destination.destination_workload),
-                "upstream_host": line.upstream.map(|a| a.to_string()),
-                "route": l.route,
-                "traceparent": line.traceparent,
-                "connection_security_policy": l.connection_security_policy,
-            });
-            use std::io::Write;
-            let _ = writeln!(writer, "{entry}");
-        }
-    }
-}
-
-/// What a body wrapper does with the frames it passes on.
-trait FrameObserver: Unpin {
-    /// Sees each frame on its way.
-    fn frame(&mut self, frame: &Frame<Bytes>);
-    /// The body ended, with an error or not.
-    fn end(&mut self, error: bool);
-}
-
-/// Request bodies: counts their bytes.
-impl FrameObserver for Arc<AtomicU64> {
-    fn frame(&mut self, frame: &Frame<Bytes>) {
-        if let Some(data) = frame.data_ref() {
-            self.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-    }
-
-    fn end(&mut self, _: bool) {}
-}
-
-/// Response bodies: counts their bytes, reads the gRPC status from trailers, and
-/// finishes the record at the end.
-impl FrameObserver for Option<RequestRecord> {
-    fn frame(&mut self, frame: &Frame<Bytes>) {
-        let Some(record) = self else { return };
-        if let Some(data) = frame.data_ref() {
-            record.response_bytes += data.len() as u64;
-        } else if let Some(status) = frame
-            .trailers_ref()
-            .and_then(|t| t.get("grpc-status"))
-            .and_then(|v| v.to_str().ok())
-        {
-            record.labels.grpc_response_status = status.to_owned();
-        }
-    }
-
-    fn end(&mut self, error: bool) {
-        if error && let Some(record) = self {
-            record.labels.response_flags = "UC";
-        }
-        self.take();
-    }
-}
-
-/// A body passed through unchanged under the eye of a [`FrameObserver`].
-struct ObservedBody<B, O> {
-    inner: B,
-    observer: O,
-}
-
-impl<B, O> Body for ObservedBody<B, O>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<crate::proxy::l7::upstream::BoxError>,
-    O: FrameObserver,
-{
-    type Data = Bytes;
-    type Error = crate::proxy::l7::upstream::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.observer.frame(&frame);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.observer.end(true);
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                this.observer.end(false);
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// The client connection as hyper sees it: bytes read during detection first,
-/// and every byte counted into the connection's metrics.
-struct MeteredIo {
-    prefix: Bytes,
-    stream: TcpStream,
-    received: ByteCounter,
-    sent: ByteCounter,
-}
-
-impl AsyncRead for MeteredIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            this.received.add(n);
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            this.received.add(buf.filled().len() - before);
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for MeteredIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.stream).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = polled {
-            this.sent.add(n);
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled {
-            this.sent.add(n);
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "keep-alive, x-private".parse().unwrap());
-        h.insert("x-private", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("te", "trailers".parse().unwrap());
-        h.insert("x-kept", "1".parse().unwrap());
-        strip_hop_by_hop(&mut h, false);
-        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        names.sort();
-        assert_eq!(names, ["te", "x-kept"]);
-
-        let mut h = HeaderMap::new();
-        h.insert("connection", "Upgrade".parse().unwrap());
-        h.insert("upgrade", "websocket".parse().unwrap());
-        assert!(is_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert!(h.contains_key("upgrade") && h.contains_key("connection"));
-    }
 
     #[test]
     fn traceparent_is_created_only_when_absent() {

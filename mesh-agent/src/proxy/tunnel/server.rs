@@ -19,9 +19,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::connections::Reporting;
 use crate::drain::serve_until_drained;
 use crate::identity::{Identity, identity_of};
-use crate::proxy::inbound::{InboundContext, Refusal, admit};
+use crate::proxy::inbound::{Admitted, InboundContext, Refusal, admit, pass_on};
+use crate::proxy::l7::destination;
+use crate::proxy::l7::detect::Detected;
 use crate::proxy::pod::accept_until_cancelled;
 use crate::proxy::relay::relay_tunnel;
 use crate::proxy::tunnel::read_ahead::ReadAhead;
@@ -160,36 +163,91 @@ async fn handle_stream(
         .directory
         .lookup(peer.ip())
         .filter(|m| m.identity() == source);
-    let (guard, cancel, app) =
-        match admit(&ctx, source_workload, Some(source), peer, destination).await {
-            Ok(admitted) => admitted,
-            Err(Refusal::Denied) => return Ok(status(StatusCode::FORBIDDEN)),
-            Err(Refusal::Undeliverable) => return Ok(status(StatusCode::SERVICE_UNAVAILABLE)),
-        };
+    let admitted = match admit(&ctx, source_workload, Some(source), peer, destination).await {
+        Ok(admitted) => admitted,
+        Err(Refusal::Denied) => return Ok(status(StatusCode::FORBIDDEN)),
+        Err(Refusal::Undeliverable) => return Ok(status(StatusCode::SERVICE_UNAVAILABLE)),
+    };
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(upgraded) => {
-                let tunnel = TokioIo::new(upgraded);
-                tokio::select! {
-                    result = relay_tunnel(&app, tunnel, guard.sent(), guard.received()) => {
-                        if let Err(e) = result {
-                            tracing::debug!(%destination, error = %e, "tunnel stream ended with error");
-                        }
-                    }
-                    _ = cancel.cancelled() => {
-                        // Revoked by a policy change: reset the app side; dropping the
-                        // stream resets the tunnel side.
-                        let _ = app.set_zero_linger();
-                    }
-                }
-            }
+            Ok(upgraded) => carry(TokioIo::new(upgraded), admitted, peer, destination, &ctx).await,
             Err(e) => {
-                let mut guard = guard;
+                let mut guard = admitted.guard;
                 guard.fail("UF");
                 tracing::debug!(%destination, error = %e, "CONNECT stream never opened");
             }
         }
     });
     Ok(status(StatusCode::OK))
+}
+
+/// Carries one opened stream to the application: its requests served one by
+/// one when it speaks HTTP, else its bytes relayed.
+async fn carry(
+    mut tunnel: TokioIo<hyper::upgrade::Upgraded>,
+    mut admitted: Admitted,
+    peer: SocketAddr,
+    destination: SocketAddr,
+    ctx: &InboundContext,
+) {
+    let settings = &ctx.l7.settings;
+    let (protocol, prefix) =
+        match destination::detect(&mut tunnel, admitted.protocol, settings.detect_timeout).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "tunnel stream ended during detection");
+                return;
+            }
+        };
+    if protocol != Detected::Opaque {
+        let connection = admitted.http_connection(ctx, peer, destination);
+        let Admitted {
+            mut guard,
+            cancel,
+            app,
+            ..
+        } = admitted;
+        destination::serve_http(
+            tunnel,
+            prefix,
+            app,
+            protocol,
+            connection,
+            &mut guard,
+            settings,
+            &cancel,
+            &ctx.workload.drain,
+        )
+        .await;
+        return;
+    }
+    admitted.guard.report(Reporting::Tcp);
+    if admitted.refused_as_opaque(ctx) {
+        // Dropping the stream resets the tunnel side.
+        let _ = admitted.app.set_zero_linger();
+        return;
+    }
+    let Admitted {
+        guard,
+        cancel,
+        mut app,
+        ..
+    } = admitted;
+    if let Err(e) = pass_on(&mut app, &prefix, &guard).await {
+        tracing::debug!(%destination, error = %e, "tunnel stream ended with error");
+        return;
+    }
+    tokio::select! {
+        result = relay_tunnel(&app, tunnel, guard.sent(), guard.received()) => {
+            if let Err(e) = result {
+                tracing::debug!(%destination, error = %e, "tunnel stream ended with error");
+            }
+        }
+        _ = cancel.cancelled() => {
+            // Revoked by a policy change: reset the app side; dropping the
+            // stream resets the tunnel side.
+            let _ = app.set_zero_linger();
+        }
+    }
 }
