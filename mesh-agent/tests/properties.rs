@@ -563,7 +563,19 @@ proptest! {
         .authorization_policies;
         let mut with_deny_all = policies.clone();
         with_deny_all.extend(deny_all);
-        prop_assert!(matches!(authorize(&w, &with_deny_all, &c), Decision::Deny(_)));
+        // Denied outright, or (where rules about HTTP apply) request by request.
+        prop_assert!(matches!(
+            authorize(&w, &with_deny_all, &c),
+            Decision::Deny(_) | Decision::PerRequest
+        ));
+        let all = mesh_agent::state::policy::Policies {
+            authorization_policies: with_deny_all,
+            ..Default::default()
+        };
+        let headers = http::HeaderMap::new();
+        let request = mesh_agent::state::policy::Request { method: "GET", path: "/", host: "h", headers: &headers };
+        prop_assert!(matches!(all.decide_request(&w, &c, &request), Decision::Deny(_)));
+        prop_assert!(matches!(all.decide_opaque(&w, &c), Decision::Deny(_)));
     }
 
     /// A connection's decision never contradicts its requests': a connection

@@ -663,9 +663,29 @@ enum Facts<'a> {
     Request(&'a Request<'a>),
 }
 
+/// [`decide_rules`], except that where rules about HTTP apply, a connection
+/// refused outright is still let through: each of its requests gets the 403
+/// any other Istio proxy would answer, and one that is not HTTP is reset.
+fn decide_with(
+    w: &WorkloadMeta,
+    policies: &[AuthorizationPolicy],
+    c: &Connection,
+    facts: Facts<'_>,
+) -> Decision {
+    match decide_rules(w, policies, c, facts) {
+        Decision::Deny(_)
+            if matches!(facts, Facts::Connection)
+                && policies.iter().any(|p| p.applies_to(w) && p.is_http()) =>
+        {
+            Decision::PerRequest
+        }
+        decision => decision,
+    }
+}
+
 /// Istio's order: any matching DENY denies; with no ALLOW policy for the workload
 /// everything else is allowed; otherwise a matching ALLOW is needed.
-fn decide_with(
+fn decide_rules(
     w: &WorkloadMeta,
     policies: &[AuthorizationPolicy],
     c: &Connection,
@@ -701,18 +721,19 @@ fn decide_with(
     let allowed = if allows.is_empty() {
         Match::Yes
     } else {
-        let found = Match::any(allows.iter().map(|p| p.matches(c, request)));
-        match (found, facts) {
-            (Match::Unknown, Facts::Opaque) => Match::No,
-            (found, _) => found,
-        }
+        Match::any(allows.iter().map(|p| p.matches(c, request)))
     };
-    match allowed {
-        Match::No => Decision::deny(None, "no ALLOW policy matched".into()),
-        Match::Unknown => Decision::PerRequest,
-        Match::Yes if pending => Decision::PerRequest,
-        Match::Yes => Decision::Allow,
-    }
+    let decision = match (allowed, facts) {
+        (Match::Unknown, Facts::Opaque) => Decision::deny(
+            None,
+            "no ALLOW policy matched: their rules about HTTP cannot match a connection that does not speak it".into(),
+        ),
+        (Match::No, _) => Decision::deny(None, "no ALLOW policy matched".into()),
+        (Match::Unknown, _) => Decision::PerRequest,
+        (Match::Yes, _) if pending => Decision::PerRequest,
+        (Match::Yes, _) => Decision::Allow,
+    };
+    decision
 }
 
 /// The decision for a new connection (see [`Decision`]).
@@ -1041,8 +1062,16 @@ mod tests {
 
         // A new connection: the HTTP rules are left to its requests.
         assert_eq!(authorize(&api, &both, &web), Decision::PerRequest);
-        // Another principal can never match the ALLOW rule: denied at once.
-        assert!(denied(None)(&authorize(&api, &both, &other)));
+        // Another principal can never match the ALLOW rule, but is told so
+        // request by request (403), as by any Istio proxy.
+        assert_eq!(authorize(&api, &both, &other), Decision::PerRequest);
+        // Without rules about HTTP, it is refused at once.
+        let l4_only = parse(
+            "backend",
+            "rules:\n- from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]\n",
+        )
+        .unwrap();
+        assert!(denied(None)(&authorize(&api, &[l4_only], &other)));
         // `None`: allowed; `Some(policy)`: denied by it (`None` inside: by no ALLOW matching).
         let cases: [(
             &str,

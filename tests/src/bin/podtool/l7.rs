@@ -75,7 +75,8 @@ pub enum Cmd {
         #[arg(long)]
         banner: String,
     },
-    /// Connects and waits for the banner without sending; reports it and how long it took.
+    /// Connects and waits for the banner without sending; reports it and how long it
+    /// took, or how (`closed`, `reset`) and when the connection ended without one.
     BannerClient {
         #[arg(long)]
         to: SocketAddr,
@@ -322,16 +323,24 @@ async fn load(
     }
     let parsed = Arc::new(parsed);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Connections this client opened: one per worker unless the server closed one.
+    let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (uri, parsed, next, authority) =
-            (uri.clone(), parsed.clone(), next.clone(), authority.clone());
+        let (uri, parsed, next, authority, dials) = (
+            uri.clone(),
+            parsed.clone(),
+            next.clone(),
+            authority.clone(),
+            dials.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let mut results = Vec::new();
             let mut sender: Option<Sender> = None;
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count {
                 if sender.as_ref().is_none_or(|s| s.is_closed()) {
+                    dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     sender = connect_sender(addr, h2).await.ok();
                 }
                 let t0 = Instant::now();
@@ -410,6 +419,7 @@ async fn load(
             "by_status": by_status,
             "by_server": by_server,
             "server_connections": connections.len(),
+            "client_connections": dials.load(std::sync::atomic::Ordering::Relaxed),
             "errors": errors,
             "p50_ms": pct(0.5),
             "p99_ms": pct(0.99),
@@ -511,9 +521,24 @@ async fn banner_client(to: SocketAddr) -> anyhow::Result<()> {
     let stream = TcpStream::connect(to).await?;
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
-    let banner = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-        .await??
-        .unwrap_or_default();
+    // A connection ended before any banner is reported, not an error: a
+    // refusal is what some callers expect.
+    let banner = match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await? {
+        Ok(Some(line)) => line,
+        end => {
+            let ended = match end {
+                Ok(_) => "closed",
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+                Err(_) => "error",
+            };
+            let ended_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            println!(
+                "{}",
+                json!({"banner": "", "ended": ended, "ended_ms": ended_ms})
+            );
+            return Ok(());
+        }
+    };
     let banner_ms = t0.elapsed().as_secs_f64() * 1000.0;
     w.write_all(b"ping\r\n").await?;
     let echo = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
