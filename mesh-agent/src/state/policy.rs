@@ -723,7 +723,7 @@ fn decide_rules(
     } else {
         Match::any(allows.iter().map(|p| p.matches(c, request)))
     };
-    let decision = match (allowed, facts) {
+    match (allowed, facts) {
         (Match::Unknown, Facts::Opaque) => Decision::deny(
             None,
             "no ALLOW policy matched: their rules about HTTP cannot match a connection that does not speak it".into(),
@@ -732,8 +732,7 @@ fn decide_rules(
         (Match::Unknown, _) => Decision::PerRequest,
         (Match::Yes, _) if pending => Decision::PerRequest,
         (Match::Yes, _) => Decision::Allow,
-    };
-    decision
+    }
 }
 
 /// The decision for a new connection (see [`Decision`]).
