@@ -814,28 +814,37 @@ impl Format {
         }
     }
 
-    /// The format a scraper's `Accept` header prefers (highest `q`, the earlier
-    /// on a tie). Without a preference for OpenMetrics the answer is text 0.0.4,
-    /// which every Prometheus-compatible reader parses.
+    /// The format for a scraper's `Accept` header: text 0.0.4 whenever the
+    /// scraper accepts it (at any `q`), as Envoy and Istio's proxies serve, so
+    /// Prometheus files counters' metadata under the names Istio's dashboards
+    /// use (`istio_requests_total`); OpenMetrics only to a scraper that takes
+    /// nothing else. No header, or `*/*`, gets 0.0.4.
     pub fn negotiate(accept: Option<&str>) -> Format {
-        let mut best = (0.0f32, Format::Text004);
-        for range in accept.unwrap_or("").split(',') {
+        let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+            return Format::Text004;
+        };
+        let mut openmetrics = false;
+        for range in accept.split(',') {
             let mut params = range.split(';').map(str::trim);
             let media = params.next().unwrap_or("").to_ascii_lowercase();
             let q = params
                 .find_map(|p| p.strip_prefix("q="))
                 .and_then(|q| q.parse::<f32>().ok())
                 .unwrap_or(1.0);
-            let format = match media.as_str() {
-                "application/openmetrics-text" => Format::OpenMetrics,
-                "text/plain" => Format::Text004,
-                _ => continue,
-            };
-            if q > best.0 {
-                best = (q, format);
+            if q <= 0.0 {
+                continue;
+            }
+            match media.as_str() {
+                "text/plain" | "text/*" | "*/*" => return Format::Text004,
+                "application/openmetrics-text" => openmetrics = true,
+                _ => {}
             }
         }
-        best.1
+        if openmetrics {
+            Format::OpenMetrics
+        } else {
+            Format::Text004
+        }
     }
 }
 
@@ -1015,10 +1024,10 @@ mod tests {
             (None, Format::Text004),
             (Some("*/*"), Format::Text004),
             (Some("text/plain;version=0.0.4"), Format::Text004),
-            (Some(prometheus_2), Format::OpenMetrics),
+            (Some(prometheus_2), Format::Text004),
             (
-                Some("text/plain;version=0.0.4;q=0.9,application/openmetrics-text;q=0.5"),
-                Format::Text004,
+                Some("application/openmetrics-text;version=1.0.0,text/plain;q=0"),
+                Format::OpenMetrics,
             ),
             (
                 Some("Application/OpenMetrics-Text; version=1.0.0"),

@@ -13,7 +13,8 @@ use clap::{Parser, Subcommand};
 /// rust-src here, so `-Z build-std` is impossible), LLVM 22 for bpf-linker, the
 /// tools the tests drive (ip, curl, tcpdump, openssl, kubectl for the manifests
 /// in `deploy/`, the CNI `bridge` and `host-local` plugins that network pods as a
-/// container runtime does), Python's venv for `kubernetes-validate`, and the
+/// container runtime does), Python's venv for `kubernetes-validate`, a real
+/// Prometheus (and promtool) that scrapes agents in the tests, and the
 /// benchmark's sidecar baseline (haproxy) and system-call counter (perf).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
@@ -31,6 +32,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     "containernetworking-plugins",
     "linux-perf",
+    "prometheus",
 ];
 
 /// `kubernetes-validate` (PyPI) checks the rendered manifests against the

@@ -1217,6 +1217,31 @@ mod tests {
     }
 
     #[test]
+    fn the_docs_example_loads_as_documented() {
+        let text = include_str!("../../../docs/l7/authorization.md");
+        let block = text
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a yaml example");
+        let config = crate::state::parse(block).expect("the example loads");
+        let actions: Vec<(String, Action)> = config
+            .authorization_policies
+            .iter()
+            .map(|p| (p.key(), p.action))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("backend/api-readers".to_owned(), Action::Allow),
+                ("backend/blocked".to_owned(), Action::Deny),
+                ("backend/audited".to_owned(), Action::Audit),
+            ]
+        );
+        assert!(config.authorization_policies.iter().all(|p| p.is_http()));
+    }
+
+    #[test]
     fn peer_authentication_most_specific_wins() {
         let w = workload("backend", "api");
         let pa = |ns: &str, app: Option<&str>, mode| PeerAuthentication {

@@ -1,13 +1,15 @@
 //! Destination-side L7 on two nodes: clients on node 0 (`web` and `other`,
 //! namespace `shop`) reach pod `api` (namespace `backend`) on node 1 by its pod
-//! IP, through the kernel capture and the mTLS tunnel. The far agent parses the
-//! requests it receives, reports them with `reporter="destination"`, and
-//! enforces L7 AuthorizationPolicies on each; real curl, an HTTP/2 load client
-//! and a gRPC client are the clients.
+//! IP or its Service, through the kernel capture and the mTLS tunnel. The far
+//! agent parses the requests it receives, reports them with
+//! `reporter="destination"`, and enforces L7 AuthorizationPolicies on each; real
+//! curl, an HTTP/2 load client and a gRPC client are the clients, and a real
+//! Prometheus reads the result with the queries of Istio's dashboards.
 
 use std::path::Path;
 use std::time::Duration;
 
+use nodemesh_testkit::prometheus::{Prometheus, promtool_problems};
 use nodemesh_testkit::{
     Agent, MeshCa, Node, Pod, Process, Tools, metric_sum, run_json, wait_until, yaml_docs,
 };
@@ -16,6 +18,7 @@ use serde_json::Value;
 const WEB_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 9090;
 const BANNER_PORT: u16 = 2525;
+const ECHO_PORT: u16 = 9000;
 const RUN: Duration = Duration::from_secs(60);
 
 struct Mesh {
@@ -48,6 +51,8 @@ impl Mesh {
             )
             .unwrap(),
             api.serve(&tools, &["grpc-server", "--listen", &listen(GRPC_PORT)])
+                .unwrap(),
+            api.serve(&tools, &["echo", "--listen", &listen(ECHO_PORT)])
                 .unwrap(),
             api.serve(
                 &tools,
@@ -122,19 +127,31 @@ impl Drop for Mesh {
     }
 }
 
-const ALLOW_GET_API_FROM_WEB: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: api-readers, namespace: backend}\nspec:\n  selector: {matchLabels: {app: api}}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/web-sa]}}]\n    to: [{operation: {methods: [GET], paths: ['/api/*']}}]\n";
-
-const DENY_BLOCKED: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: blocked, namespace: backend}\nspec:\n  action: DENY\n  rules:\n  - when: [{key: 'request.headers[x-block]', values: ['yes']}]\n";
-
-const AUDIT_API: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: audited, namespace: backend}\nspec:\n  action: AUDIT\n  rules:\n  - to: [{operation: {paths: [/api/audited]}}]\n";
+/// The policies of `docs/l7/authorization.md`'s example, one document each:
+/// `api-readers` (ALLOW GET /api/* from web-sa), `blocked` (DENY on a header),
+/// `audited` (AUDIT /api/audited).
+fn docs_example() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/l7/authorization.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let block = text
+        .split("```yaml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    block.split("---\n").map(str::to_owned).collect()
+}
 
 const ALLOW_POST_ONLY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: api-readers, namespace: backend}\nspec:\n  selector: {matchLabels: {app: api}}\n  action: ALLOW\n  rules:\n  - to: [{operation: {methods: [POST]}}]\n";
 
-/// Acceptance 2: per-request ALLOW, DENY and AUDIT at the destination, and a
-/// live change that applies to the next request of an open connection.
+/// Acceptance 2, with the docs' example: per-request ALLOW, DENY and AUDIT at
+/// the destination, and a live change that applies to the next request of an
+/// open connection.
 #[test]
 fn l7_policies_decide_each_request_at_the_destination() {
-    let mesh = Mesh::new(&[ALLOW_GET_API_FROM_WEB, DENY_BLOCKED, AUDIT_API]);
+    let example = docs_example();
+    let mesh = Mesh::new(&example.iter().map(String::as_str).collect::<Vec<_>>());
     let (web, other) = (&mesh.web, &mesh.other);
 
     assert_eq!(mesh.curl(web, &[], "/api/x"), (200, "api".to_owned()));
@@ -247,7 +264,9 @@ fn l7_policies_decide_each_request_at_the_destination() {
 /// connection once detection gives up, and no later.
 #[test]
 fn an_l7_policy_denies_a_server_first_connection_after_detection() {
-    let mesh = Mesh::new(&[ALLOW_GET_API_FROM_WEB]);
+    let example = docs_example();
+    assert!(example[0].contains("name: api-readers"), "{}", example[0]);
+    let mesh = Mesh::new(&[&example[0]]);
     let to = mesh.api.addr(BANNER_PORT).to_string();
     let r = mesh.podtool(&mesh.web, &["banner-client", "--to", &to]);
     assert_eq!(r["banner"], "", "{r}");
@@ -384,4 +403,195 @@ fn pod_ip_http1_h2_and_grpc_are_reported_by_the_destination() {
             == 7)
     })
     .unwrap();
+}
+
+const API_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: backend}\nspec:\n  clusterIP: 10.96.0.50\n  selector: {app: api}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: api-route, namespace: backend}\nspec:\n  parentRefs: [{kind: Service, name: api}]\n  rules:\n  - backendRefs: [{name: api, port: 80}]\n";
+
+/// `(labels..., value)` of every series of `expr`, for messages and comparisons.
+fn series(prometheus: &Prometheus, expr: &str, labels: &[&str]) -> Vec<(Vec<String>, f64)> {
+    let mut out: Vec<(Vec<String>, f64)> = prometheus
+        .query(expr)
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            (
+                labels.iter().map(|l| s.label(l).to_owned()).collect(),
+                s.value,
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn row(labels: &[&str], value: f64) -> (Vec<String>, f64) {
+    (labels.iter().map(|l| l.to_string()).collect(), value)
+}
+
+/// Acceptance 6: a real Prometheus scrapes both agents; the queries of Istio's
+/// dashboards and Kiali's graph return what was sent, once per reporter, and no
+/// series calls mutual-TLS traffic plaintext. promtool accepts the exposition.
+#[test]
+fn prometheus_reads_what_was_sent_with_istios_queries() {
+    let mesh = Mesh::new(&[API_SERVICE]);
+    let prometheus = Prometheus::scraping(&[mesh.near.admin, mesh.far.admin]).unwrap();
+
+    // Through the Service (both agents parse it), to the pod IP (only the
+    // destination does), and a TCP stream (bytes only).
+    let ok = mesh.podtool(
+        &mesh.web,
+        &[
+            "load",
+            "--url",
+            "http://10.96.0.50/status/200",
+            "--count",
+            "30",
+        ],
+    );
+    assert_eq!(ok["by_status"]["200"], 30, "{ok}");
+    let failed = mesh.podtool(
+        &mesh.web,
+        &[
+            "load",
+            "--url",
+            "http://10.96.0.50/status/503",
+            "--count",
+            "10",
+        ],
+    );
+    assert_eq!(failed["by_status"]["503"], 10, "{failed}");
+    let pod_url = format!("http://{}/status/201", mesh.api.addr(WEB_PORT));
+    let direct = mesh.podtool(&mesh.web, &["load", "--url", &pod_url, "--count", "5"]);
+    assert_eq!(direct["by_status"]["201"], 5, "{direct}");
+    let echo = mesh.api.addr(ECHO_PORT).to_string();
+    let streamed = mesh.podtool(&mesh.web, &["stream", "--to", &echo, "--bytes", "100000"]);
+    assert_eq!(
+        streamed["sent_sha256"], streamed["received_sha256"],
+        "{streamed}"
+    );
+
+    // Requests by destination workload and response code, for each reporter.
+    let by_code = |reporter: &str| {
+        series(
+            &prometheus,
+            &format!(
+                "sum by (destination_workload, response_code) (istio_requests_total{{reporter=\"{reporter}\"}})"
+            ),
+            &["destination_workload", "response_code"],
+        )
+    };
+    wait_until(
+        "Prometheus has scraped the traffic",
+        Duration::from_secs(30),
+        || {
+            Ok(by_code("destination")
+                == vec![
+                    row(&["api", "200"], 30.0),
+                    row(&["api", "201"], 5.0),
+                    row(&["api", "503"], 10.0),
+                ])
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}; targets {:?}",
+            by_code("destination"),
+            prometheus.targets()
+        )
+    });
+    assert_eq!(
+        by_code("source"),
+        vec![row(&["api", "200"], 30.0), row(&["api", "503"], 10.0)]
+    );
+    assert!(
+        prometheus
+            .targets()
+            .unwrap()
+            .iter()
+            .all(|(health, _)| health == "up")
+    );
+
+    // p99 by destination workload, from the duration histogram (over all
+    // requests: the dashboards' rate() needs traffic across two scrapes).
+    let p99 = series(
+        &prometheus,
+        "histogram_quantile(0.99, sum by (le, destination_workload) (istio_request_duration_milliseconds_bucket{reporter=\"destination\"}))",
+        &["destination_workload"],
+    );
+    assert_eq!(p99.len(), 1, "{p99:?}");
+    assert!(
+        p99[0].0 == ["api"] && p99[0].1.is_finite() && p99[0].1 > 0.0,
+        "{p99:?}"
+    );
+
+    // TCP bytes by source and destination workload: exactly the stream's, as
+    // the destination parsed the HTTP connections and reports them as requests.
+    for metric in [
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+    ] {
+        assert_eq!(
+            series(
+                &prometheus,
+                &format!(
+                    "sum by (source_workload, destination_workload) ({metric}{{reporter=\"destination\"}})"
+                ),
+                &["source_workload", "destination_workload"],
+            ),
+            vec![row(&["web", "api"], 100_000.0)],
+            "{metric}"
+        );
+    }
+    // Connections by security policy and reporter: all mutual TLS.
+    let policies = series(
+        &prometheus,
+        "sum by (connection_security_policy, reporter) (istio_tcp_connections_opened_total)",
+        &["connection_security_policy", "reporter"],
+    );
+    assert!(
+        policies.iter().all(|(l, _)| l[0] == "mutual_tls"),
+        "{policies:?}"
+    );
+    assert!(
+        policies.iter().any(|(l, _)| l[1] == "destination"),
+        "{policies:?}"
+    );
+    // No series at all says the traffic was plaintext.
+    assert!(
+        prometheus
+            .query("{connection_security_policy=\"none\"}")
+            .unwrap()
+            .is_empty()
+    );
+    // Kiali's app graph: requests by canonical service, both reporters.
+    assert_eq!(
+        series(
+            &prometheus,
+            "sum by (source_canonical_service, destination_canonical_service, destination_cluster) (istio_requests_total)",
+            &[
+                "source_canonical_service",
+                "destination_canonical_service",
+                "destination_cluster"
+            ],
+        ),
+        vec![row(&["web", "api", "Kubernetes"], 85.0)]
+    );
+    // Metadata is filed under the names Istio's dashboards use.
+    assert_eq!(
+        prometheus
+            .metadata_type("istio_requests_total")
+            .unwrap()
+            .as_deref(),
+        Some("counter")
+    );
+
+    // promtool accepts the exposition, Istio's own metric names aside.
+    for agent in [&mesh.near, &mesh.far] {
+        let problems: Vec<String> = promtool_problems(&agent.metrics().unwrap())
+            .unwrap()
+            .into_iter()
+            .filter(|p| !p.starts_with("istio_"))
+            .collect();
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
 }
