@@ -223,6 +223,7 @@ struct RetryLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProtocolLabels {
+    reporter: &'static str,
     protocol: &'static str,
 }
 
@@ -568,7 +569,7 @@ impl Metrics {
         );
         registry.register(
             "nodemesh_protocol_detections",
-            "Connections to Service ports by detected or declared protocol",
+            "Connections whose protocol was detected or declared, by side (source: to Service ports; destination: every admitted connection, unless this agent's client side already served its requests)",
             m.detections.clone(),
         );
         registry.register(
@@ -655,10 +656,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a connection's protocol.
-    pub fn detected(&self, protocol: &'static str) {
+    /// Counts a connection's protocol, as the client side (`source`) or the
+    /// destination side found or was told it.
+    pub fn detected(&self, reporter: &'static str, protocol: &'static str) {
         self.detections
-            .get_or_create(&ProtocolLabels { protocol })
+            .get_or_create(&ProtocolLabels { reporter, protocol })
             .inc();
     }
 

@@ -27,9 +27,10 @@ use crate::node::capture::{Capture, Exclusions, LiveSet, MapOccupancy, NetnsLink
 use crate::node::cgroup::{Cgroup2, cgroup_id};
 use crate::node::netns::NetnsHandle;
 use crate::proxy::inbound::{self, InboundContext};
-use crate::proxy::l7::catalog::{CatalogStore, ServiceEndpointsView, ServiceRoutesView};
+use crate::proxy::l7::catalog::{ServiceEndpointsView, ServiceRoutesView};
+use crate::proxy::l7::pod::PodL7;
 use crate::proxy::l7::upstream::Upstreams;
-use crate::proxy::l7::{L7, L7Settings, PodL7};
+use crate::proxy::l7::{L7, L7Settings};
 use crate::proxy::limits::{Limits, PodLimit};
 use crate::proxy::outbound;
 use crate::proxy::pod::PodContext;
@@ -249,11 +250,7 @@ impl Agent {
         Agent {
             local: Arc::new(LocalDestinations::new(settings.same_node_fast_path)),
             limits: Arc::new(Limits::new(settings.max_connections, metrics.clone())),
-            l7: Arc::new(L7 {
-                catalog: CatalogStore::default(),
-                settings: settings.l7.clone(),
-                request_log: settings.request_log.clone(),
-            }),
+            l7: Arc::new(L7::new(settings.l7.clone(), settings.request_log.clone())),
             policies: Arc::new(PolicyStore::default()),
             pool,
             identity,
@@ -634,7 +631,14 @@ impl Agent {
         let outbound_ctx = Arc::new(PodL7 {
             pod: ctx.clone(),
             l7: self.l7.clone(),
-            upstreams: Upstreams::new(ctx.clone()),
+            upstreams: Upstreams::new(
+                ctx.clone(),
+                {
+                    let local = self.local.clone();
+                    Arc::new(move |ip| local.lookup(ip).is_some())
+                },
+                self.l7.parsed_by.clone(),
+            ),
             local: self.local.clone(),
         });
         let cancel = CancellationToken::new();

@@ -17,7 +17,7 @@ use hyper::{Method, Response};
 use hyper_util::rt::TokioIo;
 use mesh_agent::proxy::l7::L7Settings;
 use mesh_agent::proxy::l7::detect::{Detected, H2_PREFACE, classify};
-use mesh_agent::proxy::l7::proxy::{http1_server, http2_server};
+use mesh_agent::proxy::l7::forward::{http1_server, http2_server};
 use mesh_agent::proxy::tunnel::server::{TargetError, connect_target};
 use mesh_agent::state::policy::{Action, Connection, Decision, authorize};
 use mesh_agent::state::workload::WorkloadMeta;

@@ -489,13 +489,16 @@ fn prometheus_reads_what_was_sent_with_istios_queries() {
                     row(&["api", "200"], 30.0),
                     row(&["api", "201"], 5.0),
                     row(&["api", "503"], 10.0),
-                ])
+                ]
+                && by_code("source")
+                    == vec![row(&["api", "200"], 30.0), row(&["api", "503"], 10.0)])
         },
     )
     .unwrap_or_else(|e| {
         panic!(
-            "{e}: {:?}; targets {:?}",
+            "{e}: destination {:?}, source {:?}; targets {:?}",
             by_code("destination"),
+            by_code("source"),
             prometheus.targets()
         )
     });

@@ -303,7 +303,7 @@ fn a_server_that_speaks_first_is_not_stalled() {
         metric_sum(
             &metrics,
             "nodemesh_protocol_detections_total",
-            &[("protocol", "tcp")]
+            &[("reporter", "source"), ("protocol", "tcp")]
         ),
         2.0
     );
@@ -504,7 +504,21 @@ fn a_request_timeout_answers_504_on_time() {
         mesh.agent
             .metric(
                 "istio_requests_total",
-                &[("response_code", "504"), ("response_flags", "UT")]
+                &[
+                    ("reporter", "source"),
+                    ("response_code", "504"),
+                    ("response_flags", "UT")
+                ]
+            )
+            .unwrap(),
+        5.0
+    );
+    // The destination saw the client give up.
+    assert_eq!(
+        mesh.agent
+            .metric(
+                "istio_requests_total",
+                &[("reporter", "destination"), ("response_flags", "DC")]
             )
             .unwrap(),
         5.0
@@ -680,8 +694,7 @@ fn request_metrics_match_the_requests_sent() {
             ("response_code", code),
         ]
     };
-    // The destination agent (the same one: the pods share the node) parses the
-    // requests it receives from the tunnel and reports them too.
+    // The destination (the same agent: the pods share the node) reports them too.
     let at_destination = |code: &'static str, protocol: &'static str| {
         vec![
             ("reporter", "destination"),
@@ -710,6 +723,17 @@ fn request_metrics_match_the_requests_sent() {
             "destination, code {code}\n{metrics}"
         );
     }
+    // The pods share the node: the agent served both ends of each request
+    // from one parse. Its server side passed the tunnel streams on unread.
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "nodemesh_protocol_detections_total",
+            &[("reporter", "destination")]
+        ),
+        0.0,
+        "{metrics}"
+    );
     // Connections whose requests are reported are not also TCP connections.
     for reporter in ["source", "destination"] {
         assert_eq!(
@@ -989,5 +1013,64 @@ fn the_pending_request_bound_refuses_overflow_at_once() {
     assert!(
         p50 < 450.0,
         "refusals waited for the slow endpoint: p50 {p50} ms"
+    );
+}
+
+/// Same node: the agent that routes a request to a Service also serves its
+/// endpoint, so it applies the endpoint's AuthorizationPolicies itself, from
+/// the one parse; its server side passes the stream on unread.
+#[test]
+fn a_same_node_endpoints_policy_is_enforced_from_one_parse() {
+    let mesh = L7Mesh::new(
+        vec![web("web-a", "app: web", &[])],
+        &[
+            service("web", "10.96.0.10", 80, "app: web", ""),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-readers, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/client-sa]}}]\n    to: [{operation: {methods: [GET], paths: [/ok]}}]\n".into(),
+        ],
+        &[],
+    );
+    let (code, body) = mesh.curl(&["http://10.96.0.10/ok"]);
+    assert_eq!((code, body.trim()), (200, "web-a"));
+    let (code, body) = mesh.curl(&["http://10.96.0.10/other"]);
+    assert_eq!((code, body.as_str()), (403, "RBAC: access denied"));
+    let metrics = mesh.agent.metrics().unwrap();
+    let reported = |reporter, code| {
+        metric_sum(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", reporter),
+                ("response_code", code),
+                ("destination_workload", "web-a"),
+            ],
+        )
+    };
+    for reporter in ["source", "destination"] {
+        assert_eq!(
+            (
+                reporter,
+                reported(reporter, "200"),
+                reported(reporter, "403")
+            ),
+            (reporter, 1.0, 1.0),
+            "{metrics}"
+        );
+    }
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "nodemesh_requests_denied_total",
+            &[("policy", "none")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "nodemesh_protocol_detections_total",
+            &[("reporter", "destination")]
+        ),
+        0.0,
+        "{metrics}"
     );
 }

@@ -104,14 +104,20 @@ async fn handle(mut client: TcpStream, ctx: Arc<InboundContext>) {
     };
     let _ = client.set_nodelay(true);
     let settings = &ctx.l7.settings;
-    let (protocol, prefix) =
-        match destination::detect(&mut client, admitted.protocol, settings.detect_timeout).await {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::debug!(client = %peer, error = %e, "client went away during detection");
-                return;
-            }
-        };
+    let (protocol, prefix) = match destination::detect(
+        &mut client,
+        admitted.protocol,
+        settings.detect_timeout,
+        &ctx.workload.metrics,
+    )
+    .await
+    {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::debug!(client = %peer, error = %e, "client went away during detection");
+            return;
+        }
+    };
     if protocol != Detected::Opaque {
         let connection = admitted.http_connection(&ctx, peer, destination);
         let Admitted {

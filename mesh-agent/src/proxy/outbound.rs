@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connections::{ConnectionGuard, Peers};
 use crate::node::capture::orig_dst_addr;
-use crate::proxy::l7::PodL7;
+use crate::proxy::l7::pod::PodL7;
 use crate::proxy::pod::{
     Transport, accept_until_cancelled, connect, relay_to, reset, spawn_bounded, transport,
 };
@@ -140,7 +140,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, family: u16, ctx: Arc<PodL7
         route.destination,
     );
     let _ = client.set_nodelay(true);
-    let upstream = match connect(&ctx.pod, &source, route.destination, transport).await {
+    let upstream = match connect(&ctx.pod, &source, route.destination, transport, None).await {
         Ok(upstream) => upstream,
         Err(e) => {
             guard.fail(e.response_flags());

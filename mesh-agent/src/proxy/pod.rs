@@ -158,6 +158,7 @@ pub(crate) async fn open_tunnel(
     source: &WorkloadMeta,
     peer_identity: Identity,
     destination: SocketAddr,
+    parsed_by: Option<&hyper::header::HeaderValue>,
 ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamLease), TunnelError> {
     let identity = ctx.identity.as_ref().expect("tunnel chosen only with a CA");
     let source_identity = source.identity();
@@ -175,6 +176,7 @@ pub(crate) async fn open_tunnel(
         .connect(
             &key,
             destination,
+            parsed_by,
             || {
                 let metrics = metrics.clone();
                 async move {
@@ -236,12 +238,15 @@ impl ConnectFailure {
 }
 
 /// Connects to `addr` as workload `source`, the way `how` says. A refused tunnel
-/// is counted here, once, whoever asked for the connection.
+/// is counted here, once, whoever asked for the connection. `parsed_by`, this
+/// agent's own marker, tells its server side that the stream's requests were
+/// already served (a same-node endpoint of the client side's L7).
 pub async fn connect(
     ctx: &PodContext,
     source: &WorkloadMeta,
     addr: SocketAddr,
     how: Transport,
+    parsed_by: Option<&hyper::header::HeaderValue>,
 ) -> Result<UpstreamIo, ConnectFailure> {
     match how {
         Transport::Direct => {
@@ -252,7 +257,7 @@ pub async fn connect(
             Ok(UpstreamIo::Tcp(stream))
         }
         Transport::Tunnel { peer_identity } => {
-            let (stream, lease) = open_tunnel(ctx, source, peer_identity, addr)
+            let (stream, lease) = open_tunnel(ctx, source, peer_identity, addr, parsed_by)
                 .await
                 .map_err(|e| {
                     ctx.metrics.tunnel_refused("outbound", e.reason());

@@ -1224,12 +1224,18 @@ mod tests {
             .nth(1)
             .and_then(|b| b.split("```").next())
             .expect("a yaml example");
-        let config = crate::state::parse(block).expect("the example loads");
-        let actions: Vec<(String, Action)> = config
-            .authorization_policies
-            .iter()
-            .map(|p| (p.key(), p.action))
+        let policies: Vec<AuthorizationPolicy> = block
+            .split("---\n")
+            .map(|doc| {
+                let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).expect("yaml");
+                let name = doc["metadata"]["name"].as_str().expect("a name");
+                let namespace = doc["metadata"]["namespace"].as_str().expect("a namespace");
+                let spec = serde_yaml_ng::from_value(doc["spec"].clone()).expect("a spec");
+                AuthorizationPolicy::from_raw(name.into(), namespace.into(), spec)
+                    .expect("the example loads")
+            })
             .collect();
+        let actions: Vec<(String, Action)> = policies.iter().map(|p| (p.key(), p.action)).collect();
         assert_eq!(
             actions,
             [
@@ -1238,7 +1244,7 @@ mod tests {
                 ("backend/audited".to_owned(), Action::Audit),
             ]
         );
-        assert!(config.authorization_policies.iter().all(|p| p.is_http()));
+        assert!(policies.iter().all(|p| p.is_http()));
     }
 
     #[test]

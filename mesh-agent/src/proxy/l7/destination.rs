@@ -27,8 +27,9 @@ use crate::drain::serve_until_drained;
 use crate::metrics::{DestinationServiceLabels, HttpLabels, Metrics};
 use crate::proxy::l7::L7Settings;
 use crate::proxy::l7::detect::{Detected, sniff_io};
-use crate::proxy::l7::forward::{finish_response, is_upgrade, strip_hop_by_hop};
-use crate::proxy::l7::proxy::{http1_server, http2_server};
+use crate::proxy::l7::forward::{
+    finish_response, http1_server, http2_server, is_upgrade, strip_hop_by_hop,
+};
 use crate::proxy::l7::record::{
     MeteredIo, ObservedBody, RequestRecord, full, local, request_protocol,
 };
@@ -63,16 +64,28 @@ pub async fn detect<C>(
     client: &mut C,
     protocol: PortProtocol,
     timeout: std::time::Duration,
+    metrics: &Metrics,
 ) -> io::Result<(Detected, Vec<u8>)>
 where
     C: AsyncRead + Unpin,
 {
-    match protocol {
+    let found = match protocol {
         PortProtocol::Http1 => Ok((Detected::Http1, Vec::new())),
         PortProtocol::Http2 => Ok((Detected::Http2, Vec::new())),
         PortProtocol::Opaque => Ok((Detected::Opaque, Vec::new())),
         PortProtocol::Detect => sniff_io(client, timeout).await,
+    };
+    if let Ok((detected, _)) = &found {
+        metrics.detected(
+            "destination",
+            match detected {
+                Detected::Http1 => "http1",
+                Detected::Http2 => "http2",
+                Detected::Opaque => "tcp",
+            },
+        );
     }
+    found
 }
 
 /// The labels every request on one admitted connection starts from.
@@ -133,45 +146,73 @@ pub struct HttpConnection {
 /// The body Istio's proxies answer a request denied by policy with.
 pub const RBAC_DENIED_BODY: &str = "RBAC: access denied";
 
-impl HttpConnection {
-    /// The policies' decision for one request; AUDIT matches are logged and counted.
-    fn authorize(&self, req: &Request<Incoming>) -> Decision {
-        let Some(workload) = self.workload.as_deref() else {
-            return Decision::Allow;
-        };
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .unwrap_or("");
-        let facts = policy::Request {
-            method: req.method().as_str(),
-            path: req.uri().path(),
-            host,
-            headers: req.headers(),
-        };
-        let policies = self.policies.get();
-        for audit in policy::audits(
-            workload,
-            &policies.authorization_policies,
-            &self.attrs,
-            Some(&facts),
-        ) {
-            self.metrics.request_audited(&audit.key());
-            tracing::info!(
-                target: "audit",
-                policy = %audit.key(),
-                workload = %workload.key(),
-                source = self.attrs.source.as_ref().map_or("plaintext".to_owned(), |s| s.to_string()),
-                method = facts.method,
-                path = facts.path,
-                host = facts.host,
-                "request matched an AUDIT policy"
-            );
-        }
-        policies.decide_request(workload, &self.attrs, &facts)
+/// The policies' decision for one request to `workload` on a connection
+/// whose authorization saw `attrs`; AUDIT matches are logged and counted. The
+/// destination side and, for an endpoint on its own node, the client side
+/// (which then serves the request for both ends) decide the same way.
+pub fn authorize_request(
+    policies: &PolicyStore,
+    metrics: &Metrics,
+    workload: &WorkloadMeta,
+    attrs: &policy::Connection,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Decision {
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let facts = policy::Request {
+        method: method.as_str(),
+        path: uri.path(),
+        host,
+        headers,
+    };
+    let policies = policies.get();
+    for audit in policy::audits(
+        workload,
+        &policies.authorization_policies,
+        attrs,
+        Some(&facts),
+    ) {
+        metrics.request_audited(&audit.key());
+        tracing::info!(
+            target: "audit",
+            policy = %audit.key(),
+            workload = %workload.key(),
+            source = attrs.source.as_ref().map_or("plaintext".to_owned(), |s| s.to_string()),
+            method = facts.method,
+            path = facts.path,
+            host = facts.host,
+            "request matched an AUDIT policy"
+        );
     }
+    let decision = policies.decide_request(workload, attrs, &facts);
+    if let Decision::Deny(why) = &decision {
+        metrics.request_denied(why.policy.as_deref());
+        tracing::info!(
+            workload = %workload.key(),
+            source = attrs.source.as_ref().map_or("plaintext".to_owned(), |s| s.to_string()),
+            method = facts.method,
+            path = facts.path,
+            reason = %why,
+            "request denied by policy"
+        );
+    }
+    decision
+}
+
+/// Istio's answer to a request denied by policy, and its response flag.
+pub fn rbac_denied() -> (Response<ProxyBody>, &'static str) {
+    let mut resp = Response::new(full(Bytes::from_static(RBAC_DENIED_BODY.as_bytes())));
+    *resp.status_mut() = StatusCode::FORBIDDEN;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    (resp, "RBAC")
 }
 
 /// The application end: one connection made inside the pod, carrying every
@@ -302,22 +343,19 @@ async fn handle(
         &req,
         connection.client,
     );
-    if let Decision::Deny(why) = connection.authorize(&req) {
-        connection.metrics.request_denied(why.policy.as_deref());
-        tracing::info!(
-            source = connection.attrs.source.as_ref().map_or("plaintext".to_owned(), |s| s.to_string()),
-            method = %req.method(),
-            path = req.uri().path(),
-            reason = %why,
-            "request denied by policy"
+    if let Some(workload) = connection.workload.as_deref() {
+        let decision = authorize_request(
+            &connection.policies,
+            &connection.metrics,
+            workload,
+            &connection.attrs,
+            req.method(),
+            req.uri(),
+            req.headers(),
         );
-        let mut resp = Response::new(full(Bytes::from_static(RBAC_DENIED_BODY.as_bytes())));
-        *resp.status_mut() = StatusCode::FORBIDDEN;
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain"),
-        );
-        return Ok(record.respond((resp, "RBAC")));
+        if let Decision::Deny(_) = decision {
+            return Ok(record.respond(rbac_denied()));
+        }
     }
     let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();

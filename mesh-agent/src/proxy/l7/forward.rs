@@ -1,12 +1,14 @@
 //! What forwarding a request needs on either side of a connection:
-//! connection-specific headers removed, and protocol upgrades joined.
+//! the front ends clients' requests meet, connection-specific headers removed,
+//! and protocol upgrades joined.
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use crate::proxy::l7::L7Settings;
 use crate::proxy::l7::upstream::ProxyBody;
 use crate::state::route;
 
@@ -76,6 +78,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     {
         headers.remove(header::TE);
     }
+}
+
+/// The HTTP/1 front end applications' requests meet: header block and header
+/// time bounded (431 above the size, slowloris defence).
+pub fn http1_server(settings: &L7Settings) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192));
+    builder
+}
+
+/// The HTTP/2 front end (prior knowledge, gRPC included): header list bounded.
+pub fn http2_server(settings: &L7Settings) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes as u32)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20);
+    builder
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod destination;
 pub mod detect;
 pub mod forward;
+pub mod pod;
 pub mod proxy;
 pub mod record;
 pub mod upstream;
@@ -50,20 +51,26 @@ pub struct L7 {
     pub settings: L7Settings,
     /// Where JSON request-log lines go, when enabled.
     pub request_log: Option<tracing_appender::non_blocking::NonBlocking>,
+    /// This agent's secret marker for streams whose requests its client side
+    /// already served ([`crate::proxy::tunnel::PARSED_BY_HEADER`]).
+    pub parsed_by: http::HeaderValue,
 }
 
-/// What one pod's outbound listener needs: its context, the Services and
-/// routes in force, its pooled HTTP connections to endpoints, and the pods
-/// served on this node.
-pub struct PodL7 {
-    /// The pod.
-    pub pod: std::sync::Arc<crate::proxy::pod::PodContext>,
-    /// Services, routes, settings.
-    pub l7: std::sync::Arc<L7>,
-    /// This pod's pooled HTTP connections to endpoints.
-    pub upstreams: upstream::Upstreams,
-    /// Pods this agent serves, for the same-node fast path of L4 connections.
-    pub local: std::sync::Arc<crate::proxy::same_node::LocalDestinations>,
+impl L7 {
+    /// Node-wide L7 state with a fresh marker (random, never logged).
+    pub fn new(
+        settings: L7Settings,
+        request_log: Option<tracing_appender::non_blocking::NonBlocking>,
+    ) -> Self {
+        let secret: u128 = rand::random();
+        L7 {
+            catalog: catalog::CatalogStore::default(),
+            settings,
+            request_log,
+            parsed_by: http::HeaderValue::from_str(&format!("{secret:032x}"))
+                .expect("hex is a valid header value"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -14,26 +14,31 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tokio::net::TcpStream;
 
 use crate::connections::{ConnectionGuard, Peers, Reporting};
 use crate::drain::serve_until_drained;
 use crate::metrics::{DestinationServiceLabels, HttpLabels};
-use crate::proxy::l7::PodL7;
 use crate::proxy::l7::balance::{NoEndpoint, Outcome};
 use crate::proxy::l7::budget::backoff;
 use crate::proxy::l7::catalog::{Catalog, ServicePortState};
+use crate::proxy::l7::destination;
 use crate::proxy::l7::detect::{Detected, sniff};
-use crate::proxy::l7::forward::{finish_response, is_upgrade, strip_hop_by_hop};
+use crate::proxy::l7::forward::{
+    finish_response, http1_server, http2_server, is_upgrade, strip_hop_by_hop,
+};
+use crate::proxy::l7::pod::PodL7;
 use crate::proxy::l7::record::{
     MeteredIo, ObservedBody, RequestRecord, full, local, request_protocol,
 };
 use crate::proxy::l7::upstream::ProxyBody;
 use crate::proxy::pod::{MutualTls, connect, relay_to};
 use crate::proxy::pod::{reset, transport};
+use crate::state::policy::{self, Decision};
 use crate::state::route::{self, Filter, RequestFacts, Selection, rewrite_path};
+use crate::state::service::Endpoint;
 use crate::state::service::PortProtocol;
 use crate::state::workload::WorkloadMeta;
 
@@ -70,11 +75,14 @@ pub async fn serve(
             }
         },
     };
-    ctx.pod.metrics.detected(match protocol {
-        Detected::Http1 => "http1",
-        Detected::Http2 => "http2",
-        Detected::Opaque => "tcp",
-    });
+    ctx.pod.metrics.detected(
+        "source",
+        match protocol {
+            Detected::Http1 => "http1",
+            Detected::Http2 => "http2",
+            Detected::Opaque => "tcp",
+        },
+    );
     let peers = Peers {
         service: Some(target.service.clone()),
         ..Peers::outbound(source.clone(), None)
@@ -112,7 +120,7 @@ async fn serve_opaque(
         };
         let endpoint = pick.endpoint().clone();
         let how = transport(endpoint.workload.as_deref(), ctx.pod.identity.is_some());
-        match connect(&ctx.pod, &source, endpoint.addr, how).await {
+        match connect(&ctx.pod, &source, endpoint.addr, how, None).await {
             Ok(upstream) => {
                 target
                     .balancer
@@ -210,30 +218,6 @@ async fn serve_http(
         tracing::debug!(client = %peer, error = %e, "HTTP connection ended with error");
     }
     drop(guard);
-}
-
-/// The HTTP/1 front end applications' requests meet: header block and header
-/// time bounded (431 above the size, slowloris defence).
-pub fn http1_server(settings: &super::L7Settings) -> hyper::server::conn::http1::Builder {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192));
-    builder
-}
-
-/// The HTTP/2 front end (prior knowledge, gRPC included): header list bounded.
-pub fn http2_server(
-    settings: &super::L7Settings,
-) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_header_list_size(settings.max_header_bytes as u32)
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(16 << 20);
-    builder
 }
 
 async fn handle(
@@ -504,6 +488,9 @@ async fn route_request(
                 }
             };
             record.set_upstream(pick.endpoint().workload.as_deref(), pick.endpoint().addr);
+            if let Some(denied) = serve_for_destination(conn, record, pick.endpoint(), &parts) {
+                return denied;
+            }
             let body = match (&buffered, streaming.take()) {
                 (Some(b), _) => full(b.clone()),
                 (None, Some(s)) => s,
@@ -618,6 +605,73 @@ async fn route_request(
         },
         None => attempts.await,
     }
+}
+
+/// For an endpoint this agent also serves (same node), does what its server
+/// side would do with the request, so that it is parsed once: authorizes it
+/// against the destination's policies and reports it for the destination too.
+/// The stream to it then carries this agent's marker, and the server side
+/// passes its bytes on unread. Returns the 403 when the policies deny it.
+fn serve_for_destination(
+    conn: &ConnCtx,
+    record: &mut RequestRecord,
+    endpoint: &Endpoint,
+    parts: &http::request::Parts,
+) -> Option<(Response<ProxyBody>, &'static str)> {
+    let served_here = conn
+        .ctx
+        .pod
+        .identity
+        .is_some()
+        .then(|| conn.ctx.local.lookup(endpoint.addr.ip()))
+        .flatten();
+    let Some(dest) = served_here else {
+        record.clear_twin();
+        return None;
+    };
+    let workload = dest.workload.meta.read().expect("meta lock").clone();
+    let source_ip = conn
+        .ctx
+        .pod
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == endpoint.addr.is_ipv4())
+        .unwrap_or(endpoint.addr.ip());
+    let attrs = policy::Connection {
+        source: Some(conn.source.identity()),
+        source_ip,
+        destination_ip: endpoint.addr.ip(),
+        destination_port: endpoint.addr.port(),
+    };
+    let service = dest.l7.catalog.get().serving(endpoint.addr);
+    let peers = Peers {
+        reporter: "destination",
+        source: Some(conn.source.clone()),
+        source_principal: Some(conn.principal.clone()),
+        destination: Some(workload.clone()),
+        mutual_tls: true,
+        service: service.as_ref().map(|s| s.service.clone()),
+    };
+    let metrics = &conn.ctx.pod.metrics;
+    let mut labels = destination::request_labels(
+        metrics,
+        &peers,
+        service.as_ref().map(|s| &*s.service),
+        endpoint.addr,
+    );
+    labels.request_protocol = record.labels().request_protocol;
+    record.set_twin(labels);
+    let decision = destination::authorize_request(
+        &dest.policies,
+        metrics,
+        &workload,
+        &attrs,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+    );
+    matches!(decision, Decision::Deny(_)).then(destination::rbac_denied)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

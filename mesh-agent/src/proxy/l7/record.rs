@@ -63,8 +63,14 @@ pub struct RequestRecord {
     request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
     log: Option<(tracing_appender::non_blocking::NonBlocking, RequestLine)>,
+    /// The same request as the destination reports it, when this agent
+    /// serves both ends (same node): finished with this record's outcome.
+    twin: Option<Box<RequestRecord>>,
+    /// Records nothing when dropped (a twin whose request never got there).
+    silent: bool,
 }
 
+#[derive(Clone)]
 struct RequestLine {
     method: String,
     path: String,
@@ -115,7 +121,35 @@ impl RequestRecord {
             request_bytes: Arc::default(),
             response_bytes: 0,
             log,
+            twin: None,
+            silent: false,
         }
+    }
+
+    /// Also reports the request with `labels` (`reporter="destination"`), for an
+    /// endpoint this agent serves: its server side will not parse it again.
+    pub fn set_twin(&mut self, labels: HttpLabels) {
+        self.twin = Some(Box::new(RequestRecord {
+            metrics: self.metrics.clone(),
+            labels,
+            started: self.started,
+            started_wall: self.started_wall,
+            request_bytes: self.request_bytes.clone(),
+            response_bytes: 0,
+            log: self.log.clone(),
+            twin: None,
+            silent: false,
+        }));
+    }
+
+    /// Drops the twin: the endpoint now chosen is served elsewhere.
+    pub fn clear_twin(&mut self) {
+        self.twin = None;
+    }
+
+    /// The labels so far.
+    pub fn labels(&self) -> &HttpLabels {
+        &self.labels
     }
 
     /// The labels so far, to be completed as the request is routed.
@@ -184,6 +218,31 @@ impl RequestRecord {
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        if let Some(mut twin) = self.twin.take() {
+            let (from, to) = (&self.labels, &mut twin.labels);
+            match from.response_flags {
+                // Never reached the destination: nothing to report there.
+                "UF" => twin.silent = true,
+                // The destination saw the client give up before its answer.
+                "UT" | "DC" => {
+                    to.response_code = 0;
+                    to.response_flags = "DC";
+                }
+                _ => {
+                    to.response_code = from.response_code;
+                    to.response_flags = from.response_flags;
+                    to.grpc_response_status = from.grpc_response_status.clone();
+                }
+            }
+            twin.response_bytes = self.response_bytes;
+            if let (Some((_, line)), Some((_, twin_line))) = (&self.log, &mut twin.log) {
+                twin_line.upstream = line.upstream;
+                twin_line.traceparent = line.traceparent.clone();
+            }
+        }
+        if self.silent {
+            return;
+        }
         let ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         let m = &self.metrics;

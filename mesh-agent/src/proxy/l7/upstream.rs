@@ -19,6 +19,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::proxy::pod::{ConnectFailure, PodContext, UpstreamIo, connect, transport};
 
+/// Whether this agent serves the pod at an address (its own server side).
+pub type ServedHere = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+
 /// Errors carried in proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type the proxy sends and returns.
@@ -40,9 +43,19 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Clients that connect as the workload of `ctx`.
-    pub fn new(ctx: Arc<PodContext>) -> Self {
-        let connector = InPodConnector { ctx };
+    /// Clients that connect as the workload of `ctx`; streams to pods this
+    /// agent serves (`served_here`) carry `parsed_by`, as their requests are
+    /// served by this side.
+    pub fn new(
+        ctx: Arc<PodContext>,
+        served_here: ServedHere,
+        parsed_by: http::HeaderValue,
+    ) -> Self {
+        let connector = InPodConnector {
+            ctx,
+            served_here,
+            parsed_by,
+        };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(IDLE_TIMEOUT)
@@ -68,6 +81,8 @@ impl Upstreams {
 #[derive(Clone)]
 pub struct InPodConnector {
     ctx: Arc<PodContext>,
+    served_here: ServedHere,
+    parsed_by: http::HeaderValue,
 }
 
 impl tower_service::Service<Uri> for InPodConnector {
@@ -81,6 +96,8 @@ impl tower_service::Service<Uri> for InPodConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let ctx = self.ctx.clone();
+        let served_here = self.served_here.clone();
+        let parsed_by = self.parsed_by.clone();
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
@@ -89,7 +106,8 @@ impl tower_service::Service<Uri> for InPodConnector {
             let source = ctx.meta.read().expect("workload meta lock").clone();
             let destination = ctx.directory.lookup(addr.ip());
             let how = transport(destination.as_deref(), ctx.identity.is_some());
-            connect(&ctx, &source, addr, how)
+            let marker = served_here(addr.ip()).then_some(&parsed_by);
+            connect(&ctx, &source, addr, how, marker)
                 .await
                 .map(TokioIo::new)
                 .map_err(|e| match e {

@@ -32,6 +32,11 @@ pub const HBONE_PORT: u16 = 15008;
 /// HTTP/2 flow-control windows: large enough that one bulk stream is not held
 /// back by window updates on a fast link, small enough to bound memory per stream.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// CONNECT header by which this agent's own client side tells its own server
+/// side that it has already served the stream's requests (same node): the
+/// value is a secret of the agent process, so no peer can claim it.
+pub const PARSED_BY_HEADER: &str = "x-nodemesh-parsed-by";
+
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Larger DATA frames mean fewer frame headers and wake-ups per byte.
 const MAX_FRAME: u32 = 256 * 1024;

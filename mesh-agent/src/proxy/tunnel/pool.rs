@@ -203,6 +203,7 @@ impl TunnelPool {
         &self,
         key: &PoolKey,
         authority: SocketAddr,
+        parsed_by: Option<&hyper::header::HeaderValue>,
         dial: D,
         tls: impl Fn() -> Result<rustls::ClientConfig, TunnelError>,
     ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, StreamLease), TunnelError>
@@ -217,11 +218,16 @@ impl TunnelPool {
         loop {
             let conn = self.acquire(key, &dial, &tls).await?;
             let lease = StreamLease { conn: conn.clone() };
-            let request = hyper::Request::builder()
+            let mut request = hyper::Request::builder()
                 .method(hyper::Method::CONNECT)
                 .uri(authority.to_string())
                 .body(Empty::<Bytes>::new())
                 .expect("CONNECT request from a socket address");
+            if let Some(value) = parsed_by {
+                request
+                    .headers_mut()
+                    .insert(super::PARSED_BY_HEADER, value.clone());
+            }
             let mut sender = conn.sender.clone();
             let response = tokio::time::timeout(
                 self.settings.connect_timeout * 2,
