@@ -119,25 +119,9 @@ async fn handle(mut client: TcpStream, ctx: Arc<InboundContext>) {
         }
     };
     if protocol != Detected::Opaque {
-        let connection = admitted.http_connection(&ctx, peer, destination);
-        let Admitted {
-            mut guard,
-            cancel,
-            app,
-            ..
-        } = admitted;
-        destination::serve_http(
-            client,
-            prefix,
-            app,
-            protocol,
-            connection,
-            &mut guard,
-            settings,
-            &cancel,
-            &ctx.workload.drain,
-        )
-        .await;
+        admitted
+            .serve_http(client, prefix, protocol, &ctx, peer, destination)
+            .await;
         return;
     }
     admitted.guard.report(Reporting::Tcp);
@@ -232,8 +216,42 @@ impl Admitted {
         SocketAddr::new(self.attrs.destination_ip, self.attrs.destination_port)
     }
 
+    /// Serves its requests (the client spoke `protocol`, starting with
+    /// `prefix`) until the connection ends, is revoked, or the agent hands over.
+    pub async fn serve_http<C>(
+        self,
+        client: C,
+        prefix: Vec<u8>,
+        protocol: Detected,
+        ctx: &InboundContext,
+        peer: SocketAddr,
+        destination: SocketAddr,
+    ) where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let connection = self.http_connection(ctx, peer, destination);
+        let Admitted {
+            mut guard,
+            cancel,
+            app,
+            ..
+        } = self;
+        destination::serve_http(
+            client,
+            prefix,
+            app,
+            protocol,
+            connection,
+            &mut guard,
+            &ctx.l7.settings,
+            &cancel,
+            &ctx.workload.drain,
+        )
+        .await;
+    }
+
     /// What serving its requests needs.
-    pub fn http_connection(
+    fn http_connection(
         &self,
         ctx: &InboundContext,
         client: SocketAddr,

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::connections::Reporting;
+use crate::connections::{ConnectionGuard, Reporting};
 use crate::drain::serve_until_drained;
 use crate::identity::{Identity, identity_of};
 use crate::proxy::inbound::{Admitted, InboundContext, Refusal, admit, pass_on};
@@ -214,6 +214,19 @@ async fn carry_parsed(
         ..
     } = admitted;
     guard.report(Reporting::Requests);
+    relay_until_revoked(app, tunnel, &guard, &cancel, destination).await;
+}
+
+/// Relays a stream and its application socket until both ends close, or a
+/// policy change revokes the connection (`cancel`): then the application side
+/// is reset, and dropping the stream resets the tunnel side.
+async fn relay_until_revoked(
+    app: TcpStream,
+    tunnel: TokioIo<hyper::upgrade::Upgraded>,
+    guard: &ConnectionGuard,
+    cancel: &CancellationToken,
+    destination: SocketAddr,
+) {
     tokio::select! {
         result = relay_tunnel(&app, tunnel, guard.sent(), guard.received()) => {
             if let Err(e) = result {
@@ -251,25 +264,9 @@ async fn carry(
         }
     };
     if protocol != Detected::Opaque {
-        let connection = admitted.http_connection(ctx, peer, destination);
-        let Admitted {
-            mut guard,
-            cancel,
-            app,
-            ..
-        } = admitted;
-        destination::serve_http(
-            tunnel,
-            prefix,
-            app,
-            protocol,
-            connection,
-            &mut guard,
-            settings,
-            &cancel,
-            &ctx.workload.drain,
-        )
-        .await;
+        admitted
+            .serve_http(tunnel, prefix, protocol, ctx, peer, destination)
+            .await;
         return;
     }
     admitted.guard.report(Reporting::Tcp);
@@ -288,16 +285,5 @@ async fn carry(
         tracing::debug!(%destination, error = %e, "tunnel stream ended with error");
         return;
     }
-    tokio::select! {
-        result = relay_tunnel(&app, tunnel, guard.sent(), guard.received()) => {
-            if let Err(e) = result {
-                tracing::debug!(%destination, error = %e, "tunnel stream ended with error");
-            }
-        }
-        _ = cancel.cancelled() => {
-            // Revoked by a policy change: reset the app side; dropping the
-            // stream resets the tunnel side.
-            let _ = app.set_zero_linger();
-        }
-    }
+    relay_until_revoked(app, tunnel, &guard, &cancel, destination).await;
 }
