@@ -48,7 +48,8 @@ impl Peers {
         }
     }
 
-    fn source_principal(&self) -> String {
+    /// The client's SPIFFE ID, or `unknown` (as Istio labels it).
+    pub fn source_principal(&self) -> String {
         self.source_principal
             .clone()
             .unwrap_or_else(|| "unknown".to_owned())

@@ -93,53 +93,29 @@ pub async fn serve(listener: TcpListener, ctx: Arc<InboundContext>, cancel: Canc
     .await;
 }
 
-async fn handle(mut client: TcpStream, ctx: Arc<InboundContext>) {
+async fn handle(client: TcpStream, ctx: Arc<InboundContext>) {
     let (Ok(peer), Ok(destination)) = (client.peer_addr(), client.local_addr()) else {
         return;
     };
     // Plaintext proves nothing about the client: no source workload or principal.
-    let Ok(mut admitted) = admit(&ctx, None, None, peer, destination).await else {
+    let Ok(admitted) = admit(&ctx, None, None, peer, destination).await else {
         let _ = client.set_zero_linger();
         return;
     };
     let _ = client.set_nodelay(true);
-    let settings = &ctx.l7.settings;
-    let (protocol, prefix) = match destination::detect(
-        &mut client,
-        admitted.protocol,
-        settings.detect_timeout,
-        &ctx.workload.metrics,
-    )
-    .await
-    {
-        Ok(found) => found,
-        Err(e) => {
-            tracing::debug!(client = %peer, error = %e, "client went away during detection");
-            return;
-        }
-    };
-    if protocol != Detected::Opaque {
-        admitted
-            .serve_http(client, prefix, protocol, &ctx, peer, destination)
-            .await;
-        return;
-    }
-    admitted.guard.report(Reporting::Tcp);
-    if admitted.refused_as_opaque(&ctx) {
-        let _ = client.set_zero_linger();
-        let _ = admitted.app.set_zero_linger();
-        return;
-    }
-    let Admitted {
+    let Opaque {
+        client,
         guard,
         cancel,
-        mut app,
-        ..
-    } = admitted;
-    if let Err(e) = pass_on(&mut app, &prefix, &guard).await {
-        tracing::debug!(%destination, error = %e, "inbound connection ended with error");
-        return;
-    }
+        app,
+    } = match admitted.carry(client, &ctx, peer, destination).await {
+        Carried::Relay(opaque) => opaque,
+        Carried::Refused(client) => {
+            let _ = client.set_zero_linger();
+            return;
+        }
+        Carried::Done => return,
+    };
     tokio::select! {
         result = relay(&client, &app, guard.received(), guard.sent()) => {
             if let Err(e) = result {
@@ -154,7 +130,7 @@ async fn handle(mut client: TcpStream, ctx: Arc<InboundContext>) {
 }
 
 /// Writes the bytes read during detection to the application, counted as the client's.
-pub async fn pass_on(
+async fn pass_on(
     app: &mut TcpStream,
     prefix: &[u8],
     guard: &ConnectionGuard,
@@ -195,7 +171,90 @@ pub struct Admitted {
     pub protocol: PortProtocol,
 }
 
+/// What became of an admitted connection once its first bytes were read.
+// Returned once per connection and taken apart at once, never stored: boxing
+// `Relay` would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Carried<C> {
+    /// Served to its end (HTTP), or the client went away during detection.
+    Done,
+    /// Not HTTP, and refused by a rule about HTTP; the application side is
+    /// reset, the client is handed back to be reset too.
+    Refused(C),
+    /// Not HTTP: its bytes are to be relayed.
+    Relay(Opaque<C>),
+}
+
+/// A connection carried byte for byte, its detected first bytes already
+/// passed on to the application.
+pub struct Opaque<C> {
+    /// The client end (a socket or a tunnel stream).
+    pub client: C,
+    /// Counts it as a TCP connection.
+    pub guard: ConnectionGuard,
+    /// Fires if a later policy revokes it.
+    pub cancel: CancellationToken,
+    /// The application's end.
+    pub app: TcpStream,
+}
+
 impl Admitted {
+    /// Reads the client's first bytes as the port's protocol says, the same way
+    /// for plaintext and tunnelled connections: HTTP is served to its end;
+    /// anything else is checked as a connection that is not HTTP, and what is
+    /// let through comes back to be relayed.
+    pub async fn carry<C>(
+        mut self,
+        mut client: C,
+        ctx: &InboundContext,
+        peer: SocketAddr,
+        destination: SocketAddr,
+    ) -> Carried<C>
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (protocol, prefix) = match destination::detect(
+            &mut client,
+            self.protocol,
+            ctx.l7.settings.detect_timeout,
+            &ctx.workload.metrics,
+        )
+        .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(client = %peer, error = %e, "client went away during detection");
+                return Carried::Done;
+            }
+        };
+        if protocol != Detected::Opaque {
+            self.serve_http(client, prefix, protocol, ctx, peer, destination)
+                .await;
+            return Carried::Done;
+        }
+        self.guard.report(Reporting::Tcp);
+        if self.refused_as_opaque(ctx) {
+            let _ = self.app.set_zero_linger();
+            return Carried::Refused(client);
+        }
+        let Admitted {
+            guard,
+            cancel,
+            mut app,
+            ..
+        } = self;
+        if let Err(e) = pass_on(&mut app, &prefix, &guard).await {
+            tracing::debug!(%destination, error = %e, "connection ended with error");
+            return Carried::Done;
+        }
+        Carried::Relay(Opaque {
+            client,
+            guard,
+            cancel,
+            app,
+        })
+    }
+
     /// Whether the policies in force refuse it now that it is known not to
     /// speak HTTP (an L7 rule cannot be met: Istio denies); logged and marked.
     pub fn refused_as_opaque(&mut self, ctx: &InboundContext) -> bool {
@@ -218,7 +277,7 @@ impl Admitted {
 
     /// Serves its requests (the client spoke `protocol`, starting with
     /// `prefix`) until the connection ends, is revoked, or the agent hands over.
-    pub async fn serve_http<C>(
+    async fn serve_http<C>(
         self,
         client: C,
         prefix: Vec<u8>,

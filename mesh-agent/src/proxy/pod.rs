@@ -62,6 +62,15 @@ pub struct PodContext {
     pub limit: Arc<PodLimit>,
 }
 
+/// Which of a pod's addresses (`ips`) a connection from it to `destination`
+/// leaves from, the one of the same family: what the destination's policies
+/// see as its source.
+pub fn ip_toward(ips: &[IpAddr], destination: SocketAddr) -> Option<IpAddr> {
+    ips.iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == destination.is_ipv4())
+}
+
 /// Runs `handler` for each accepted connection, in a task of its own that
 /// holds the connection's claim on the bounds, until `cancel`. Every in-pod
 /// listener (outbound, inbound, tunnel) accepts this way, so every one is

@@ -35,7 +35,7 @@ use crate::connections::{CarriedBy, ConnectionGuard, Peers, Reporting};
 use crate::handoff::{HandedOverJoined, JoinedRecord};
 use crate::node::splice::{Joined, SplicedBytes, kick, socket_cookie};
 use crate::proxy::inbound::{Admitted, InboundContext, Refusal, admit, authorize};
-use crate::proxy::pod::{PodContext, Transport, reset};
+use crate::proxy::pod::{PodContext, Transport, ip_toward, reset};
 use crate::proxy::relay::{relay, shutdown_write, write_all};
 use crate::state::workload::WorkloadMeta;
 
@@ -176,11 +176,7 @@ fn source_address(
     destination: SocketAddr,
     client: SocketAddr,
 ) -> SocketAddr {
-    let ip = source_ips
-        .iter()
-        .find(|ip| ip.is_ipv4() == destination.is_ipv4())
-        .copied()
-        .unwrap_or(client.ip());
+    let ip = ip_toward(source_ips, destination).unwrap_or(client.ip());
     SocketAddr::new(ip, client.port())
 }
 

@@ -27,6 +27,7 @@ use crate::drain::serve_until_drained;
 use crate::metrics::{DestinationServiceLabels, HttpLabels, Metrics};
 use crate::proxy::l7::L7Settings;
 use crate::proxy::l7::detect::{Detected, sniff_io};
+use crate::proxy::l7::forward::request_host;
 use crate::proxy::l7::forward::{
     finish_response, http1_server, http2_server, is_upgrade, strip_hop_by_hop,
 };
@@ -76,14 +77,7 @@ where
         PortProtocol::Detect => sniff_io(client, timeout).await,
     };
     if let Ok((detected, _)) = &found {
-        metrics.detected(
-            "destination",
-            match detected {
-                Detected::Http1 => "http1",
-                Detected::Http2 => "http2",
-                Detected::Opaque => "tcp",
-            },
-        );
+        metrics.detected("destination", detected.name());
     }
     found
 }
@@ -97,13 +91,7 @@ pub fn request_labels(
 ) -> HttpLabels {
     HttpLabels {
         reporter: "destination",
-        source: metrics.source_labels(
-            peers.source.as_deref(),
-            peers
-                .source_principal
-                .clone()
-                .unwrap_or_else(|| "unknown".to_owned()),
-        ),
+        source: metrics.source_labels(peers.source.as_deref(), peers.source_principal()),
         destination: metrics.destination_labels(peers.destination.as_deref()),
         service: match service {
             Some(s) => DestinationServiceLabels::of(s),
@@ -159,11 +147,7 @@ pub fn authorize_request(
     uri: &http::Uri,
     headers: &http::HeaderMap,
 ) -> Decision {
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| uri.authority().map(|a| a.as_str()))
-        .unwrap_or("");
+    let host = request_host(headers, uri);
     let facts = policy::Request {
         method: method.as_str(),
         path: uri.path(),

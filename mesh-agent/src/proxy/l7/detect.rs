@@ -18,6 +18,17 @@ pub enum Detected {
     Opaque,
 }
 
+impl Detected {
+    /// Its name in `nodemesh_protocol_detections_total`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Detected::Http1 => "http1",
+            Detected::Http2 => "http2",
+            Detected::Opaque => "tcp",
+        }
+    }
+}
+
 /// The HTTP/2 client connection preface.
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 

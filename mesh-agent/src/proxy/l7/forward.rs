@@ -43,6 +43,16 @@ pub fn finish_response(
     resp.map(|b| b.map_err(Into::into).boxed())
 }
 
+/// The host a request names: its `Host` header, else its URI's authority
+/// (HTTP/2's `:authority`), else "".
+pub fn request_host<'a>(headers: &'a HeaderMap, uri: &'a http::Uri) -> &'a str {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+}
+
 /// Whether a request asks to switch protocols (WebSocket and the like).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)

@@ -27,14 +27,14 @@ use crate::proxy::l7::catalog::{Catalog, ServicePortState};
 use crate::proxy::l7::destination;
 use crate::proxy::l7::detect::{Detected, sniff};
 use crate::proxy::l7::forward::{
-    finish_response, http1_server, http2_server, is_upgrade, strip_hop_by_hop,
+    finish_response, http1_server, http2_server, is_upgrade, request_host, strip_hop_by_hop,
 };
 use crate::proxy::l7::pod::PodL7;
 use crate::proxy::l7::record::{
     MeteredIo, ObservedBody, RequestRecord, full, local, request_protocol,
 };
 use crate::proxy::l7::upstream::ProxyBody;
-use crate::proxy::pod::{MutualTls, connect, relay_to};
+use crate::proxy::pod::{MutualTls, connect, ip_toward, relay_to};
 use crate::proxy::pod::{reset, transport};
 use crate::state::policy::{self, Decision};
 use crate::state::route::{self, Filter, RequestFacts, Selection, rewrite_path};
@@ -75,14 +75,7 @@ pub async fn serve(
             }
         },
     };
-    ctx.pod.metrics.detected(
-        "source",
-        match protocol {
-            Detected::Http1 => "http1",
-            Detected::Http2 => "http2",
-            Detected::Opaque => "tcp",
-        },
-    );
+    ctx.pod.metrics.detected("source", protocol.name());
     let peers = Peers {
         service: Some(target.service.clone()),
         ..Peers::outbound(source.clone(), None)
@@ -630,14 +623,7 @@ fn serve_for_destination(
         return None;
     };
     let workload = dest.workload.meta.read().expect("meta lock").clone();
-    let source_ip = conn
-        .ctx
-        .pod
-        .ips
-        .iter()
-        .copied()
-        .find(|ip| ip.is_ipv4() == endpoint.addr.is_ipv4())
-        .unwrap_or(endpoint.addr.ip());
+    let source_ip = ip_toward(&conn.ctx.pod.ips, endpoint.addr).unwrap_or(endpoint.addr.ip());
     let attrs = policy::Connection {
         source: Some(conn.source.identity()),
         source_ip,
@@ -698,12 +684,7 @@ fn redirect(
     parts: &http::request::Parts,
     prefix: Option<&str>,
 ) -> Response<ProxyBody> {
-    let host_header = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("");
+    let host_header = request_host(&parts.headers, &parts.uri);
     let host_only = host_header
         .rsplit_once(':')
         .map(|(h, _)| h)

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::connections::ByteCounter;
 use crate::metrics::{HttpLabels, Metrics};
+use crate::proxy::l7::forward::request_host;
 use crate::proxy::l7::upstream::{BoxError, ProxyBody};
 use crate::state::workload::WorkloadMeta;
 
@@ -96,13 +97,7 @@ impl RequestRecord {
                 RequestLine {
                     method: req.method().to_string(),
                     path: req.uri().path().to_owned(),
-                    authority: req
-                        .headers()
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(str::to_owned)
-                        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-                        .unwrap_or_default(),
+                    authority: request_host(req.headers(), req.uri()).to_owned(),
                     client,
                     upstream: None,
                     traceparent: req

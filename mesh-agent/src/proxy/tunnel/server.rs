@@ -22,9 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::connections::{ConnectionGuard, Reporting};
 use crate::drain::serve_until_drained;
 use crate::identity::{Identity, identity_of};
-use crate::proxy::inbound::{Admitted, InboundContext, Refusal, admit, pass_on};
-use crate::proxy::l7::destination;
-use crate::proxy::l7::detect::Detected;
+use crate::proxy::inbound::{Admitted, Carried, InboundContext, Opaque, Refusal, admit};
 use crate::proxy::pod::accept_until_cancelled;
 use crate::proxy::relay::relay_tunnel;
 use crate::proxy::tunnel::read_ahead::ReadAhead;
@@ -242,48 +240,20 @@ async fn relay_until_revoked(
 /// Carries one opened stream to the application: its requests served one by
 /// one when it speaks HTTP, else its bytes relayed.
 async fn carry(
-    mut tunnel: TokioIo<hyper::upgrade::Upgraded>,
-    mut admitted: Admitted,
+    tunnel: TokioIo<hyper::upgrade::Upgraded>,
+    admitted: Admitted,
     peer: SocketAddr,
     destination: SocketAddr,
     ctx: &InboundContext,
 ) {
-    let settings = &ctx.l7.settings;
-    let (protocol, prefix) = match destination::detect(
-        &mut tunnel,
-        admitted.protocol,
-        settings.detect_timeout,
-        &ctx.workload.metrics,
-    )
-    .await
-    {
-        Ok(found) => found,
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "tunnel stream ended during detection");
-            return;
-        }
-    };
-    if protocol != Detected::Opaque {
-        admitted
-            .serve_http(tunnel, prefix, protocol, ctx, peer, destination)
-            .await;
-        return;
-    }
-    admitted.guard.report(Reporting::Tcp);
-    if admitted.refused_as_opaque(ctx) {
-        // Dropping the stream resets the tunnel side.
-        let _ = admitted.app.set_zero_linger();
-        return;
-    }
-    let Admitted {
+    // A refused stream is dropped, which resets the tunnel side.
+    if let Carried::Relay(Opaque {
+        client,
         guard,
         cancel,
-        mut app,
-        ..
-    } = admitted;
-    if let Err(e) = pass_on(&mut app, &prefix, &guard).await {
-        tracing::debug!(%destination, error = %e, "tunnel stream ended with error");
-        return;
+        app,
+    }) = admitted.carry(tunnel, ctx, peer, destination).await
+    {
+        relay_until_revoked(app, client, &guard, &cancel, destination).await;
     }
-    relay_until_revoked(app, tunnel, &guard, &cancel, destination).await;
 }
