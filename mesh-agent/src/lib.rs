@@ -28,3 +28,4 @@ pub mod proxy;
 pub mod reconciler;
 pub mod sources;
 pub mod state;
+pub mod traces;

@@ -285,6 +285,27 @@ struct RunArgs {
     /// Per-request log on stdout: `json` writes one JSON object per request.
     #[arg(long, env = "NODEMESH_REQUEST_LOG", default_value = "off", value_parser = ["off", "json"])]
     request_log: String,
+    /// OTLP collector that receives a span per proxied request, e.g.
+    /// `http://otel-collector:4317`; no spans are recorded without it.
+    #[arg(long, env = "NODEMESH_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Transport to the collector: `grpc` or `http/protobuf` (an endpoint
+    /// without a path then gets `/v1/traces`).
+    #[arg(
+        long,
+        env = "NODEMESH_OTLP_PROTOCOL",
+        value_enum,
+        default_value = "grpc"
+    )]
+    otlp_protocol: mesh_agent::traces::OtlpProtocol,
+    /// Percent of new traces recorded, 0 to 100 (Istio's `tracing.sampling`);
+    /// a request that arrives with a `traceparent` follows its sampled flag.
+    #[arg(long, env = "NODEMESH_TRACE_SAMPLING", default_value_t = 1.0)]
+    trace_sampling: f64,
+    /// Finished spans waiting for export, at most; more are dropped and
+    /// counted in `nodemesh_spans_dropped_total`, never waited for.
+    #[arg(long, env = "NODEMESH_TRACE_QUEUE", default_value_t = 2048)]
+    trace_queue: usize,
 }
 
 /// A parsed `--opaque-ports` list.
@@ -549,6 +570,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ..CertPolicy::default()
         },
     });
+    let metrics = Arc::new(mesh_agent::metrics::Metrics::for_cluster(&args.cluster_id));
+    let tracer = mesh_agent::traces::Tracer::start(
+        &mesh_agent::traces::TraceSettings {
+            endpoint: args.otlp_endpoint.clone(),
+            protocol: args.otlp_protocol,
+            sampling: args.trace_sampling / 100.0,
+            queue: args.trace_queue,
+            node_name: args.node_name.clone(),
+        },
+        metrics.clone(),
+    )
+    .context("--otlp-endpoint")?;
     let settings = Settings {
         source: match &args.config {
             Some(path) => format!("file {}", path.display()),
@@ -567,10 +600,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             header_timeout: args.request_header_timeout,
         },
         request_log: request_log.as_ref().map(|(writer, _)| writer.clone()),
+        tracer,
         max_connections,
         same_node_fast_path: args.same_node_fast_path,
     };
-    let metrics = Arc::new(mesh_agent::metrics::Metrics::for_cluster(&args.cluster_id));
     let identity = match &identity_settings {
         Some(s) => Some(Arc::new(
             IdentityState::start(s, metrics.clone()).context("mesh CA")?,

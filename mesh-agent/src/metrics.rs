@@ -248,6 +248,11 @@ fn size_histogram() -> Histogram {
 pub type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PolicyLabels {
     policy: String,
 }
@@ -353,6 +358,8 @@ pub struct Metrics {
     retries: Family<RetryLabels, Counter>,
     requests_denied: Family<PolicyLabels, Counter>,
     requests_audited: Family<PolicyLabels, Counter>,
+    spans_exported: Counter,
+    spans_dropped: Family<DropLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     detections: Family<ProtocolLabels, Counter>,
     rejected_objects: Family<KindLabels, Gauge>,
@@ -412,6 +419,8 @@ impl Metrics {
             retries: Family::default(),
             requests_denied: Family::default(),
             requests_audited: Family::default(),
+            spans_exported: Counter::default(),
+            spans_dropped: Family::default(),
             ejections: Family::default(),
             detections: Family::default(),
             rejected_objects: Family::default(),
@@ -563,6 +572,16 @@ impl Metrics {
             m.requests_audited.clone(),
         );
         registry.register(
+            "nodemesh_spans_exported",
+            "Request spans the OTLP collector accepted",
+            m.spans_exported.clone(),
+        );
+        registry.register(
+            "nodemesh_spans_dropped",
+            "Request spans not exported, by reason (queue_full: the export queue was full; export_failed: the collector refused or did not answer)",
+            m.spans_dropped.clone(),
+        );
+        registry.register(
             "nodemesh_endpoint_ejections",
             "Endpoints ejected by outlier detection",
             m.ejections.clone(),
@@ -627,6 +646,18 @@ impl Metrics {
                 result,
             })
             .inc();
+    }
+
+    /// Counts `n` spans the collector accepted.
+    pub fn spans_exported(&self, n: u64) {
+        self.spans_exported.inc_by(n);
+    }
+
+    /// Counts `n` spans dropped for `reason` (`queue_full`, `export_failed`).
+    pub fn spans_dropped(&self, reason: &'static str, n: u64) {
+        self.spans_dropped
+            .get_or_create(&DropLabels { reason })
+            .inc_by(n);
     }
 
     /// Counts a request denied by `policy` (`None`: no ALLOW policy matched).

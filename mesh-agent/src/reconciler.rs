@@ -66,6 +66,8 @@ pub struct Settings {
     pub l7: L7Settings,
     /// Where JSON request-log lines go, when enabled.
     pub request_log: Option<tracing_appender::non_blocking::NonBlocking>,
+    /// Records request spans for the OTLP collector, when one is configured.
+    pub tracer: crate::traces::Tracer,
     /// Most connections the agent holds at once; more are reset at once.
     pub max_connections: usize,
     /// Join same-node connections in the kernel instead of tunnelling them.
@@ -250,7 +252,11 @@ impl Agent {
         Agent {
             local: Arc::new(LocalDestinations::new(settings.same_node_fast_path)),
             limits: Arc::new(Limits::new(settings.max_connections, metrics.clone())),
-            l7: Arc::new(L7::new(settings.l7.clone(), settings.request_log.clone())),
+            l7: Arc::new(L7::new(
+                settings.l7.clone(),
+                settings.request_log.clone(),
+                settings.tracer.clone(),
+            )),
             policies: Arc::new(PolicyStore::default()),
             pool,
             identity,

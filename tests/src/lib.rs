@@ -23,6 +23,7 @@ use mesh_agent::node::cgroup::Cgroup2;
 pub mod apiserver;
 pub mod ca;
 pub mod cni;
+pub mod otlp;
 pub mod prometheus;
 pub mod soak;
 

@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use nodemesh_testkit::otlp::OtlpReceiver;
 use nodemesh_testkit::prometheus::{Prometheus, promtool_problems};
 use nodemesh_testkit::{
     Agent, MeshCa, Node, Pod, Process, Tools, metric_sum, run_json, wait_until, yaml_docs,
@@ -35,6 +36,11 @@ struct Mesh {
 
 impl Mesh {
     fn new(policies: &[&str]) -> Self {
+        Self::with_agent_args(policies, [&[], &[]])
+    }
+
+    /// [`Mesh::new`] with extra `mesh-agent run` arguments for the near and the far agent.
+    fn with_agent_args(policies: &[&str], extra: [&[&str]; 2]) -> Self {
         let tools = Tools::new(env!("CARGO_BIN_EXE_podtool")).unwrap();
         let ca = MeshCa::init(&tools).unwrap();
         let mut node0 = Node::with_index(0).unwrap();
@@ -68,9 +74,12 @@ impl Mesh {
         ];
         let mut args = ca.args().to_vec();
         args.extend(["--request-log", "json"]);
+        let (mut near_args, mut far_args) = (args.clone(), args);
+        near_args.extend_from_slice(extra[0]);
+        far_args.extend_from_slice(extra[1]);
         let mesh = Mesh {
-            near: Agent::start_with(&tools, &node0, &yaml_docs(&[]), &args).unwrap(),
-            far: Agent::start_with(&tools, &node1, &yaml_docs(&[]), &args).unwrap(),
+            near: Agent::start_with(&tools, &node0, &yaml_docs(&[]), &near_args).unwrap(),
+            far: Agent::start_with(&tools, &node1, &yaml_docs(&[]), &far_args).unwrap(),
             tools,
             web,
             other,
@@ -101,10 +110,19 @@ impl Mesh {
 
     /// curl from `pod` to api's web server: (status, body).
     fn curl(&self, pod: &Pod, args: &[&str], path: &str) -> (u16, String) {
+        self.curl_to(
+            pod,
+            args,
+            &format!("http://{}{path}", self.api.addr(WEB_PORT)),
+        )
+    }
+
+    /// curl from `pod` to `url`: (status, body).
+    fn curl_to(&self, pod: &Pod, args: &[&str], url: &str) -> (u16, String) {
         let mut cmd = pod.command(Path::new("/usr/bin/curl")).unwrap();
         cmd.args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
             .args(args)
-            .arg(format!("http://{}{path}", self.api.addr(WEB_PORT)));
+            .arg(url);
         let out = Process::spawn(&mut cmd, "curl").unwrap().wait(RUN).unwrap();
         let text = out.stdout.trim_end();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", text));
@@ -597,4 +615,132 @@ fn prometheus_reads_what_was_sent_with_istios_queries() {
             .collect();
         assert!(problems.is_empty(), "{problems:#?}");
     }
+}
+
+/// Acceptance 4: with an OTLP collector, a request through a Service to
+/// another node is one trace of two spans: the client side's (a client span,
+/// exported over gRPC) is the parent of the destination's (a server span,
+/// exported over HTTP/protobuf), and the application sees the destination's
+/// span as its parent. Both carry the route and the response code. With the
+/// collector gone, requests still succeed and the lost spans are counted.
+#[test]
+fn a_request_across_nodes_is_one_trace_of_a_parent_and_a_child_span() {
+    let receiver = OtlpReceiver::start().unwrap();
+    let grpc = format!("http://{}", receiver.grpc);
+    let http = format!("http://{}", receiver.http);
+    let mesh = Mesh::with_agent_args(
+        &[API_SERVICE],
+        [
+            &["--otlp-endpoint", &grpc, "--trace-sampling", "100"],
+            &[
+                "--otlp-endpoint",
+                &http,
+                "--otlp-protocol",
+                "http/protobuf",
+                "--trace-sampling",
+                "100",
+            ],
+        ],
+    );
+    let (code, body) = mesh.curl_to(&mesh.web, &[], "http://10.96.0.50/headers");
+    assert_eq!(code, 200, "{body}");
+    let seen_by_app: Value = serde_json::from_str(&body).unwrap();
+    let spans = receiver
+        .wait_for("both spans", Duration::from_secs(20), |s| s.len() >= 2)
+        .unwrap();
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let client = spans.iter().find(|s| s.kind == 3).expect("a client span");
+    let server = spans.iter().find(|s| s.kind == 2).expect("a server span");
+    assert_eq!(client.transport, "grpc");
+    assert_eq!(server.transport, "http");
+    assert_eq!(client.trace_id, server.trace_id, "{spans:#?}");
+    assert_eq!(
+        client.parent_span_id, "",
+        "the client span starts the trace"
+    );
+    assert_eq!(server.parent_span_id, client.span_id, "{spans:#?}");
+    assert_eq!(
+        seen_by_app["traceparent"],
+        format!("00-{}-{}-01", server.trace_id, server.span_id),
+        "the application's parent is the destination's span"
+    );
+    for span in [client, server] {
+        assert_eq!(span.service, "nodemesh-agent");
+        assert_eq!(span.attr("http.response.status_code"), "200", "{span:#?}");
+        assert_eq!(span.attr("http.request.method"), "GET");
+        assert_eq!(span.attr("url.path"), "/headers");
+        assert_eq!(
+            span.attr("destination_service"),
+            "api.backend.svc.cluster.local"
+        );
+    }
+    assert_eq!(client.attr("http.route"), "backend/api-route");
+    assert_eq!(client.attr("istio.canonical_service"), "web");
+    assert_eq!(server.attr("istio.canonical_service"), "api");
+    assert_eq!(server.attr("source_workload"), "shop/web");
+
+    // A trace the client started continues: its span is the parent.
+    let given = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (code, _) = mesh.curl_to(&mesh.web, &["-H", given], "http://10.96.0.50/status/503");
+    assert_eq!(code, 503);
+    let spans = receiver
+        .wait_for("the continued trace", Duration::from_secs(20), |s| {
+            s.iter()
+                .filter(|s| s.trace_id == "0af7651916cd43dd8448eb211c80319c")
+                .count()
+                == 2
+        })
+        .unwrap();
+    let continued: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == "0af7651916cd43dd8448eb211c80319c")
+        .collect();
+    let client = continued.iter().find(|s| s.kind == 3).unwrap();
+    let server = continued.iter().find(|s| s.kind == 2).unwrap();
+    assert_eq!(client.parent_span_id, "b7ad6b7169203331");
+    assert_eq!(server.parent_span_id, client.span_id);
+    assert_eq!(client.attr("http.response.status_code"), "503");
+    let exported = |agent: &Agent| {
+        metric_sum(
+            &agent.metrics().unwrap(),
+            "nodemesh_spans_exported_total",
+            &[],
+        )
+    };
+    wait_until("exports counted", Duration::from_secs(10), || {
+        Ok(exported(&mesh.near) == 2.0 && exported(&mesh.far) == 2.0)
+    })
+    .unwrap();
+
+    // The collector goes away: traffic is unaffected, the spans are counted as dropped.
+    drop(receiver);
+    let load = mesh.podtool(
+        &mesh.web,
+        &[
+            "load",
+            "--url",
+            "http://10.96.0.50/status/200",
+            "--count",
+            "50",
+        ],
+    );
+    assert_eq!(load["by_status"]["200"], 50, "{load}");
+    let dropped = |agent: &Agent| {
+        metric_sum(
+            &agent.metrics().unwrap(),
+            "nodemesh_spans_dropped_total",
+            &[("reason", "export_failed")],
+        )
+    };
+    wait_until("dropped spans counted", Duration::from_secs(30), || {
+        Ok(dropped(&mesh.near) == 50.0 && dropped(&mesh.far) == 50.0)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: near dropped {}, far dropped {}",
+            dropped(&mesh.near),
+            dropped(&mesh.far)
+        )
+    });
+    assert!(mesh.near.log().contains("span export failed"));
 }

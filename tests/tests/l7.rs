@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use nodemesh_testkit::otlp::OtlpReceiver;
 use nodemesh_testkit::{
     Agent, MeshCa, Node, Pod, Process, Tools, metric_sum, run_json, wait_until, yaml_docs,
 };
@@ -1071,4 +1072,54 @@ fn a_same_node_endpoints_policy_is_enforced_from_one_parse() {
         1.0
     );
     assert_parsed_once(&metrics);
+}
+
+/// Same node, one parse, two spans: the agent records the client side's span
+/// and the destination's as its child, and the application sees the
+/// destination's span as its parent, as it would across nodes.
+#[test]
+fn a_same_node_request_is_traced_for_both_sides_from_one_parse() {
+    let receiver = OtlpReceiver::start().unwrap();
+    let endpoint = format!("http://{}", receiver.http);
+    let mesh = L7Mesh::new(
+        vec![web("web-a", "app: web", &[])],
+        &[service("web", "10.96.0.10", 80, "app: web", "")],
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "http/protobuf",
+            "--trace-sampling",
+            "100",
+        ],
+    );
+    let (code, body) = mesh.curl(&["http://10.96.0.10/headers"]);
+    assert_eq!(code, 200, "{body}");
+    let seen_by_app: Value = serde_json::from_str(&body).unwrap();
+    let spans = receiver
+        .wait_for("both spans", Duration::from_secs(20), |s| s.len() >= 2)
+        .unwrap();
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let client = spans.iter().find(|s| s.kind == 3).expect("a client span");
+    let server = spans.iter().find(|s| s.kind == 2).expect("a server span");
+    assert_eq!(client.trace_id, server.trace_id);
+    assert_eq!(server.parent_span_id, client.span_id);
+    assert_eq!(
+        seen_by_app["traceparent"],
+        format!("00-{}-{}-01", server.trace_id, server.span_id)
+    );
+    for span in [client, server] {
+        assert_eq!(span.attr("http.response.status_code"), "200", "{span:#?}");
+        assert_eq!(span.attr("destination_workload"), "shop/web-a");
+    }
+    assert_eq!(client.attr("http.route"), "default");
+    assert_eq!(
+        metric_sum(
+            &mesh.agent.metrics().unwrap(),
+            "nodemesh_protocol_detections_total",
+            &[("reporter", "destination")]
+        ),
+        0.0,
+        "parsed once"
+    );
 }

@@ -330,6 +330,7 @@ impl Admitted {
             policies: ctx.policies.clone(),
             workload: self.peers.destination.clone(),
             attrs: self.attrs.clone(),
+            tracer: ctx.l7.tracer.clone(),
         }
     }
 }

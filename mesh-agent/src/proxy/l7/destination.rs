@@ -38,6 +38,7 @@ use crate::proxy::l7::upstream::ProxyBody;
 use crate::state::policy::{self, Decision, PolicyStore};
 use crate::state::service::{PortProtocol, Service};
 use crate::state::workload::WorkloadMeta;
+use crate::traces::{Side, Tracer};
 
 /// How the destination treats the bytes of a connection to `port`: as the
 /// Service port that the endpoint serves declares (`service`: its protocol and
@@ -129,6 +130,8 @@ pub struct HttpConnection {
     pub workload: Option<Arc<WorkloadMeta>>,
     /// What the connection's authorization saw.
     pub attrs: policy::Connection,
+    /// Records each sampled request's destination span.
+    pub tracer: Tracer,
 }
 
 /// The body Istio's proxies answer a request denied by policy with.
@@ -320,12 +323,21 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let mut labels = connection.labels.clone();
     labels.request_protocol = request_protocol(req.headers());
-    let record = RequestRecord::new(
+    let mut record = RequestRecord::new(
         connection.metrics.clone(),
         labels,
         connection.request_log.clone(),
         &req,
         connection.client,
+    );
+    let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    record.start_span(
+        &connection.tracer,
+        Side::Destination,
+        &parts.method,
+        &parts.uri,
+        &mut parts.headers,
     );
     if let Some(workload) = connection.workload.as_deref() {
         let decision = authorize_request(
@@ -333,16 +345,14 @@ async fn handle(
             &connection.metrics,
             workload,
             &connection.attrs,
-            req.method(),
-            req.uri(),
-            req.headers(),
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
         );
         if let Decision::Deny(_) = decision {
             return Ok(record.respond(rbac_denied()));
         }
     }
-    let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
     let body = ObservedBody {
         inner: body,

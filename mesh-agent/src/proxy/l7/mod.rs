@@ -54,6 +54,8 @@ pub struct L7 {
     /// This agent's secret marker for streams whose requests its client side
     /// already served ([`crate::proxy::tunnel::PARSED_BY_HEADER`]).
     pub parsed_by: http::HeaderValue,
+    /// Records request spans, when a collector is configured.
+    pub tracer: crate::traces::Tracer,
 }
 
 impl L7 {
@@ -61,12 +63,14 @@ impl L7 {
     pub fn new(
         settings: L7Settings,
         request_log: Option<tracing_appender::non_blocking::NonBlocking>,
+        tracer: crate::traces::Tracer,
     ) -> Self {
         let secret: u128 = rand::random();
         L7 {
             catalog: catalog::CatalogStore::default(),
             settings,
             request_log,
+            tracer,
             parsed_by: http::HeaderValue::from_str(&format!("{secret:032x}"))
                 .expect("hex is a valid header value"),
         }

@@ -41,6 +41,7 @@ use crate::state::route::{self, Filter, RequestFacts, Selection, rewrite_path};
 use crate::state::service::Endpoint;
 use crate::state::service::PortProtocol;
 use crate::state::workload::WorkloadMeta;
+use crate::traces::{Side, TRACEPARENT};
 
 /// Request bodies up to this size are buffered so a retry or mirror can resend them.
 const REPLAY_LIMIT: u64 = 64 * 1024;
@@ -399,8 +400,17 @@ async fn route_request(
     };
     record.labels_mut().service = DestinationServiceLabels::of(&backend.service);
 
-    ensure_traceparent(&mut parts.headers);
-    record.set_traceparent(&parts.headers);
+    let tracer = &conn.ctx.l7.tracer;
+    if !tracer.enabled() {
+        ensure_traceparent(&mut parts.headers);
+    }
+    record.start_span(
+        tracer,
+        Side::Source,
+        &parts.method,
+        &parts.uri,
+        &mut parts.headers,
+    );
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
 
     // Buffer small bodies so they can be resent; stream everything else once.
@@ -492,6 +502,10 @@ async fn route_request(
                 }
             };
             let mut upstream_req = Request::from_parts(parts.clone(), body);
+            // Same node: the destination's span (the twin) is the app's parent.
+            if let Some(traceparent) = record.twin_traceparent() {
+                upstream_req.headers_mut().insert(TRACEPARENT, traceparent);
+            }
             *upstream_req.uri_mut() = endpoint_uri(pick.endpoint().addr, &parts.uri);
             *upstream_req.version_mut() = http::Version::HTTP_11;
             let client = match conn.protocol {
@@ -713,7 +727,8 @@ fn redirect(
     resp
 }
 
-/// W3C trace context: kept as sent (with B3 headers), created when absent.
+/// W3C trace context when spans are not recorded: kept as sent (with B3
+/// headers), created when absent.
 fn ensure_traceparent(headers: &mut HeaderMap) {
     if headers.contains_key("traceparent") {
         return;

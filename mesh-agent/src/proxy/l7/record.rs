@@ -23,6 +23,7 @@ use crate::metrics::{HttpLabels, Metrics};
 use crate::proxy::l7::forward::request_host;
 use crate::proxy::l7::upstream::{BoxError, ProxyBody};
 use crate::state::workload::WorkloadMeta;
+use crate::traces::{Side, Span, SpanOutcome, TRACEPARENT, Tracer};
 
 /// `grpc` for a gRPC request (its content type), else `http`.
 pub fn request_protocol(headers: &http::HeaderMap) -> &'static str {
@@ -69,6 +70,19 @@ pub struct RequestRecord {
     twin: Option<Box<RequestRecord>>,
     /// Records nothing when dropped (a twin whose request never got there).
     silent: bool,
+    /// This side's span, when the request's trace is sampled.
+    span: Option<TracedRequest>,
+    /// The endpoint the request was sent to, once chosen.
+    upstream: Option<SocketAddr>,
+}
+
+/// A sampled request's span and what its attributes need from the request.
+struct TracedRequest {
+    tracer: Tracer,
+    span: Span,
+    method: String,
+    path: String,
+    authority: String,
 }
 
 #[derive(Clone)]
@@ -118,12 +132,50 @@ impl RequestRecord {
             log,
             twin: None,
             silent: false,
+            span: None,
+            upstream: None,
         }
+    }
+
+    /// Starts this side's span for the request (when `tracer` samples it) and
+    /// points the request's `traceparent` at it, for the hop that follows.
+    pub fn start_span(
+        &mut self,
+        tracer: &Tracer,
+        side: Side,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &mut http::HeaderMap,
+    ) {
+        if let Some(span) = tracer.start_span(side, headers) {
+            self.span = Some(TracedRequest {
+                tracer: tracer.clone(),
+                span,
+                method: method.to_string(),
+                path: uri.path().to_owned(),
+                authority: request_host(headers, uri).to_owned(),
+            });
+        }
+        self.set_traceparent(headers);
+    }
+
+    /// The `traceparent` to send the request on with, when it differs from
+    /// the request's own: the twin's span, whose parent is this side's.
+    pub fn twin_traceparent(&self) -> Option<HeaderValue> {
+        let twin = self.twin.as_ref()?.span.as_ref()?;
+        Some(twin.span.context.header())
     }
 
     /// Also reports the request with `labels` (`reporter="destination"`), for an
     /// endpoint this agent serves: its server side will not parse it again.
     pub fn set_twin(&mut self, labels: HttpLabels) {
+        let span = self.span.as_ref().map(|s| TracedRequest {
+            tracer: s.tracer.clone(),
+            span: s.tracer.child(&s.span, Side::Destination),
+            method: s.method.clone(),
+            path: s.path.clone(),
+            authority: s.authority.clone(),
+        });
         self.twin = Some(Box::new(RequestRecord {
             metrics: self.metrics.clone(),
             labels,
@@ -134,6 +186,8 @@ impl RequestRecord {
             log: self.log.clone(),
             twin: None,
             silent: false,
+            span,
+            upstream: None,
         }));
     }
 
@@ -161,7 +215,7 @@ impl RequestRecord {
     pub fn set_traceparent(&mut self, headers: &http::HeaderMap) {
         if let Some((_, line)) = &mut self.log {
             line.traceparent = headers
-                .get("traceparent")
+                .get(TRACEPARENT)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
         }
@@ -170,6 +224,7 @@ impl RequestRecord {
     /// Records the endpoint chosen (its workload, when known, and address).
     pub fn set_upstream(&mut self, workload: Option<&WorkloadMeta>, addr: SocketAddr) {
         self.labels.destination = self.metrics.destination_labels(workload);
+        self.upstream = Some(addr);
         if let Some((_, line)) = &mut self.log {
             line.upstream = Some(addr);
         }
@@ -230,13 +285,21 @@ impl Drop for RequestRecord {
                 }
             }
             twin.response_bytes = self.response_bytes;
+            twin.upstream = self.upstream;
             if let (Some((_, line)), Some((_, twin_line))) = (&self.log, &mut twin.log) {
                 twin_line.upstream = line.upstream;
-                twin_line.traceparent = line.traceparent.clone();
+                twin_line.traceparent = twin
+                    .span
+                    .as_ref()
+                    .and_then(|s| s.span.context.header().to_str().ok().map(str::to_owned))
+                    .or_else(|| line.traceparent.clone());
             }
         }
         if self.silent {
             return;
+        }
+        if let Some(traced) = self.span.take() {
+            self.finish_span(traced);
         }
         let ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
@@ -277,6 +340,45 @@ impl Drop for RequestRecord {
             use std::io::Write;
             let _ = writeln!(writer, "{entry}");
         }
+    }
+}
+
+impl RequestRecord {
+    /// Hands the finished span to the tracer's export queue.
+    fn finish_span(&self, traced: TracedRequest) {
+        let l = &self.labels;
+        let (canonical_service, namespace) = match traced.span.side {
+            Side::Source => (
+                &l.source.source_canonical_service,
+                &l.source.source_workload_namespace,
+            ),
+            Side::Destination => (
+                &l.destination.destination_canonical_service,
+                &l.destination.destination_workload_namespace,
+            ),
+        };
+        let outcome = SpanOutcome {
+            method: traced.method,
+            authority: traced.authority,
+            path: traced.path,
+            response_code: l.response_code,
+            response_flags: l.response_flags,
+            route: l.route.clone(),
+            destination_service: l.service.destination_service.clone(),
+            destination_workload: format!(
+                "{}/{}",
+                l.destination.destination_workload_namespace, l.destination.destination_workload
+            ),
+            source_workload: format!(
+                "{}/{}",
+                l.source.source_workload_namespace, l.source.source_workload
+            ),
+            canonical_service: canonical_service.clone(),
+            namespace: namespace.clone(),
+            protocol: l.request_protocol,
+            upstream: self.upstream.map(|a| a.to_string()),
+        };
+        traced.tracer.finish(traced.span, outcome);
     }
 }
 
