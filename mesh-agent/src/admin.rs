@@ -127,10 +127,20 @@ async fn route(
         }
         "/config_dump" => json(&agent.config_dump().await),
         "/connections" => json(&agent.connections.snapshot()),
+        "/debug/explain" => {
+            let query = crate::explain::Query::from_url_query(req.uri().query().unwrap_or(""));
+            match query {
+                Ok(q) => match agent.explain(&q).await {
+                    Ok(e) => json(&e),
+                    Err(e) => respond(StatusCode::NOT_FOUND, "text/plain", format!("{e}\n")),
+                },
+                Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            }
+        }
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /healthz/ready /metrics /config_dump /connections\n",
+            "endpoints: /healthz/ready /metrics /config_dump /connections /debug/explain?source=ns/name&destination=host:port\n",
         ),
     };
     Ok(response)

@@ -37,6 +37,8 @@ pub enum View {
     Metrics,
     /// The whole config dump as JSON.
     Config,
+    /// Every decision for one request: `explain <source> <destination>`.
+    Explain,
 }
 
 /// GETs `path` from the admin endpoint.
@@ -99,6 +101,7 @@ pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
                 rows,
             ))
         }
+        View::Explain => bail!("explain needs a source and a destination"),
         other => {
             let dump: Value = serde_json::from_str(&fetch(admin, "/config_dump").await?)?;
             Ok(render_dump(&dump, other))
@@ -279,10 +282,78 @@ fn render_dump(dump: &Value, view: View) -> String {
                 })
                 .collect(),
         ),
-        View::Config | View::Metrics | View::Connections => {
+        View::Config | View::Metrics | View::Connections | View::Explain => {
             serde_json::to_string_pretty(dump).unwrap_or_default()
         }
     }
+}
+
+/// `explain` as tables: the verdict, each decision, the destination's
+/// policies and the backend's endpoints.
+pub async fn render_explain(
+    admin: SocketAddr,
+    query: &crate::explain::Query,
+) -> anyhow::Result<String> {
+    let path = format!("/debug/explain?{}", query.to_url_query());
+    let e: Value = serde_json::from_str(&fetch(admin, &path).await?)?;
+    Ok(render_explanation(&e))
+}
+
+/// The tables of one `/debug/explain` answer.
+pub fn render_explanation(e: &Value) -> String {
+    let rows = |key: &str| e[key].as_array().cloned().unwrap_or_default();
+    let mut out = format!(
+        "VERDICT  {}\nREASON   {}\nOUTCOME  {}\n\n",
+        s(&e["verdict"]).to_uppercase(),
+        s(&e["reason"]),
+        s(&e["outcome"])
+    );
+    out.push_str(&table(
+        &["STAGE", "DECISION", "WHY"],
+        rows("steps")
+            .iter()
+            .map(|r| vec![s(&r["stage"]), s(&r["decision"]), s(&r["why"])])
+            .collect(),
+    ));
+    let policies = rows("policies");
+    if !policies.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &["POLICY", "ACTION", "MATCHED"],
+            policies
+                .iter()
+                .map(|r| vec![s(&r["policy"]), s(&r["action"]), s(&r["matched"])])
+                .collect(),
+        ));
+    }
+    let endpoints = rows("endpoints");
+    if !endpoints.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &[
+                "ENDPOINT",
+                "WORKLOAD",
+                "HEALTH",
+                "EWMA",
+                "PENDING",
+                "EJECTIONS",
+            ],
+            endpoints
+                .iter()
+                .map(|r| {
+                    vec![
+                        s(&r["address"]),
+                        s(&r["workload"]),
+                        s(&r["health"]),
+                        format!("{:.2}ms", r["ewma_ms"].as_f64().unwrap_or(0.0)),
+                        s(&r["pending"]),
+                        s(&r["ejections"]),
+                    ]
+                })
+                .collect(),
+        ));
+    }
+    out
 }
 
 /// Left-aligned columns sized to their widest cell.

@@ -20,6 +20,7 @@ pub mod cni;
 pub mod connections;
 pub mod debug;
 pub mod drain;
+pub mod explain;
 pub mod handoff;
 pub mod identity;
 pub mod metrics;

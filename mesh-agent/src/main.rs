@@ -56,6 +56,21 @@ enum Command {
         /// What to show.
         #[arg(value_enum)]
         what: debug::View,
+        /// For `explain`: the source (`namespace/name` or a pod IP) and the
+        /// destination (`ip:port`, or a Service's `host:port`).
+        targets: Vec<String>,
+        /// For `explain`: the request's path.
+        #[arg(long)]
+        path: Option<String>,
+        /// For `explain`: the request's method.
+        #[arg(long)]
+        method: Option<String>,
+        /// For `explain`: a request header, `name=value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// For `explain`: the client does not speak HTTP; decide the connection only.
+        #[arg(long)]
+        tcp: bool,
         /// The agent's admin endpoint.
         #[arg(long, env = "NODEMESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
         admin_addr: SocketAddr,
@@ -357,7 +372,47 @@ fn main() -> std::process::ExitCode {
                 );
                 Ok(())
             }
-            Command::Debug { what, admin_addr } => {
+            Command::Debug {
+                what: debug::View::Explain,
+                targets,
+                path,
+                method,
+                headers,
+                tcp,
+                admin_addr,
+            } => {
+                let [source, destination] = <[String; 2]>::try_from(targets).map_err(|_| {
+                    anyhow::anyhow!("usage: mesh-agent debug explain <source> <destination>")
+                })?;
+                let headers = headers
+                    .iter()
+                    .map(|h| {
+                        h.split_once('=')
+                            .or_else(|| h.split_once(':'))
+                            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                            .ok_or_else(|| anyhow::anyhow!("--header {h:?}: expected name=value"))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                let query = mesh_agent::explain::Query {
+                    source,
+                    destination,
+                    method,
+                    path,
+                    headers,
+                    tcp,
+                };
+                print!("{}", debug::render_explain(admin_addr, &query).await?);
+                Ok(())
+            }
+            Command::Debug {
+                what,
+                targets,
+                admin_addr,
+                ..
+            } => {
+                if !targets.is_empty() {
+                    anyhow::bail!("only `debug explain` takes a source and a destination");
+                }
                 print!("{}", debug::render(admin_addr, what).await?);
                 Ok(())
             }

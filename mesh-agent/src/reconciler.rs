@@ -841,6 +841,33 @@ impl Agent {
         Ok(())
     }
 
+    /// Every decision the mesh would take for `query`, from this agent's state
+    /// (`/debug/explain`); an error names what cannot be resolved.
+    pub async fn explain(
+        &self,
+        query: &crate::explain::Query,
+    ) -> Result<crate::explain::Explanation, String> {
+        let enrolled: Vec<Workload> = {
+            let state = self.state.lock().await;
+            state
+                .enrolled
+                .values()
+                .map(|e| e.workload.clone())
+                .collect()
+        };
+        let catalog = self.l7.catalog.get();
+        let policies = self.policies.get();
+        let view = crate::explain::MeshView {
+            enrolled: &enrolled,
+            directory: &self.directory,
+            catalog: &catalog,
+            policies: &policies,
+            opaque_ports: &self.settings.l7.opaque_ports,
+            outbound_port: self.settings.outbound_port,
+        };
+        crate::explain::explain(query, &view)
+    }
+
     /// Everything `/config_dump` shows.
     pub async fn config_dump(&self) -> ConfigDump {
         let maps = self.metrics.refresh_from_kernel(&self.capture);

@@ -744,3 +744,240 @@ fn a_request_across_nodes_is_one_trace_of_a_parent_and_a_child_span() {
     });
     assert!(mesh.near.log().contains("span export failed"));
 }
+
+/// The explain test's mesh: `web` may not reach port 9000 through the mesh
+/// (`excludedPorts`), `other` is left out of the mesh, api's route matches
+/// `/api` only, and policies allow GET /api/* from web-sa on 8080, anyone on
+/// 9000, and deny `x-block: yes` on 8080.
+const EXPLAIN_POLICIES: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: api-readers, namespace: backend}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/web-sa]}}]
+    to: [{operation: {ports: [\"8080\"], methods: [GET], paths: [/api/*]}}]
+  - to: [{operation: {ports: [\"9000\"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: blocked, namespace: backend}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules:
+  - to: [{operation: {ports: [\"8080\"]}}]
+    when:
+    - key: request.headers[x-block]
+      values: [\"yes\"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: backend}
+spec:
+  clusterIP: 10.96.0.50
+  selector: {app: api}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-route, namespace: backend}
+spec:
+  parentRefs: [{kind: Service, name: api}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    backendRefs: [{name: api, port: 80}]
+";
+
+/// Acceptance 5 (explain): `mesh-agent debug explain` gives the verdict and
+/// reason for an allowed request, one denied by a named policy, an unmatched
+/// route, an excluded port, a source outside the mesh and a STRICT destination
+/// receiving plaintext, and real traffic then gets exactly that.
+#[test]
+fn explain_says_what_real_requests_then_get() {
+    let mesh = Mesh::new(&[]);
+    let configure = |extra: &[&str]| {
+        let mut docs = vec![
+            mesh.web
+                .workload_yaml_with(&format!("  excludedPorts: [{ECHO_PORT}]\n")),
+            mesh.api.workload_yaml(),
+            EXPLAIN_POLICIES.to_owned(),
+        ];
+        docs.extend(extra.iter().map(|d| d.to_string()));
+        for agent in [&mesh.near, &mesh.far] {
+            agent.reconfigure(&yaml_docs(&docs)).unwrap();
+        }
+    };
+    configure(&[]);
+    let explain = |source: &str, destination: &str, args: &[&str]| -> (Value, String) {
+        let mut query = vec![
+            ("source", source.to_owned()),
+            ("destination", destination.to_owned()),
+        ];
+        let mut i = 0;
+        while i < args.len() {
+            let key = args[i].trim_start_matches("--");
+            if key == "tcp" {
+                query.push((key, "true".into()));
+                i += 1;
+                continue;
+            }
+            query.push((key, args[i + 1].replace('=', ":")));
+            i += 2;
+        }
+        let qs: Vec<String> = query
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.replace('/', "%2F")
+                        .replace(' ', "%20")
+                        .replace(':', "%3A")
+                )
+            })
+            .collect();
+        let json: Value = serde_json::from_str(
+            &nodemesh_testkit::admin_get(
+                mesh.near.admin,
+                &format!("/debug/explain?{}", qs.join("&")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut cmd = std::process::Command::new(&mesh.tools.agent);
+        cmd.args(["debug", "explain", source, destination])
+            .args(args)
+            .args(["--admin-addr", &mesh.near.admin.to_string()]);
+        let table = nodemesh_testkit::run(&mut cmd).unwrap();
+        (json, table)
+    };
+    let verdict = |e: &Value| {
+        (
+            e["verdict"].as_str().unwrap().to_owned(),
+            e["reason"].as_str().unwrap().to_owned(),
+        )
+    };
+    let web = "shop/web";
+    let service = "api.backend.svc.cluster.local:80";
+    let echo = mesh.api.addr(ECHO_PORT).to_string();
+    let outsider = mesh.other.addr(0).ip().to_string();
+
+    // Allowed: the table names each decision.
+    let (e, table) = explain(web, service, &["--path", "/api/x"]);
+    assert_eq!(verdict(&e), ("allow".into(), "ALLOWED".into()), "{table}");
+    for expected in [
+        "VERDICT  ALLOW",
+        "REASON   ALLOWED",
+        "captured",
+        "backend/api-route rule 0",
+        "HBONE",
+        "spiffe://cluster.local/ns/shop/sa/web-sa",
+        "PERMISSIVE",
+        "backend/api-readers",
+        "backend/blocked",
+        "ENDPOINT",
+        &mesh.api.addr(WEB_PORT).to_string(),
+    ] {
+        assert!(
+            table.contains(expected),
+            "{expected:?} missing from\n{table}"
+        );
+    }
+    assert_eq!(
+        mesh.curl_to(&mesh.web, &[], "http://10.96.0.50/api/x").0,
+        200
+    );
+
+    // Denied by a named policy.
+    let (e, table) = explain(
+        web,
+        service,
+        &["--path", "/api/x", "--header", "x-block=yes"],
+    );
+    assert_eq!(
+        verdict(&e),
+        ("deny".into(), "DENIED_BY_POLICY".into()),
+        "{table}"
+    );
+    let blocked = e["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["policy"] == "backend/blocked")
+        .unwrap();
+    assert_eq!(blocked["matched"], "yes");
+    assert_eq!(
+        mesh.curl_to(
+            &mesh.web,
+            &["-H", "x-block: yes"],
+            "http://10.96.0.50/api/x"
+        ),
+        (403, "RBAC: access denied".into())
+    );
+
+    // No route matches.
+    let (e, table) = explain(web, service, &["--path", "/nothing"]);
+    assert_eq!(verdict(&e), ("deny".into(), "NO_ROUTE".into()), "{table}");
+    assert_eq!(
+        mesh.curl_to(&mesh.web, &[], "http://10.96.0.50/nothing").0,
+        404
+    );
+
+    // An excluded port: not captured, so it arrives as plaintext, and is allowed on 9000.
+    let (e, table) = explain(web, &echo, &["--tcp"]);
+    assert_eq!(
+        verdict(&e),
+        ("bypass".into(), "NOT_CAPTURED_EXCLUDED_PORT".into()),
+        "{table}"
+    );
+    assert!(table.contains("spec.excludedPorts"), "{table}");
+    let streamed = mesh.podtool(&mesh.web, &["stream", "--to", &echo, "--bytes", "10000"]);
+    assert_eq!(
+        streamed["sent_sha256"], streamed["received_sha256"],
+        "{streamed}"
+    );
+
+    // A source outside the mesh, by its IP.
+    let (e, table) = explain(&outsider, &echo, &["--tcp"]);
+    assert_eq!(
+        verdict(&e),
+        ("bypass".into(), "NOT_CAPTURED_UNMESHED_SOURCE".into()),
+        "{table}"
+    );
+    let streamed = mesh.podtool(&mesh.other, &["stream", "--to", &echo, "--bytes", "10000"]);
+    assert_eq!(
+        streamed["sent_sha256"], streamed["received_sha256"],
+        "{streamed}"
+    );
+
+    // The destination turns STRICT: the same plaintext is refused.
+    configure(&[
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: backend}\nspec:\n  mtls: {mode: STRICT}\n",
+    ]);
+    let (e, table) = explain(&outsider, &echo, &["--tcp"]);
+    assert_eq!(
+        verdict(&e),
+        ("deny".into(), "PLAINTEXT_REFUSED_STRICT".into()),
+        "{table}"
+    );
+    assert_eq!(e["outcome"], "connection reset");
+    let probe = mesh.podtool(&mesh.other, &["probe", "--to", &echo]);
+    assert_ne!(probe["outcome"], "data", "STRICT served plaintext: {probe}");
+    // Meshed traffic is still allowed, over mTLS.
+    let (e, _) = explain(web, service, &["--path", "/api/x"]);
+    assert_eq!(verdict(&e).1, "ALLOWED");
+    assert_eq!(
+        mesh.curl_to(&mesh.web, &[], "http://10.96.0.50/api/x").0,
+        200
+    );
+
+    // What cannot be resolved is a clear error, not a guess.
+    let err = nodemesh_testkit::admin_get(
+        mesh.near.admin,
+        "/debug/explain?source=shop%2Fnobody&destination=10.96.0.50%3A80",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown source workload"), "{err}");
+}

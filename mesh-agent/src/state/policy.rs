@@ -786,7 +786,55 @@ impl PolicyStore {
     }
 }
 
+/// How one AuthorizationPolicy reads a connection or request: a row of
+/// `debug explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyVerdict {
+    /// `namespace/name`.
+    pub policy: String,
+    /// Its action.
+    pub action: Action,
+    /// `yes`, `no`, or `unknown` (its rules are about requests not described).
+    pub matched: &'static str,
+}
+
 impl Policies {
+    /// Every AuthorizationPolicy that applies to `w`, in evaluation order
+    /// (DENY, ALLOW, AUDIT), and whether it matches `c` and, if given, `r`.
+    pub fn explain(
+        &self,
+        w: &WorkloadMeta,
+        c: &Connection,
+        r: Option<&Request<'_>>,
+    ) -> Vec<PolicyVerdict> {
+        let mut rows: Vec<PolicyVerdict> = self
+            .authorization_policies
+            .iter()
+            .filter(|p| p.applies_to(w))
+            .map(|p| PolicyVerdict {
+                policy: p.key(),
+                action: p.action,
+                matched: match p.matches(c, r) {
+                    Match::Yes => "yes",
+                    Match::No => "no",
+                    Match::Unknown => "unknown",
+                },
+            })
+            .collect();
+        let order = |a: Action| match a {
+            Action::Deny => 0,
+            Action::Allow => 1,
+            Action::Audit => 2,
+        };
+        rows.sort_by_key(|row| order(row.action));
+        rows
+    }
+
+    /// `w`'s PeerAuthentication mode in force (PERMISSIVE unless set).
+    pub fn mtls_mode(&self, w: &WorkloadMeta) -> MtlsMode {
+        effective_mtls_mode(w, &self.peer_authentications)
+    }
+
     /// Whether an inbound connection to `w` may continue under these policies.
     pub fn decide(&self, w: &WorkloadMeta, c: &Connection) -> Decision {
         self.decide_facts(w, c, Facts::Connection)

@@ -225,6 +225,16 @@ impl Directory {
         self.by_ip.read().expect("directory lock").get(&ip).cloned()
     }
 
+    /// The pod `namespace/name` and one of its IPs, if known.
+    pub fn find(&self, namespace: &str, name: &str) -> Option<(IpAddr, Arc<WorkloadMeta>)> {
+        self.by_ip
+            .read()
+            .expect("directory lock")
+            .iter()
+            .find(|(_, m)| &*m.namespace == namespace && &*m.name == name)
+            .map(|(ip, m)| (*ip, m.clone()))
+    }
+
     /// The identity of `w` as the directory holds it now, or a new one: unchanged
     /// pods keep theirs across rebuilds, so a rebuild of 10,000 pods allocates
     /// only for those that changed.

@@ -324,6 +324,8 @@ impl Drop for RequestRecord {
                 "response_code": l.response_code,
                 "grpc_status": l.grpc_response_status,
                 "response_flags": l.response_flags,
+                // The code `debug explain` gives, where the flags tell it.
+                "reason": crate::explain::Reason::from_response_flags(l.response_flags),
                 "duration_ms": ms,
                 "bytes_received": request_bytes,
                 "bytes_sent": self.response_bytes,
