@@ -126,6 +126,7 @@ async fn route(
             )
         }
         "/config_dump" => json(&agent.config_dump().await),
+        "/connections" if req.uri().query() == Some("failed") => json(&agent.connections.failed()),
         "/connections" => json(&agent.connections.snapshot()),
         "/debug/explain" => {
             let query = crate::explain::Query::from_url_query(req.uri().query().unwrap_or(""));
@@ -140,7 +141,7 @@ async fn route(
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /healthz/ready /metrics /config_dump /connections /debug/explain?source=ns/name&destination=host:port\n",
+            "endpoints: /healthz/ready /metrics /config_dump /connections /connections?failed /debug/explain?source=ns/name&destination=host:port\n",
         ),
     };
     Ok(response)

@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use crate::metrics::{DestinationServiceLabels, Metrics, TcpLabels};
+use crate::reason::Reason;
 use crate::state::policy::{self, Decision, Policies};
 use crate::state::service::Service;
 use crate::state::workload::WorkloadMeta;
@@ -137,13 +138,25 @@ pub struct ConnectionView {
     pub age_seconds: f64,
     /// Accept time, seconds since the Unix epoch.
     pub started_unix: f64,
+    /// `-` while fine; otherwise why it failed (Istio's `response_flags`).
+    #[serde(default)]
+    pub response_flags: String,
+    /// Why it failed, as `debug explain` says it, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
 }
+
+/// Failed connections kept for `/connections?failed`, most recent last.
+const RECENT_FAILURES: usize = 128;
 
 /// The agent's live connections, keyed by id.
 #[derive(Default)]
 pub struct ConnectionTable {
     next_id: AtomicU64,
     live: Mutex<BTreeMap<u64, Arc<ConnectionInfo>>>,
+    /// The last [`RECENT_FAILURES`] connections that ended with a failure,
+    /// so that one that failed at once can still be looked at.
+    failed: Mutex<std::collections::VecDeque<ConnectionView>>,
 }
 
 impl ConnectionTable {
@@ -151,6 +164,12 @@ impl ConnectionTable {
     pub fn snapshot(&self) -> Vec<ConnectionView> {
         let live = self.live.lock().expect("connection table lock");
         live.values().map(|c| c.view()).collect()
+    }
+
+    /// The most recent failed connections, oldest first, for `/connections?failed`.
+    pub fn failed(&self) -> Vec<ConnectionView> {
+        let failed = self.failed.lock().expect("failed connections lock");
+        failed.iter().cloned().collect()
     }
 
     /// Number of live connections.
@@ -231,6 +250,8 @@ impl ConnectionInfo {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
+            response_flags: "-".to_owned(),
+            reason: None,
         }
     }
 }
@@ -279,6 +300,7 @@ pub struct ConnectionGuard {
     sent: Counter,
     received: Counter,
     outcome: &'static str,
+    reason: Option<Reason>,
 }
 
 impl ConnectionGuard {
@@ -340,6 +362,7 @@ impl ConnectionGuard {
             labels,
             reporting: Reporting::Undecided,
             outcome: "-",
+            reason: None,
         };
         guard.report(reporting);
         guard
@@ -376,6 +399,13 @@ impl ConnectionGuard {
     /// Marks why the connection failed (an Istio `response_flags` value).
     pub fn fail(&mut self, response_flags: &'static str) {
         self.outcome = response_flags;
+        self.reason = Reason::from_response_flags(response_flags);
+    }
+
+    /// Marks the connection denied by policy, with the reason `denial` gives.
+    pub fn deny(&mut self, denial: &policy::Denial) {
+        self.outcome = "DENY";
+        self.reason = Some(Reason::of_denial(denial));
     }
 
     /// Counter for client-to-server bytes.
@@ -399,6 +429,7 @@ impl Drop for ConnectionGuard {
         self.metrics.open_connections.dec();
         if self.info.revoked.load(Ordering::Relaxed) {
             self.outcome = "DENY";
+            self.reason = None;
         }
         self.report(Reporting::Tcp);
         if self.reporting == Reporting::Tcp {
@@ -408,7 +439,16 @@ impl Drop for ConnectionGuard {
             };
             self.metrics.tcp_closed.get_or_create(&closed).inc();
         }
-        let view = self.info.view();
+        let mut view = self.info.view();
+        if self.outcome != "-" {
+            view.response_flags = self.outcome.to_owned();
+            view.reason = self.reason;
+            let mut failed = self.table.failed.lock().expect("failed connections lock");
+            if failed.len() == RECENT_FAILURES {
+                failed.pop_front();
+            }
+            failed.push_back(view.clone());
+        }
         tracing::info!(
             target: "access",
             reporter = view.reporter,
@@ -423,6 +463,7 @@ impl Drop for ConnectionGuard {
             path = view.path,
             duration_ms = (view.age_seconds * 1000.0) as u64,
             response_flags = self.outcome,
+            reason = ?self.reason,
             "connection complete"
         );
     }

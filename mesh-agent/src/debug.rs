@@ -25,6 +25,8 @@ pub enum View {
     Maps,
     /// Live connections.
     Connections,
+    /// The last connections that failed, with why (`response_flags` and reason code).
+    Failed,
     /// Workload certificates: identity, serial, expiry, state.
     Certificates,
     /// Tunnel connection pool: connections and streams per peer.
@@ -67,13 +69,16 @@ pub async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
 pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
     match view {
         View::Metrics => fetch(admin, "/metrics").await,
-        View::Connections => {
-            let conns: Vec<ConnectionView> =
-                serde_json::from_str(&fetch(admin, "/connections").await?)?;
+        View::Connections | View::Failed => {
+            let path = match view {
+                View::Failed => "/connections?failed",
+                _ => "/connections",
+            };
+            let conns: Vec<ConnectionView> = serde_json::from_str(&fetch(admin, path).await?)?;
             let rows = conns
                 .iter()
                 .map(|c| {
-                    vec![
+                    let mut row = vec![
                         c.reporter.clone(),
                         c.security.clone(),
                         c.source_workload.clone(),
@@ -83,23 +88,34 @@ pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
                         c.bytes_sent.to_string(),
                         c.path.clone(),
                         format!("{:.1}s", c.age_seconds),
-                    ]
+                    ];
+                    if let View::Failed = view {
+                        row.push(c.response_flags.clone());
+                        row.push(
+                            c.reason
+                                .and_then(|r| serde_json::to_value(r).ok())
+                                .map(|v| s(&v))
+                                .unwrap_or_else(|| "-".into()),
+                        );
+                    }
+                    row
                 })
                 .collect();
-            Ok(table(
-                &[
-                    "REPORTER",
-                    "SECURITY",
-                    "SOURCE",
-                    "ORIGINAL DST",
-                    "DST WORKLOAD",
-                    "BYTES OUT",
-                    "BYTES IN",
-                    "CARRIED BY",
-                    "AGE",
-                ],
-                rows,
-            ))
+            let mut headers = vec![
+                "REPORTER",
+                "SECURITY",
+                "SOURCE",
+                "ORIGINAL DST",
+                "DST WORKLOAD",
+                "BYTES OUT",
+                "BYTES IN",
+                "CARRIED BY",
+                "AGE",
+            ];
+            if let View::Failed = view {
+                headers.extend(["FLAGS", "REASON"]);
+            }
+            Ok(table(&headers, rows))
         }
         View::Explain => bail!("explain needs a source and a destination"),
         other => {
@@ -282,7 +298,7 @@ fn render_dump(dump: &Value, view: View) -> String {
                 })
                 .collect(),
         ),
-        View::Config | View::Metrics | View::Connections | View::Explain => {
+        View::Config | View::Metrics | View::Connections | View::Failed | View::Explain => {
             serde_json::to_string_pretty(dump).unwrap_or_default()
         }
     }

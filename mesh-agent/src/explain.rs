@@ -16,54 +16,11 @@ use serde::Serialize;
 
 use crate::proxy::l7::balance::EndpointView;
 use crate::proxy::l7::catalog::{Catalog, ServicePortState};
+pub use crate::reason::Reason;
 use crate::state::policy::{self, Decision, MtlsMode, Policies, PolicyVerdict};
 use crate::state::route::{self, RequestFacts, Selection};
 use crate::state::service::PortProtocol;
 use crate::state::workload::{Directory, Workload, WorkloadMeta};
-
-/// Why traffic ends the way it does: a stable code, also given by the
-/// request log and `/connections` for traffic that failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Reason {
-    /// Every check passed.
-    Allowed,
-    /// The source is not enrolled in the mesh on this node: its connections
-    /// are not redirected.
-    NotCapturedUnmeshedSource,
-    /// Loopback or unspecified destination: the pod talking to itself.
-    NotCapturedLoopback,
-    /// The destination port is in the source's `excludedPorts`.
-    NotCapturedExcludedPort,
-    /// The destination address is in the source's `excludedCidrs`.
-    NotCapturedExcludedCidr,
-    /// The destination is no Service and no known pod: sent on as it is.
-    Passthrough,
-    /// HTTPRoutes are attached and none matches (404, flag `NR`).
-    NoRoute,
-    /// The backend has no endpoint to send to (503, flag `UH`).
-    NoHealthyEndpoint,
-    /// A DENY policy matched (403, flag `RBAC`, or a reset for TCP).
-    DeniedByPolicy,
-    /// ALLOW policies select the destination and none matched.
-    NoAllowPolicyMatched,
-    /// Plaintext to a destination whose PeerAuthentication is STRICT.
-    PlaintextRefusedStrict,
-}
-
-impl Reason {
-    /// The reason a request-log line with Envoy `flags` ended so, when the
-    /// flags tell (`-` is allowed; others are not the mesh's decision).
-    pub fn from_response_flags(flags: &str) -> Option<Reason> {
-        match flags {
-            "-" => Some(Reason::Allowed),
-            "NR" => Some(Reason::NoRoute),
-            "UH" => Some(Reason::NoHealthyEndpoint),
-            "RBAC" => Some(Reason::DeniedByPolicy),
-            _ => None,
-        }
-    }
-}
 
 /// The outcome in one word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -586,11 +543,7 @@ pub fn explain(q: &Query, view: &MeshView<'_>) -> Result<Explanation, String> {
     };
     match decision {
         Decision::Deny(denial) => {
-            let reason = match (&denial.policy, mode, mutual_tls) {
-                (None, MtlsMode::Strict, false) => Reason::PlaintextRefusedStrict,
-                (None, ..) => Reason::NoAllowPolicyMatched,
-                (Some(_), ..) => Reason::DeniedByPolicy,
-            };
+            let reason = Reason::of_denial(&denial);
             e.steps.push(Step {
                 stage: "authorization",
                 decision: "deny".into(),

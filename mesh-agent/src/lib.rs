@@ -26,6 +26,7 @@ pub mod identity;
 pub mod metrics;
 pub mod node;
 pub mod proxy;
+pub mod reason;
 pub mod reconciler;
 pub mod sources;
 pub mod state;

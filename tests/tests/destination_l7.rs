@@ -889,7 +889,7 @@ fn explain_says_what_real_requests_then_get() {
         200
     );
 
-    // Denied by a named policy.
+    // Denied by a named policy; the request log gives the same reason.
     let (e, table) = explain(
         web,
         service,
@@ -915,6 +915,17 @@ fn explain_says_what_real_requests_then_get() {
         ),
         (403, "RBAC: access denied".into())
     );
+    wait_until(
+        "the denied request's log line",
+        Duration::from_secs(5),
+        || {
+            Ok(mesh.far.stdout().lines().any(|l| {
+                l.contains("\"response_flags\":\"RBAC\"")
+                    && l.contains("\"reason\":\"DENIED_BY_POLICY\"")
+            }))
+        },
+    )
+    .unwrap();
 
     // No route matches.
     let (e, table) = explain(web, service, &["--path", "/nothing"]);
@@ -964,6 +975,34 @@ fn explain_says_what_real_requests_then_get() {
     assert_eq!(e["outcome"], "connection reset");
     let probe = mesh.podtool(&mesh.other, &["probe", "--to", &echo]);
     assert_ne!(probe["outcome"], "data", "STRICT served plaintext: {probe}");
+    // The destination's agent keeps the refused connection, with the same reason.
+    let refused = |failed: &Value| {
+        failed.as_array().unwrap().iter().any(|c| {
+            c["reason"] == "PLAINTEXT_REFUSED_STRICT"
+                && c["responseFlags"] == "DENY"
+                && c["originalDestination"] == echo.as_str()
+        })
+    };
+    wait_until("the refusal is listed", Duration::from_secs(5), || {
+        let failed: Value = serde_json::from_str(&nodemesh_testkit::admin_get(
+            mesh.far.admin,
+            "/connections?failed",
+        )?)?;
+        Ok(refused(&failed))
+    })
+    .unwrap();
+    let mut cmd = std::process::Command::new(&mesh.tools.agent);
+    cmd.args([
+        "debug",
+        "failed",
+        "--admin-addr",
+        &mesh.far.admin.to_string(),
+    ]);
+    let table = nodemesh_testkit::run(&mut cmd).unwrap();
+    assert!(
+        table.contains("REASON") && table.contains("PLAINTEXT_REFUSED_STRICT"),
+        "{table}"
+    );
     // Meshed traffic is still allowed, over mTLS.
     let (e, _) = explain(web, service, &["--path", "/api/x"]);
     assert_eq!(verdict(&e).1, "ALLOWED");

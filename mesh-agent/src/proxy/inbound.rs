@@ -263,7 +263,7 @@ impl Admitted {
         };
         match ctx.policies.get().decide_opaque(&local, &self.attrs) {
             Decision::Deny(why) => {
-                self.guard.fail("DENY");
+                self.guard.deny(&why);
                 log_denied(&local, &self.attrs, self.app_destination(), &why);
                 true
             }
@@ -458,7 +458,7 @@ fn authorize_reporting(
         _ => policies.decide(&local, &attrs),
     };
     if let Decision::Deny(why) = decision {
-        guard.fail("DENY");
+        guard.deny(&why);
         log_denied(&local, &attrs, destination, &why);
         return Err(Refusal::Denied);
     }

@@ -634,8 +634,21 @@ pub struct Denial {
     /// The policy that decided (`namespace/name`); `None` when no ALLOW
     /// policy matched or peer authentication refused.
     pub policy: Option<String>,
+    /// Which rule refused it.
+    pub kind: DenialKind,
     /// Said in logs and by `debug explain`.
     pub reason: String,
+}
+
+/// Which rule refused traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenialKind {
+    /// A DENY policy matched (named in [`Denial::policy`]).
+    Policy,
+    /// ALLOW policies select the workload and none matched.
+    NoAllowMatch,
+    /// Plaintext to a workload whose PeerAuthentication is STRICT.
+    PlaintextStrict,
 }
 
 impl std::fmt::Display for Denial {
@@ -646,7 +659,15 @@ impl std::fmt::Display for Denial {
 
 impl Decision {
     fn deny(policy: Option<String>, reason: String) -> Self {
-        Decision::Deny(Denial { policy, reason })
+        let kind = match policy {
+            Some(_) => DenialKind::Policy,
+            None => DenialKind::NoAllowMatch,
+        };
+        Decision::Deny(Denial {
+            policy,
+            kind,
+            reason,
+        })
     }
 }
 
@@ -854,10 +875,11 @@ impl Policies {
         if c.source.is_none()
             && effective_mtls_mode(w, &self.peer_authentications) == MtlsMode::Strict
         {
-            return Decision::deny(
-                None,
-                "plaintext refused: PeerAuthentication mode is STRICT".into(),
-            );
+            return Decision::Deny(Denial {
+                policy: None,
+                kind: DenialKind::PlaintextStrict,
+                reason: "plaintext refused: PeerAuthentication mode is STRICT".into(),
+            });
         }
         decide_with(w, &self.authorization_policies, c, facts)
     }
@@ -970,8 +992,15 @@ mod tests {
         let other_ns = policy("frontend", Action::Allow, None, vec![]);
         let allow = Decision::Allow;
         let deny = |why: &str| {
+            let policy = why.strip_prefix("denied by ").map(str::to_owned);
+            let kind = match (&policy, why.starts_with("plaintext refused")) {
+                (Some(_), _) => DenialKind::Policy,
+                (None, true) => DenialKind::PlaintextStrict,
+                (None, false) => DenialKind::NoAllowMatch,
+            };
             Decision::Deny(Denial {
-                policy: why.strip_prefix("denied by ").map(str::to_owned),
+                policy,
+                kind,
                 reason: why.into(),
             })
         };
