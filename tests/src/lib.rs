@@ -1004,6 +1004,16 @@ impl Agent {
         admin_get(self.admin, path)
     }
 
+    /// What `mesh-agent debug <args>` prints about this agent (tables), run
+    /// as an operator would, with the binary in `tools`.
+    pub fn debug(&self, tools: &Tools, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(&tools.agent);
+        cmd.arg("debug")
+            .args(args)
+            .args(["--admin-addr", &self.admin.to_string()]);
+        run(&mut cmd)
+    }
+
     /// `/metrics`.
     pub fn metrics(&self) -> anyhow::Result<String> {
         self.get("/metrics")

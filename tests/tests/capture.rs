@@ -651,14 +651,7 @@ fn udp_is_not_captured() {
 #[test]
 fn debug_views_render_tables() {
     let mesh = Mesh::new();
-    let debug = |view: &str| {
-        let out = Command::new(&mesh.tools.agent)
-            .args(["debug", view, "--admin-addr", &mesh.agent.admin.to_string()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "debug {view}: {out:?}");
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let debug = |view: &str| mesh.agent.debug(&mesh.tools, &[view]).unwrap();
     let workloads = debug("workloads");
     assert!(workloads.starts_with("WORKLOAD"), "{workloads}");
     for key in ["shop/a", "backend/b", "shop/c"] {

@@ -845,11 +845,9 @@ fn explain_says_what_real_requests_then_get() {
             .unwrap(),
         )
         .unwrap();
-        let mut cmd = std::process::Command::new(&mesh.tools.agent);
-        cmd.args(["debug", "explain", source, destination])
-            .args(args)
-            .args(["--admin-addr", &mesh.near.admin.to_string()]);
-        let table = nodemesh_testkit::run(&mut cmd).unwrap();
+        let mut cli = vec!["explain", source, destination];
+        cli.extend_from_slice(args);
+        let table = mesh.near.debug(&mesh.tools, &cli).unwrap();
         (json, table)
     };
     let verdict = |e: &Value| {
@@ -991,14 +989,7 @@ fn explain_says_what_real_requests_then_get() {
         Ok(refused(&failed))
     })
     .unwrap();
-    let mut cmd = std::process::Command::new(&mesh.tools.agent);
-    cmd.args([
-        "debug",
-        "failed",
-        "--admin-addr",
-        &mesh.far.admin.to_string(),
-    ]);
-    let table = nodemesh_testkit::run(&mut cmd).unwrap();
+    let table = mesh.far.debug(&mesh.tools, &["failed"]).unwrap();
     assert!(
         table.contains("REASON") && table.contains("PLAINTEXT_REFUSED_STRICT"),
         "{table}"

@@ -596,14 +596,7 @@ fn a_failing_endpoint_is_ejected_then_retried_after_backoff() {
     );
 
     // The debug view shows health per endpoint.
-    let mut cmd = std::process::Command::new(&mesh.tools.agent);
-    cmd.args([
-        "debug",
-        "endpoints",
-        "--admin-addr",
-        &mesh.agent.admin.to_string(),
-    ]);
-    let table = nodemesh_testkit::run(&mut cmd).unwrap();
+    let table = mesh.agent.debug(&mesh.tools, &["endpoints"]).unwrap();
     assert!(
         table.contains("EJECTIONS") && table.contains("web-bad"),
         "{table}"

@@ -333,14 +333,7 @@ fn a_live_deny_closes_a_joined_connection() {
         Ok(mesh.joined() == 2)
     })
     .unwrap();
-    let mut debug = std::process::Command::new(&mesh.tools.agent);
-    debug.args([
-        "debug",
-        "connections",
-        "--admin-addr",
-        &mesh.agent.admin.to_string(),
-    ]);
-    let table = nodemesh_testkit::run(&mut debug).unwrap();
+    let table = mesh.agent.debug(&mesh.tools, &["connections"]).unwrap();
     assert!(
         table.lines().filter(|l| l.contains(" kernel ")).count() == 2,
         "`debug connections` does not show the joined connection:\n{table}"

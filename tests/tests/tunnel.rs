@@ -286,11 +286,7 @@ fn cross_node_traffic_is_mutual_tls_and_byte_exact() {
     assert_eq!(pool[0]["connections"], 1, "{pool}");
 
     // The same state as tables.
-    let debug = |view: &str| {
-        let mut cmd = std::process::Command::new(&mesh.tools.agent);
-        cmd.args(["debug", view, "--admin-addr", &mesh.near.admin.to_string()]);
-        nodemesh_testkit::run(&mut cmd).unwrap()
-    };
+    let debug = |view: &str| mesh.near.debug(&mesh.tools, &[view]).unwrap();
     let certs = debug("certificates");
     assert!(
         certs
