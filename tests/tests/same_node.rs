@@ -513,10 +513,14 @@ conn.shutdown(socket.SHUT_WR)
 print(json.dumps({"received": n, "sha256": h.hexdigest()}))
 conn.close()
 "#;
-    // Sends 1 MiB every 100 ms for 6 s and reads the echo on a thread; prints
-    // "joined" after the first echoed MiB so the test knows it is established.
+    // Sends 256 KiB every 100 ms for 6 s and reads the echo on a thread;
+    // prints "joined" after the first echoed chunk so the test knows it is
+    // established. Chunks are slices of one precomputed pattern: building
+    // each byte in Python starved both cores, and a starved sender's spurious
+    // retransmissions are the fast path's known limit, not what this tests.
     const CLIENT: &str = r#"
 import hashlib, json, socket, sys, threading, time
+CHUNK = 1 << 18
 host, port = sys.argv[1].rsplit(":", 1)
 c = socket.create_connection((host, int(port)))
 got = {"n": 0, "h": hashlib.sha256(), "first": threading.Event()}
@@ -526,12 +530,14 @@ def read():
         if not chunk:
             break
         got["h"].update(chunk); got["n"] += len(chunk)
-        if got["n"] >= 1 << 20:
+        if got["n"] >= CHUNK:
             got["first"].set()
 reader = threading.Thread(target=read); reader.start()
+pattern = bytes(range(251)) * (CHUNK // 251 + 2)
 sent = hashlib.sha256(); total = 0
 for i in range(60):
-    chunk = bytes(((i * 31 + j) % 251) for j in range(1 << 20))
+    start = (i * 31) % 251
+    chunk = pattern[start:start + CHUNK]
     c.sendall(chunk); sent.update(chunk); total += len(chunk)
     if i == 0:
         got["first"].wait(10); print("joined", flush=True)
@@ -540,7 +546,7 @@ c.shutdown(socket.SHUT_WR)
 reader.join()
 print(json.dumps({"sent": total, "sent_sha256": sent.hexdigest(), "received": got["n"], "received_sha256": got["h"].hexdigest()}))
 "#;
-    const TOTAL: u64 = 60 << 20;
+    const TOTAL: u64 = 60 << 18;
     let mut mesh = SameNode::new(&["--drain-timeout", "1s"]);
     let addr = mesh.b.addr(PY_PORT).to_string();
     let mut server = mesh.python(&mesh.b, SERVER, &addr, "server");
