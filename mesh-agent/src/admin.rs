@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -17,6 +19,14 @@ use tokio::net::TcpListener;
 
 use crate::metrics::Format;
 use crate::reconciler::Agent;
+
+/// Every admin response: whole documents, or the trace's stream of lines.
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// How long `/debug/trace` streams when the watcher names no duration.
+const TRACE_DEFAULT_SECONDS: u64 = 30;
+/// The longest trace one request may hold the kernel's trace bits on for.
+const TRACE_MAX_SECONDS: u64 = 3600;
 
 /// Serves the endpoint until the process exits, or until the agent hands over
 /// (the successor then serves it on the same socket).
@@ -61,19 +71,15 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("binding the admin endpoint on {addr}: {e}"))
 }
 
-fn respond(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
-        .body(Full::new(body.into()))
+        .body(Full::new(body.into()).boxed_unsync())
         .expect("static response parts are valid")
 }
 
-fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+fn json(value: &impl serde::Serialize) -> Response<Body> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(StatusCode::OK, "application/json", body),
         Err(e) => respond(
@@ -84,10 +90,7 @@ fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
     }
 }
 
-async fn route(
-    req: Request<Incoming>,
-    agent: Arc<Agent>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Result<Response<Body>, Infallible> {
     if req.method() != Method::GET {
         return Ok(respond(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -138,11 +141,111 @@ async fn route(
                 Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
             }
         }
+        "/debug/trace" => trace(&agent, req.uri().query().unwrap_or("")).await,
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /healthz/ready /metrics /config_dump /connections /connections?failed /debug/explain?source=ns/name&destination=host:port\n",
+            "endpoints: /healthz/ready /metrics /config_dump /connections /connections?failed /debug/explain?source=ns/name&destination=host:port /debug/trace?workload=ns/name&seconds=30\n",
         ),
     };
     Ok(response)
+}
+
+/// `/debug/trace?workload=<ns/name | pod ip>&seconds=<n>`: switches the
+/// kernel's verdict reports on for that workload and streams them as JSON
+/// lines until the time is up, the watcher goes away or the agent drains;
+/// then switches them off again. The first line says what is traced.
+async fn trace(agent: &Arc<Agent>, query: &str) -> Response<Body> {
+    let mut workload = None;
+    let mut seconds = TRACE_DEFAULT_SECONDS;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "workload" => workload = Some(v.into_owned()),
+            "seconds" => match v.parse::<u64>() {
+                Ok(n) if (1..=TRACE_MAX_SECONDS).contains(&n) => seconds = n,
+                _ => {
+                    return respond(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        format!("seconds={v}: expected 1 to {TRACE_MAX_SECONDS}\n"),
+                    );
+                }
+            },
+            other => {
+                return respond(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("unknown parameter {other:?}\n"),
+                );
+            }
+        }
+    }
+    let Some(workload) = workload else {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "workload=<namespace/name or pod IP> is required\n",
+        );
+    };
+    let mut session = match agent.start_trace(&workload).await {
+        Ok(s) => s,
+        Err(e) => return respond(StatusCode::NOT_FOUND, "text/plain", format!("{e}\n")),
+    };
+    let (lines, body) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        let line = |value: serde_json::Value| {
+            let mut text = value.to_string();
+            text.push('\n');
+            Bytes::from(text)
+        };
+        let started = line(serde_json::json!({
+            "tracing": session.workload,
+            "workloadId": session.workload_id,
+            "addresses": session.ips,
+            "seconds": seconds,
+        }));
+        let deadline = tokio::time::sleep(std::time::Duration::from_secs(seconds));
+        tokio::pin!(deadline);
+        if lines.send(started).await.is_ok() {
+            loop {
+                let next = tokio::select! {
+                    _ = &mut deadline => break,
+                    _ = lines.closed() => break,
+                    _ = agent.drain.cancelled() => break,
+                    v = session.verdicts.recv() => v,
+                };
+                let out = match next {
+                    Ok(v) if session.concerns(&v) => {
+                        let mut value = serde_json::to_value(&v).expect("a verdict serializes");
+                        value["time"] =
+                            humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                                .to_string()
+                                .into();
+                        value["workload"] = session.workload.clone().into();
+                        line(value)
+                    }
+                    Ok(_) => continue,
+                    // Said, not hidden: the watcher fell behind the kernel.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        line(serde_json::json!({ "missed": n }))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                if lines.send(out).await.is_err() {
+                    break;
+                }
+            }
+        }
+        agent.stop_trace(&session).await;
+    });
+    let stream = futures::stream::unfold(body, |mut body| async move {
+        let frame = body.recv().await?;
+        Some((Ok::<_, Infallible>(Frame::data(frame)), body))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson")
+        .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        .expect("static response parts are valid")
 }

@@ -41,6 +41,9 @@ pub enum View {
     Config,
     /// Every decision for one request: `explain <source> <destination>`.
     Explain,
+    /// The kernel's capture and steering verdicts for one workload, live:
+    /// `trace <workload> [--seconds N]`.
+    Trace,
 }
 
 /// GETs `path` from the admin endpoint.
@@ -118,6 +121,7 @@ pub async fn render(admin: SocketAddr, view: View) -> anyhow::Result<String> {
             Ok(table(&headers, rows))
         }
         View::Explain => bail!("explain needs a source and a destination"),
+        View::Trace => bail!("trace needs a workload"),
         other => {
             let dump: Value = serde_json::from_str(&fetch(admin, "/config_dump").await?)?;
             Ok(render_dump(&dump, other))
@@ -298,10 +302,107 @@ fn render_dump(dump: &Value, view: View) -> String {
                 })
                 .collect(),
         ),
-        View::Config | View::Metrics | View::Connections | View::Failed | View::Explain => {
-            serde_json::to_string_pretty(dump).unwrap_or_default()
+        View::Config
+        | View::Metrics
+        | View::Connections
+        | View::Failed
+        | View::Explain
+        | View::Trace => serde_json::to_string_pretty(dump).unwrap_or_default(),
+    }
+}
+
+/// `trace`: switches the kernel's verdict reports on for `workload` and prints
+/// each as a row as it happens, until `seconds` are up (or the agent drains).
+pub async fn stream_trace(
+    admin: SocketAddr,
+    workload: &str,
+    seconds: Option<u64>,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("workload", workload);
+    if let Some(n) = seconds {
+        query.append_pair("seconds", &n.to_string());
+    }
+    let path = format!("/debug/trace?{}", query.finish());
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| {
+            format!("connecting to the agent's admin endpoint at {admin} (is mesh-agent running?)")
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(&path)
+        .header("host", admin.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let text = body.collect().await?.to_bytes();
+        bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&text));
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let value: Value = serde_json::from_slice(&line)
+                .with_context(|| format!("{path}: not a JSON line"))?;
+            out.write_all(trace_line(&value).as_bytes())?;
+            out.flush()?;
         }
     }
+    Ok(())
+}
+
+/// Column widths of `trace`'s rows, which are printed as they arrive.
+const TRACE_COLUMNS: [usize; 4] = [24, 8, 27, 40];
+
+/// One `/debug/trace` line as `trace` prints it: the opening line becomes
+/// the heading, each verdict a row.
+pub fn trace_line(v: &Value) -> String {
+    let row = |cells: [String; 5]| {
+        let mut line = String::new();
+        for (cell, width) in cells.iter().zip(TRACE_COLUMNS) {
+            let _ = write!(line, "{cell:<width$}  ");
+        }
+        line.push_str(&cells[4]);
+        line.push('\n');
+        line
+    };
+    if v.get("tracing").is_some() {
+        let addresses: Vec<String> = v["addresses"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect())
+            .unwrap_or_default();
+        return format!(
+            "tracing the kernel's verdicts for {} (workload id {}, {}) for {} s\n{}",
+            s(&v["tracing"]),
+            s(&v["workloadId"]),
+            addresses.join(", "),
+            s(&v["seconds"]),
+            row(["TIME", "HOOK", "VERDICT", "SOURCE", "DESTINATION"].map(String::from)),
+        );
+    }
+    if let Some(n) = v.get("missed") {
+        return format!("(missed {} verdicts: this watcher fell behind)\n", s(n));
+    }
+    let source = if v["source"].is_null() {
+        s(&v["workload"])
+    } else {
+        s(&v["source"])
+    };
+    row([
+        s(&v["time"]),
+        s(&v["hook"]),
+        s(&v["verdict"]),
+        source,
+        s(&v["destination"]),
+    ])
 }
 
 /// `explain` as tables: the verdict, each decision, the destination's
@@ -402,5 +503,47 @@ mod tests {
     fn table_aligns_columns() {
         let t = super::table(&["A", "BB"], vec![vec!["long".into(), "x".into()]]);
         assert_eq!(t, "A     BB\nlong  x\n");
+    }
+
+    #[test]
+    fn trace_lines_render_as_heading_rows_and_gaps() {
+        let line = |v: serde_json::Value| super::trace_line(&v);
+        let heading = line(serde_json::json!({
+            "tracing": "shop/web", "workloadId": 3, "addresses": ["10.0.0.2"], "seconds": 30
+        }));
+        let mut lines = heading.lines();
+        assert_eq!(
+            lines.next(),
+            Some("tracing the kernel's verdicts for shop/web (workload id 3, 10.0.0.2) for 30 s")
+        );
+        let columns: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            columns,
+            ["TIME", "HOOK", "VERDICT", "SOURCE", "DESTINATION"]
+        );
+        // A connect comes from the workload; an inbound verdict from an address.
+        let connect = line(serde_json::json!({
+            "time": "2026-12-03T07:00:00.000Z", "hook": "connect", "verdict": "captured",
+            "workloadId": 3, "source": null, "destination": "10.0.1.2:80", "workload": "shop/web"
+        }));
+        assert_eq!(
+            connect.split_whitespace().collect::<Vec<_>>(),
+            [
+                "2026-12-03T07:00:00.000Z",
+                "connect",
+                "captured",
+                "shop/web",
+                "10.0.1.2:80"
+            ]
+        );
+        let inbound = line(serde_json::json!({
+            "time": "t", "hook": "inbound", "verdict": "steered_inbound",
+            "source": "10.0.0.9", "destination": "10.0.0.2:80", "workload": "shop/web"
+        }));
+        assert_eq!(inbound.split_whitespace().nth(3), Some("10.0.0.9"));
+        assert_eq!(
+            line(serde_json::json!({ "missed": 12 })),
+            "(missed 12 verdicts: this watcher fell behind)\n"
+        );
     }
 }

@@ -57,8 +57,12 @@ enum Command {
         #[arg(value_enum)]
         what: debug::View,
         /// For `explain`: the source (`namespace/name` or a pod IP) and the
-        /// destination (`ip:port`, or a Service's `host:port`).
+        /// destination (`ip:port`, or a Service's `host:port`). For `trace`:
+        /// the workload (`namespace/name` or a pod IP).
         targets: Vec<String>,
+        /// For `trace`: how long to watch (default 30, at most 3600).
+        #[arg(long)]
+        seconds: Option<u64>,
         /// For `explain`: the request's path.
         #[arg(long)]
         path: Option<String>,
@@ -380,6 +384,7 @@ fn main() -> std::process::ExitCode {
                 headers,
                 tcp,
                 admin_addr,
+                ..
             } => {
                 let [source, destination] = <[String; 2]>::try_from(targets).map_err(|_| {
                     anyhow::anyhow!("usage: mesh-agent debug explain <source> <destination>")
@@ -405,13 +410,24 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             Command::Debug {
+                what: debug::View::Trace,
+                targets,
+                seconds,
+                admin_addr,
+                ..
+            } => {
+                let [workload] = <[String; 1]>::try_from(targets)
+                    .map_err(|_| anyhow::anyhow!("usage: mesh-agent debug trace <workload>"))?;
+                debug::stream_trace(admin_addr, &workload, seconds, &mut std::io::stdout()).await
+            }
+            Command::Debug {
                 what,
                 targets,
                 admin_addr,
                 ..
             } => {
                 if !targets.is_empty() {
-                    anyhow::bail!("only `debug explain` takes a source and a destination");
+                    anyhow::bail!("only `debug explain` and `debug trace` take targets");
                 }
                 print!("{}", debug::render(admin_addr, what).await?);
                 Ok(())

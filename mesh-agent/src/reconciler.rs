@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, anyhow};
 use ipnet::IpNet;
-use mesh_common::{FAMILY_V4, FAMILY_V6, WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry};
+use mesh_common::{
+    FAMILY_V4, FAMILY_V6, WORKLOAD_FLAG_TRACE, WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry,
+};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -157,6 +159,9 @@ struct State {
     /// Handed over (or stopping): never applies config again.
     retired: bool,
     status: ConfigStatus,
+    /// Workloads whose kernel verdicts are traced, with how many watch each:
+    /// enrollment writes their kernel entries with the trace bit.
+    traced: HashMap<String, usize>,
 }
 
 /// Where one workload stands with the reconciler.
@@ -652,7 +657,8 @@ impl Agent {
         let stop_on_error = cancel.clone().drop_guard();
         let mut listeners = vec![v4_addr];
         let mut tasks = vec![self.spawn_listener(v4, FAMILY_V4, &outbound_ctx, &cancel)?];
-        let mut flags = 0;
+        let traced = state.traced.contains_key(&w.key());
+        let mut flags = if traced { WORKLOAD_FLAG_TRACE } else { 0 };
         if let Some(v6) = v6 {
             listeners.push(v6_addr);
             tasks.push(self.spawn_listener(v6, FAMILY_V6, &outbound_ctx, &cancel)?);
@@ -715,7 +721,7 @@ impl Agent {
             for ip in &w.ips {
                 if let Some((_, l)) = by_family.iter().find(|(v6, _)| *v6 == ip.is_ipv6()) {
                     self.capture
-                        .steer_inbound(*ip, l)
+                        .steer_inbound(*ip, l, traced)
                         .context("writing the inbound steering map")?;
                     steered.ips.push(*ip);
                 }
@@ -868,6 +874,74 @@ impl Agent {
         crate::explain::explain(query, &view)
     }
 
+    /// Starts tracing the kernel's verdicts for one enrolled workload
+    /// (`namespace/name` or one of its IPs) for a new watcher, who must call
+    /// [`Agent::stop_trace`] when done.
+    pub async fn start_trace(&self, target: &str) -> Result<TraceSession, String> {
+        let mut state = self.state.lock().await;
+        let e = state
+            .enrolled
+            .values()
+            .find(|e| {
+                e.workload.key() == target
+                    || target
+                        .parse::<IpAddr>()
+                        .is_ok_and(|ip| e.workload.ips.contains(&ip))
+            })
+            .ok_or_else(|| {
+                format!("no workload {target:?} is enrolled on this node (give namespace/name or a pod IP)")
+            })?;
+        let session = TraceSession {
+            workload: e.workload.key(),
+            workload_id: e.workload_id,
+            ips: e.workload.ips.clone(),
+            cgroup_id: e.cgroup_id,
+            // Subscribed before the bits are set: no verdict is missed.
+            verdicts: self.capture.trace.subscribe(),
+        };
+        self.capture
+            .trace
+            .start_reader(self.drain.clone())
+            .map_err(|e| format!("reading the kernel trace: {e}"))?;
+        let watchers = state.traced.entry(session.workload.clone()).or_default();
+        *watchers += 1;
+        if *watchers == 1
+            && let Err(e) = self
+                .capture
+                .set_traced(session.cgroup_id, &session.ips, true)
+        {
+            state.traced.remove(&session.workload);
+            return Err(format!("switching the kernel trace on: {e}"));
+        }
+        tracing::info!(workload = %session.workload, "kernel verdict trace started");
+        Ok(session)
+    }
+
+    /// Ends one watcher's trace; the kernel stops reporting after the last.
+    pub async fn stop_trace(&self, session: &TraceSession) {
+        let mut state = self.state.lock().await;
+        let Some(watchers) = state.traced.get_mut(&session.workload) else {
+            return;
+        };
+        *watchers -= 1;
+        if *watchers > 0 {
+            return;
+        }
+        state.traced.remove(&session.workload);
+        // The workload may have been re-enrolled (new cgroup or addresses) or
+        // left meanwhile: clear what is in the kernel now.
+        let (cgroup_id, ips) = match state.enrolled.get(&session.workload) {
+            Some(e) => (e.cgroup_id, e.workload.ips.clone()),
+            None => (session.cgroup_id, session.ips.clone()),
+        };
+        match self.capture.set_traced(cgroup_id, &ips, false) {
+            Ok(()) => tracing::info!(workload = %session.workload, "kernel verdict trace stopped"),
+            Err(e) => {
+                tracing::warn!(workload = %session.workload, error = %e, "switching the kernel trace off failed")
+            }
+        }
+    }
+
     /// Everything `/config_dump` shows.
     pub async fn config_dump(&self) -> ConfigDump {
         let maps = self.metrics.refresh_from_kernel(&self.capture);
@@ -875,7 +949,9 @@ impl Agent {
         let mut workloads = Vec::new();
         let mut listeners = Vec::new();
         for e in state.enrolled.values() {
-            workloads.push(WorkloadDump::new(&e.workload, "enrolled", None, Some(e)));
+            let mut dump = WorkloadDump::new(&e.workload, "enrolled", None, Some(e));
+            dump.kernel_traced = self.capture.is_traced(e.cgroup_id);
+            workloads.push(dump);
             for addr in &e.listeners {
                 listeners.push(ListenerDump {
                     workload: e.workload.key(),
@@ -1015,6 +1091,30 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// One watcher of the kernel's verdicts on one workload (`debug trace`).
+pub struct TraceSession {
+    /// The traced workload's `namespace/name`.
+    pub workload: String,
+    /// Its id in the kernel maps, which `connect` records carry.
+    pub workload_id: u32,
+    /// Its addresses, which `inbound` records are for.
+    pub ips: Vec<IpAddr>,
+    cgroup_id: u64,
+    /// Every verdict the kernel reports, for [`TraceSession::concerns`] to filter.
+    pub verdicts: tokio::sync::broadcast::Receiver<crate::node::trace::KernelVerdict>,
+}
+
+impl TraceSession {
+    /// Whether a verdict is about this session's workload: other workloads may
+    /// be traced by other watchers at the same time.
+    pub fn concerns(&self, v: &crate::node::trace::KernelVerdict) -> bool {
+        match v.hook {
+            crate::node::trace::Hook::Connect => v.workload_id == Some(self.workload_id),
+            crate::node::trace::Hook::Inbound => self.ips.contains(&v.destination.ip()),
+        }
+    }
+}
+
 /// `/config_dump` body.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -1063,6 +1163,9 @@ pub struct WorkloadDump {
     pub workload_id: Option<u32>,
     /// Exclusions in force (own IPs included).
     pub exclusions: Option<Exclusions>,
+    /// Whether the kernel reports this workload's connect verdicts now (the
+    /// trace bit of its kernel entry, set while `debug trace` watches it).
+    pub kernel_traced: Option<bool>,
     /// The workload as configured.
     pub spec: Workload,
 }
@@ -1083,6 +1186,7 @@ impl WorkloadDump {
             netns_cookie: e.map(|e| e.ctx.netns.cookie),
             workload_id: e.map(|e| e.workload_id),
             exclusions: e.map(|e| e.exclusions.clone()),
+            kernel_traced: None,
             spec: w.clone(),
         }
     }

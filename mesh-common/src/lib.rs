@@ -21,6 +21,16 @@ pub const FAMILY_V6: u16 = 6;
 
 /// The workload has an IPv6 loopback listener, so IPv6 connects may be redirected.
 pub const WORKLOAD_FLAG_V6_LISTENER: u16 = 1;
+/// The workload's capture verdicts are reported through aya-log while
+/// `mesh-agent debug trace` watches it; off by default, so the hot path only
+/// tests this bit.
+pub const WORKLOAD_FLAG_TRACE: u16 = 2;
+
+/// `MESHED_ADDRS` value bit: the address is meshed (every entry has it).
+pub const MESHED_ADDR: u8 = 1;
+/// `MESHED_ADDRS` value bit: inbound steering verdicts for this address are
+/// reported through aya-log (`mesh-agent debug trace`).
+pub const MESHED_ADDR_TRACE: u8 = 2;
 
 /// The agent's mTLS tunnel port on every meshed pod (HBONE); never steered.
 pub const HBONE_PORT: u16 = 15008;
@@ -49,8 +59,11 @@ pub mod setting {
     /// What a meshed pod's connections do while no agent serves it
     /// (`AGENT_DOWN_CLOSED` or `AGENT_DOWN_OPEN`).
     pub const ON_AGENT_DOWN: u32 = 0;
+    /// Non-zero while some pod address is traced, so `sk_lookup` looks up its
+    /// trace bit only then: steering costs one array read while nobody traces.
+    pub const TRACE_INBOUND: u32 = 1;
     /// Number of settings.
-    pub const COUNT: u32 = 1;
+    pub const COUNT: u32 = 2;
     /// Refuse at once: nothing leaves or enters a meshed pod outside the mesh (the default).
     pub const AGENT_DOWN_CLOSED: u32 = 0;
     /// Let connections go direct, unencrypted and unenforced (availability over enforcement).
@@ -173,6 +186,49 @@ pub mod stat {
         "inbound_agent_down_refused",
         "inbound_agent_down_direct",
         "splice_missed",
+    ];
+}
+
+/// The kernel programs' verdicts as `mesh-agent debug trace` reports them: the
+/// code travels in the aya-log record, the name is what users read.
+pub mod verdict {
+    /// Connect redirected to the agent's outbound listener.
+    pub const CAPTURED: u8 = 0;
+    /// Connect to loopback or the unspecified address: the pod talking to itself.
+    pub const LOOPBACK: u8 = 1;
+    /// Connect to a port the workload excludes (`excludedPorts`).
+    pub const EXCLUDED_PORT: u8 = 2;
+    /// Connect to a CIDR the workload excludes (`excludedCidrs`, its own IPs).
+    pub const EXCLUDED_CIDR: u8 = 3;
+    /// IPv6 connect left alone: the workload has no IPv6 listener.
+    pub const NO_V6_LISTENER: u8 = 4;
+    /// Captured connect refused: its original destination could not be recorded.
+    pub const RECORD_FAILED: u8 = 5;
+    /// Connect refused: no agent listens for the pod (fail-closed).
+    pub const AGENT_DOWN_REFUSED: u8 = 6;
+    /// Connect sent direct: no agent listens for the pod (`--on-agent-down open`).
+    pub const AGENT_DOWN_DIRECT: u8 = 7;
+    /// Inbound connection handed to the agent's inbound listener in the pod.
+    pub const STEERED_INBOUND: u8 = 8;
+    /// Inbound connection reset: no agent listens for the pod (fail-closed).
+    pub const INBOUND_AGENT_DOWN_REFUSED: u8 = 9;
+    /// Inbound connection let through to the application: no agent listens (open).
+    pub const INBOUND_AGENT_DOWN_DIRECT: u8 = 10;
+    /// Number of verdicts.
+    pub const COUNT: u8 = 11;
+    /// What users read for each verdict, by code.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "captured",
+        "loopback",
+        "excluded_port",
+        "excluded_cidr",
+        "no_v6_listener",
+        "record_failed",
+        "agent_down_refused",
+        "agent_down_direct",
+        "steered_inbound",
+        "inbound_agent_down_refused",
+        "inbound_agent_down_direct",
     ];
 }
 

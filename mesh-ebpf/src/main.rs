@@ -21,6 +21,11 @@
 //! `setting::ON_AGENT_DOWN` says open. The maps and links are pinned by the
 //! agent, so these programs keep deciding when no agent process exists.
 //!
+//! Each verdict on a traced workload (`WORKLOAD_FLAG_TRACE`, `MESHED_ADDR_TRACE`,
+//! set by `mesh-agent debug trace`) is also reported through aya-log; while
+//! nothing is traced this costs a flag test in `connect` and one array read in
+//! `sk_lookup`.
+//!
 //! Everything is decided from kernel state (cgroup id, socket cookie, netns
 //! cookie); nothing the application sends is trusted.
 #![no_std]
@@ -44,11 +49,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
+use aya_log_ebpf::info;
 use mesh_common::{
     CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, FAMILY_V6, HBONE_PORT, INBOUND_PORT,
     InboundKey, JoinedPeer, MAX_CGROUP_ANCESTORS, MAX_EXCLUSIONS, MAX_INBOUND_ADDRS,
-    MAX_JOINED_SOCKETS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OrigDst, PortKey,
-    WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry, setting, stat, v4_mapped,
+    MAX_JOINED_SOCKETS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, MESHED_ADDR_TRACE, OrigDst,
+    PortKey, WORKLOAD_FLAG_TRACE, WORKLOAD_FLAG_V6_LISTENER, WorkloadEntry, setting, stat,
+    v4_mapped, verdict,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -196,21 +203,98 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         ]
     };
     let key = InboundKey { addr };
+    let inbound = Inbound {
+        local: addr,
+        remote4,
+        remote6,
+        v4: family == AF_INET,
+        port,
+    };
     if INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+        if inbound_traced() {
+            let meshed = unsafe { MESHED_ADDRS.get(&key) }.copied().unwrap_or(0);
+            trace_inbound(ctx, meshed, verdict::STEERED_INBOUND, &inbound);
+        }
         return SK_PASS;
     }
     // No listener: either the address is not meshed (the normal lookup decides)
     // or its agent is gone.
-    if unsafe { MESHED_ADDRS.get(&key) }.is_none() {
+    let Some(meshed) = unsafe { MESHED_ADDRS.get(&key) }.copied() else {
         return SK_PASS;
-    }
+    };
     if agent_down_open() {
         count(stat::INBOUND_AGENT_DOWN_DIRECT);
+        trace_inbound(ctx, meshed, verdict::INBOUND_AGENT_DOWN_DIRECT, &inbound);
         SK_PASS
     } else {
         count(stat::INBOUND_AGENT_DOWN_REFUSED);
+        trace_inbound(ctx, meshed, verdict::INBOUND_AGENT_DOWN_REFUSED, &inbound);
         SK_DROP
     }
+}
+
+/// An inbound connection as `sk_lookup` saw it, for its trace record.
+struct Inbound {
+    /// The pod address it is for (IPv4-mapped for IPv4).
+    local: [u8; 16],
+    remote4: u32,
+    remote6: [u32; 4],
+    v4: bool,
+    port: u32,
+}
+
+/// Whether any pod address is traced now (one array read).
+#[inline(always)]
+fn inbound_traced() -> bool {
+    SETTINGS
+        .get(setting::TRACE_INBOUND)
+        .is_some_and(|v| *v != 0)
+}
+
+/// Reports an inbound verdict when the pod address is traced. The record is
+/// "inbound verdict=<code> src=<ip> dst=<ip> port=<port>", which the agent parses.
+#[inline(always)]
+fn trace_inbound(ctx: &SkLookupContext, meshed: u8, code: u8, c: &Inbound) {
+    if meshed & MESHED_ADDR_TRACE == 0 {
+        return;
+    }
+    let remote = if c.v4 {
+        v4_mapped(c.remote4.to_ne_bytes())
+    } else {
+        let (a, b, d, e) = (
+            c.remote6[0].to_ne_bytes(),
+            c.remote6[1].to_ne_bytes(),
+            c.remote6[2].to_ne_bytes(),
+            c.remote6[3].to_ne_bytes(),
+        );
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], d[0], d[1], d[2], d[3], e[0], e[1],
+            e[2], e[3],
+        ]
+    };
+    info!(
+        ctx,
+        "inbound verdict={} src={:i} dst={:i} port={}", code, remote, c.local, c.port
+    );
+}
+
+/// Reports a connect verdict when the workload is traced. The record is
+/// "connect verdict=<code> workload=<id> dst=<ip> port=<port>", which the agent parses.
+#[inline(always)]
+fn trace_connect(
+    ctx: &SockAddrContext,
+    workload: &WorkloadEntry,
+    code: u8,
+    addr: &[u8; 16],
+    port: u16,
+) {
+    if workload.flags & WORKLOAD_FLAG_TRACE == 0 {
+        return;
+    }
+    info!(
+        ctx,
+        "connect verdict={} workload={} dst={:i} port={}", code, workload.workload_id, *addr, port
+    );
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -320,15 +404,17 @@ fn is_local(addr: &[u8; 16], family: u16) -> bool {
 }
 
 #[inline(always)]
-fn is_excluded(workload_id: u32, addr: &[u8; 16], port: u16) -> bool {
+fn is_excluded_port(workload_id: u32, port: u16) -> bool {
     let port_key = PortKey {
         workload_id,
         port,
         _pad: 0,
     };
-    if unsafe { EXCLUDED_PORTS.get(&port_key) }.is_some() {
-        return true;
-    }
+    unsafe { EXCLUDED_PORTS.get(&port_key) }.is_some()
+}
+
+#[inline(always)]
+fn is_excluded_cidr(workload_id: u32, addr: &[u8; 16]) -> bool {
     let cidr_key = Key::new(
         CIDR_KEY_WORKLOAD_BITS + 128,
         CidrKey {
@@ -409,25 +495,36 @@ fn capture(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
 
+    let trace = |code| trace_connect(ctx, &workload, code, &addr, port);
     if is_local(&addr, family) {
         count(stat::LOOPBACK);
+        trace(verdict::LOOPBACK);
         return ALLOW;
     }
-    if is_excluded(workload.workload_id, &addr, port) {
+    if is_excluded_port(workload.workload_id, port) {
         count(stat::EXCLUDED);
+        trace(verdict::EXCLUDED_PORT);
+        return ALLOW;
+    }
+    if is_excluded_cidr(workload.workload_id, &addr) {
+        count(stat::EXCLUDED);
+        trace(verdict::EXCLUDED_CIDR);
         return ALLOW;
     }
     if family == FAMILY_V6 && workload.flags & WORKLOAD_FLAG_V6_LISTENER == 0 {
         count(stat::NO_V6_LISTENER);
+        trace(verdict::NO_V6_LISTENER);
         return ALLOW;
     }
     // IPv4 destinations (v4-mapped ones included) are redirected to 127.0.0.1.
     if !agent_listening(ctx, family == FAMILY_V6, workload.outbound_port) {
         if agent_down_open() {
             count(stat::AGENT_DOWN_DIRECT);
+            trace(verdict::AGENT_DOWN_DIRECT);
             return ALLOW;
         }
         count(stat::AGENT_DOWN_REFUSED);
+        trace(verdict::AGENT_DOWN_REFUSED);
         return DENY;
     }
 
@@ -443,6 +540,7 @@ fn capture(ctx: &SockAddrContext, v6: bool) -> i32 {
         // Without a record the agent could not forward it: refuse it, unless the
         // node chose availability over enforcement.
         count(stat::RECORD_FAILED);
+        trace(verdict::RECORD_FAILED);
         return if agent_down_open() { ALLOW } else { DENY };
     }
 
@@ -464,6 +562,7 @@ fn capture(ctx: &SockAddrContext, v6: bool) -> i32 {
         (*sa).user_port = listener_port;
     }
     count(stat::CAPTURED);
+    trace(verdict::CAPTURED);
     ALLOW
 }
 

@@ -1014,6 +1014,16 @@ impl Agent {
         run(&mut cmd)
     }
 
+    /// Starts `mesh-agent debug <args>` against this agent in the background,
+    /// for views that stream (`trace`); its stdout arrives line by line.
+    pub fn debug_spawn(&self, tools: &Tools, args: &[&str]) -> anyhow::Result<Process> {
+        let mut cmd = Command::new(&tools.agent);
+        cmd.arg("debug")
+            .args(args)
+            .args(["--admin-addr", &self.admin.to_string()]);
+        Process::spawn(&mut cmd, "mesh-agent debug")
+    }
+
     /// `/metrics`.
     pub fn metrics(&self) -> anyhow::Result<String> {
         self.get("/metrics")

@@ -1011,3 +1011,192 @@ fn explain_says_what_real_requests_then_get() {
     .to_string();
     assert!(err.contains("unknown source workload"), "{err}");
 }
+
+/// Reads `trace`'s rows (after its two heading lines) until `done` holds for
+/// them or 15 s pass; returns the rows split into columns.
+fn trace_rows(trace: &Process, done: impl Fn(&[Vec<String>]) -> bool) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !done(&rows) && std::time::Instant::now() < deadline {
+        for line in trace.new_lines() {
+            rows.push(line.split_whitespace().map(str::to_owned).collect());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rows
+}
+
+/// Whether `rows` has one with this hook, verdict, source and destination.
+fn has_row(rows: &[Vec<String>], hook: &str, verdict: &str, source: &str, dst: &str) -> bool {
+    rows.iter()
+        .any(|r| r.len() == 5 && r[1] == hook && r[2] == verdict && r[3] == source && r[4] == dst)
+}
+
+/// `mesh-agent debug trace` shows the kernel's own verdicts on one workload's
+/// live connections, as the eBPF programs report them through aya-log: web's
+/// connects on node 0 (captured, excluded port, excluded CIDR, loopback) and
+/// api's steered inbound on node 1, while `other` connects at the same time
+/// and shows up nowhere. Ending the watch switches the reports off.
+#[test]
+fn debug_trace_shows_the_kernels_verdicts_for_one_workload() {
+    let mesh = Mesh::new(&[]);
+    let docs = [
+        mesh.web.workload_yaml_with(&format!(
+            "  excludedPorts: [{ECHO_PORT}]\n  excludedCidrs: [\"{}/32\"]\n",
+            mesh.other.ip
+        )),
+        mesh.other.workload_yaml(),
+        mesh.api.workload_yaml(),
+    ];
+    for agent in [&mesh.near, &mesh.far] {
+        agent.reconfigure(&yaml_docs(&docs)).unwrap();
+    }
+    // Not the excluded port: the kernel checks ports before CIDRs.
+    let other_echo = mesh.other.addr(ECHO_PORT + 1).to_string();
+    let _servers = [
+        mesh.other
+            .serve(&mesh.tools, &["echo", "--listen", &other_echo])
+            .unwrap(),
+        mesh.web
+            .serve(&mesh.tools, &["echo", "--listen", "127.0.0.1:7000"])
+            .unwrap(),
+    ];
+
+    let mut near = mesh
+        .near
+        .debug_spawn(&mesh.tools, &["trace", "shop/web", "--seconds", "120"])
+        .unwrap();
+    let heading = near.wait_line(Duration::from_secs(10)).unwrap();
+    // The kernel's own entries say who is traced.
+    let kernel_traced = |agent: &Agent, workload: &str| {
+        let dump = agent.config_dump().unwrap();
+        dump["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["workload"] == workload)
+            .map(|w| w["kernelTraced"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(kernel_traced(&mesh.near, "shop/web"), true);
+    assert_eq!(kernel_traced(&mesh.near, "shop/other"), false);
+    assert!(
+        heading.starts_with("tracing the kernel's verdicts for shop/web")
+            && heading.contains(&mesh.web.ip.to_string()),
+        "{heading}"
+    );
+    let columns = near.wait_line(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        columns.split_whitespace().collect::<Vec<_>>(),
+        ["TIME", "HOOK", "VERDICT", "SOURCE", "DESTINATION"]
+    );
+    // The far side by the pod's IP, as an operator holding an address would.
+    let mut far = mesh
+        .far
+        .debug_spawn(
+            &mesh.tools,
+            &["trace", &mesh.api.ip.to_string(), "--seconds", "120"],
+        )
+        .unwrap();
+    let heading = far.wait_line(Duration::from_secs(10)).unwrap();
+    assert!(heading.contains("for backend/api"), "{heading}");
+    far.wait_line(Duration::from_secs(5)).unwrap();
+
+    // web: captured, excluded port (which then arrives at api as plaintext,
+    // steered), excluded CIDR, loopback.
+    let api_web = mesh.api.addr(WEB_PORT).to_string();
+    let api_echo = mesh.api.addr(ECHO_PORT).to_string();
+    assert_eq!(mesh.curl(&mesh.web, &[], "/").0, 200);
+    for to in [&api_echo, &other_echo] {
+        let streamed = mesh.podtool(&mesh.web, &["stream", "--to", to, "--bytes", "10000"]);
+        assert_eq!(
+            streamed["sent_sha256"], streamed["received_sha256"],
+            "{streamed}"
+        );
+    }
+    let looped = mesh.podtool(
+        &mesh.web,
+        &["connect", "--to", "127.0.0.1:7000", "--count", "1"],
+    );
+    assert_eq!(looped["ok"], 1, "{looped}");
+    // other, traced by nobody, at the same time.
+    assert_eq!(mesh.curl(&mesh.other, &[], "/").0, 200);
+    let streamed = mesh.podtool(
+        &mesh.other,
+        &["stream", "--to", &api_echo, "--bytes", "10000"],
+    );
+    assert_eq!(streamed["sent_sha256"], streamed["received_sha256"]);
+
+    let web = "shop/web";
+    let expected = [
+        ("connect", "captured", web, api_web.as_str()),
+        ("connect", "excluded_port", web, api_echo.as_str()),
+        ("connect", "excluded_cidr", web, other_echo.as_str()),
+        ("connect", "loopback", web, "127.0.0.1:7000"),
+    ];
+    let rows = trace_rows(&near, |rows| {
+        expected
+            .iter()
+            .all(|(h, v, s, d)| has_row(rows, h, v, s, d))
+    });
+    for (h, v, s, d) in expected {
+        assert!(
+            has_row(&rows, h, v, s, d),
+            "no {h} {v} {s} -> {d} in\n{rows:?}"
+        );
+    }
+    // Every row is web's own connect: not other's, and not the steering of
+    // web's excluded connection into other's address.
+    assert!(
+        rows.iter().all(|r| r[1] == "connect" && r[3] == web),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows.len(),
+        expected.len(),
+        "one verdict per connect: {rows:?}"
+    );
+
+    // api: only the plaintext that arrived outside the tunnel is steered;
+    // both clients' tunnelled connections are not sk_lookup's to decide.
+    let web_ip = mesh.web.ip.to_string();
+    let rows = trace_rows(&far, |rows| {
+        has_row(rows, "inbound", "steered_inbound", &web_ip, &api_echo)
+    });
+    assert_eq!(
+        rows,
+        [vec![
+            rows.first().map(|r| r[0].clone()).unwrap_or_default(),
+            "inbound".into(),
+            "steered_inbound".into(),
+            web_ip,
+            api_echo.clone(),
+        ]],
+        "exactly web's plaintext is steered"
+    );
+
+    // The watcher going away switches the kernel's reports off.
+    drop(near);
+    wait_until("the trace is switched off", Duration::from_secs(10), || {
+        Ok(mesh.near.log().contains("kernel verdict trace stopped"))
+    })
+    .unwrap();
+    assert_eq!(kernel_traced(&mesh.near, "shop/web"), false);
+    assert_eq!(kernel_traced(&mesh.far, "backend/api"), true);
+
+    // What cannot be traced is a clear error.
+    let err = nodemesh_testkit::admin_get(mesh.near.admin, "/debug/trace?workload=shop%2Fnobody")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no workload \"shop/nobody\" is enrolled"),
+        "{err}"
+    );
+    let err = nodemesh_testkit::admin_get(
+        mesh.near.admin,
+        "/debug/trace?workload=shop%2Fweb&seconds=0",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("seconds=0"), "{err}");
+}

@@ -22,13 +22,15 @@ use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use mesh_common::{
     CIDR_KEY_WORKLOAD_BITS, CidrKey, ConnKey, FAMILY_V4, InboundKey, MAX_EXCLUSIONS,
-    MAX_INBOUND_ADDRS, MAX_JOINED_SOCKETS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, OrigDst,
-    PortKey, V4_MAPPED_PREFIX_BITS, WorkloadEntry, setting, stat, v4_mapped,
+    MAX_INBOUND_ADDRS, MAX_JOINED_SOCKETS, MAX_PENDING_CONNECTIONS, MAX_WORKLOADS, MESHED_ADDR,
+    MESHED_ADDR_TRACE, OrigDst, PortKey, V4_MAPPED_PREFIX_BITS, WORKLOAD_FLAG_TRACE, WorkloadEntry,
+    setting, stat, v4_mapped,
 };
 use serde::Serialize;
 
 use crate::node::pins::{self, Generation, PinError};
 use crate::node::splice::{Splice, SpliceError};
+use crate::node::trace::KernelTrace;
 
 /// The kernel programs, built by `cargo xtask build` and embedded so the agent is one file.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -77,6 +79,9 @@ pub enum CaptureError {
     /// The fast path's maps are missing or of the wrong kind.
     #[error("same-node fast path: {0}")]
     Splice(#[source] SpliceError),
+    /// The programs' aya-log ring buffer is missing (a build mismatch).
+    #[error("kernel trace ring buffer: {0}")]
+    Trace(#[source] aya_log::Error),
     /// The bpffs pin directory could not be used.
     #[error(transparent)]
     Pin(#[from] PinError),
@@ -138,7 +143,7 @@ const CGROUP_LINKS: [(&str, &str); 3] = [
     (SOCK_OPS_PROGRAM, "sock_ops"),
 ];
 /// Every map in the object; each is pinned by name in the generation directory.
-const MAPS: [&str; 12] = [
+const MAPS: [&str; 13] = [
     "WORKLOADS",
     "EXCLUDED_PORTS",
     "EXCLUDED_CIDRS",
@@ -151,6 +156,9 @@ const MAPS: [&str; 12] = [
     "SPLICE_TARGETS",
     "SPLICED",
     "JOINED_PEERS",
+    // aya-log's ring buffer: pinned so programs adopted from a predecessor
+    // report to the buffer this agent reads.
+    "AYA_LOGS",
 ];
 
 /// Cgroup bpf_links (5.7+, always used on our minimum kernel) coexist with other
@@ -208,6 +216,11 @@ pub struct Capture {
     pending: Mutex<HashMap<MapData, u64, OrigDst>>,
     orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
     stats: PerCpuArray<MapData, u64>,
+    settings: Mutex<Array<MapData, u32>>,
+    /// Workloads traced now, so `sk_lookup` reads trace bits only while any is.
+    traced_workloads: Mutex<u32>,
+    /// The programs' verdicts on traced workloads (`mesh-agent debug trace`).
+    pub trace: KernelTrace,
     /// The same-node fast path's maps.
     pub splice: Arc<Splice>,
     programs: Vec<ProgramSummary>,
@@ -280,6 +293,7 @@ impl Capture {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(CaptureError::Load)?;
+        let trace = KernelTrace::new(&mut ebpf).map_err(CaptureError::Trace)?;
         let cgroup = File::open(attach_cgroup).map_err(|source| CaptureError::Cgroup {
             path: attach_cgroup.to_owned(),
             source,
@@ -339,12 +353,16 @@ impl Capture {
             AgentDown::Closed => setting::AGENT_DOWN_CLOSED,
             AgentDown::Open => setting::AGENT_DOWN_OPEN,
         };
-        settings
-            .set(setting::ON_AGENT_DOWN, down, 0)
-            .map_err(|source| CaptureError::Map {
-                name: "SETTINGS",
-                source,
-            })?;
+        // Nothing is traced until this agent is asked to: a predecessor's
+        // trace ends with it (re-enrolling clears the per-workload bits).
+        for (index, value) in [(setting::ON_AGENT_DOWN, down), (setting::TRACE_INBOUND, 0)] {
+            settings
+                .set(index, value, 0)
+                .map_err(|source| CaptureError::Map {
+                    name: "SETTINGS",
+                    source,
+                })?;
+        }
 
         let others = pins::other_generations(&options.pin_root, &stamp);
         let others_have_links = others
@@ -434,6 +452,9 @@ impl Capture {
             splice,
             inbound: Mutex::new(take_map(&mut ebpf, "INBOUND_LISTENERS")?),
             meshed_addrs: Mutex::new(take_map(&mut ebpf, "MESHED_ADDRS")?),
+            settings: Mutex::new(settings),
+            traced_workloads: Mutex::new(0),
+            trace,
             programs,
             ebpf: Mutex::new(ebpf),
             generation,
@@ -642,16 +663,23 @@ impl Capture {
 
     /// Steers inbound TCP for pod address `ip` to `listener` (the agent's inbound
     /// listener in that pod), and marks the address meshed, so it is refused
-    /// rather than reached directly whenever that listener is gone.
+    /// rather than reached directly whenever that listener is gone. `traced`
+    /// reports its steering verdicts ([`Capture::set_traced`]).
     pub fn steer_inbound(
         &self,
         ip: IpAddr,
         listener: &impl std::os::fd::AsRawFd,
+        traced: bool,
     ) -> Result<(), CaptureError> {
+        let value = if traced {
+            MESHED_ADDR | MESHED_ADDR_TRACE
+        } else {
+            MESHED_ADDR
+        };
         self.meshed_addrs
             .lock()
             .expect("meshed addrs lock")
-            .insert(inbound_key(ip), 1, 0)
+            .insert(inbound_key(ip), value, 0)
             .map_err(|source| CaptureError::Map {
                 name: "MESHED_ADDRS",
                 source,
@@ -664,6 +692,64 @@ impl Capture {
                 name: "INBOUND_LISTENERS",
                 source,
             })
+    }
+
+    /// Switches the kernel's verdict reports for one enrolled workload on or
+    /// off: the trace bit of its `WORKLOADS` entry (connects) and of each of
+    /// its addresses in `MESHED_ADDRS` (inbound). The caller counts watchers
+    /// and calls this on the first and after the last; entries written later
+    /// by enrollment carry the bit through `WorkloadEntry::flags` and
+    /// [`Capture::steer_inbound`].
+    pub fn set_traced(&self, cgroup_id: u64, ips: &[IpAddr], on: bool) -> Result<(), CaptureError> {
+        let map_err = |name| move |source| CaptureError::Map { name, source };
+        {
+            let mut maps = self.config.lock().expect("capture map lock");
+            if let Ok(mut entry) = maps.workloads.get(&cgroup_id, 0) {
+                entry.flags = if on {
+                    entry.flags | WORKLOAD_FLAG_TRACE
+                } else {
+                    entry.flags & !WORKLOAD_FLAG_TRACE
+                };
+                maps.workloads
+                    .insert(cgroup_id, entry, 0)
+                    .map_err(map_err("WORKLOADS"))?;
+            }
+        }
+        {
+            let mut meshed = self.meshed_addrs.lock().expect("meshed addrs lock");
+            for ip in ips {
+                let key = inbound_key(*ip);
+                // Only addresses still meshed: a trace never re-creates an entry.
+                if meshed.get(&key, 0).is_ok() {
+                    let value = if on {
+                        MESHED_ADDR | MESHED_ADDR_TRACE
+                    } else {
+                        MESHED_ADDR
+                    };
+                    meshed
+                        .insert(key, value, 0)
+                        .map_err(map_err("MESHED_ADDRS"))?;
+                }
+            }
+        }
+        let mut traced = self.traced_workloads.lock().expect("traced lock");
+        *traced = if on {
+            *traced + 1
+        } else {
+            traced.saturating_sub(1)
+        };
+        self.settings
+            .lock()
+            .expect("settings lock")
+            .set(setting::TRACE_INBOUND, *traced, 0)
+            .map_err(map_err("SETTINGS"))
+    }
+
+    /// Whether `cgroup_id`'s kernel entry has the trace bit; `None` without an entry.
+    pub fn is_traced(&self, cgroup_id: u64) -> Option<bool> {
+        let maps = self.config.lock().expect("capture map lock");
+        let entry = maps.workloads.get(&cgroup_id, 0).ok()?;
+        Some(entry.flags & WORKLOAD_FLAG_TRACE != 0)
     }
 
     /// Stops steering `ip`: it is no longer meshed.
