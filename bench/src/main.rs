@@ -413,8 +413,10 @@ impl Bench {
 /// Agent memory figures, KiB.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Memory {
-    /// Node agent RSS with the benchmark's three workloads enrolled, before any load.
+    /// Node agent RSS with the benchmark's own workloads enrolled, before any load.
     pub idle_kib: u64,
+    /// How many workloads that was (the server and one client pod per path).
+    pub idle_workloads: usize,
     /// Peak RSS (VmHWM) after all mesh load.
     pub peak_under_load_kib: u64,
     /// RSS with this many more workloads enrolled, idle.
@@ -427,6 +429,106 @@ pub struct Memory {
     /// RSS of both agents per idle connection held open through the tunnel to
     /// the other node (client side and server side together), in bytes.
     pub per_idle_connection_bytes: u64,
+}
+
+/// What the kernel's outbound capture hook costs per connect, from the
+/// kernel's own BPF run-time statistics, with the client workload untraced
+/// and traced by `mesh-agent debug trace` (its verdicts then go out through
+/// aya-log): what the trace switch costs when off, and when on.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HookCost {
+    /// Average run time of `capture_connect4` per call, untraced, ns.
+    pub connect4_ns_untraced: f64,
+    /// Calls measured untraced.
+    pub connect4_runs_untraced: u64,
+    /// New connections per second through the mesh, untraced.
+    pub connections_per_s_untraced: f64,
+    /// Average run time of `capture_connect4` per call, traced, ns.
+    pub connect4_ns_traced: Option<f64>,
+    /// Calls measured traced.
+    pub connect4_runs_traced: Option<u64>,
+    /// New connections per second through the mesh, traced.
+    pub connections_per_s_traced: Option<f64>,
+    /// Verdict rows `debug trace` printed during the traced run.
+    pub traced_rows: Option<usize>,
+}
+
+/// `capture_connect4`'s cumulative (run time, run count) from the kernel.
+fn connect4_stats(program_id: u32) -> anyhow::Result<(Duration, u64)> {
+    let info = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == program_id)
+        .with_context(|| format!("program {program_id} is not loaded"))?;
+    Ok((info.run_time(), info.run_count()))
+}
+
+/// Measures [`HookCost`] with connection churn from `client` (a meshed pod
+/// named `bench/<client>` in the config) to `to`.
+fn hook_cost(
+    bench: &Bench,
+    agent: &Agent,
+    client: &Pod,
+    to: SocketAddr,
+) -> anyhow::Result<HookCost> {
+    // Counting run time costs a clock read per program run: only while this
+    // fd is open, so no other figure pays for it.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| anyhow::anyhow!("enabling BPF run-time statistics: {e}"))?;
+    let dump = agent.config_dump()?;
+    let program_id = dump["programs"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "capture_connect4"))
+        .and_then(|p| p["id"].as_u64())
+        .context("capture_connect4 missing from /config_dump")? as u32;
+    let churn = || -> anyhow::Result<(f64, u64, f64)> {
+        let (time_before, runs_before) = connect4_stats(program_id)?;
+        let connect = bench.loadgen(
+            client,
+            &[
+                "connect".into(),
+                "--to".into(),
+                to.to_string(),
+                "--seconds".into(),
+                bench.plan.connect_seconds.to_string(),
+            ],
+        )?;
+        let (time_after, runs_after) = connect4_stats(program_id)?;
+        let runs = runs_after.saturating_sub(runs_before);
+        let ns = time_after.saturating_sub(time_before).as_nanos() as f64 / runs.max(1) as f64;
+        Ok((
+            ns,
+            runs,
+            connect["connections_per_s"].as_f64().unwrap_or(0.0),
+        ))
+    };
+    let (ns, runs, rate) = churn()?;
+    let mut cost = HookCost {
+        connect4_ns_untraced: ns,
+        connect4_runs_untraced: runs,
+        connections_per_s_untraced: rate,
+        ..HookCost::default()
+    };
+    // A failure here (an agent without `debug trace`) costs the traced half only.
+    let traced = || -> anyhow::Result<(f64, u64, f64, usize)> {
+        let workload = format!("bench/{}", client.name);
+        let mut trace =
+            agent.debug_spawn(&bench.tools, &["trace", &workload, "--seconds", "600"])?;
+        trace.wait_line(Duration::from_secs(10))?;
+        trace.wait_line(Duration::from_secs(5))?;
+        let (ns, runs, rate) = churn()?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok((ns, runs, rate, trace.new_lines().len()))
+    };
+    match traced() {
+        Ok((ns, runs, rate, rows)) => {
+            cost.connect4_ns_traced = Some(ns);
+            cost.connect4_runs_traced = Some(runs);
+            cost.connections_per_s_traced = Some(rate);
+            cost.traced_rows = Some(rows);
+        }
+        Err(e) => eprintln!("bench: no traced connect figure: {e:#}"),
+    }
+    Ok(cost)
 }
 
 /// Idle connections held open for the per-connection memory figure.
@@ -545,6 +647,7 @@ fn main() -> anyhow::Result<()> {
     let mesh_cross = client("mesh-cross")?;
     let mesh_l7 = client("mesh-l7")?;
     let mesh_fast = client("mesh-fast")?;
+    let mesh_hook = client("mesh-hook")?;
     let sidecar_client = client("sidecar")?;
     let to = |pod: &Pod, proxies: &[u32]| Target {
         http: pod.addr(HTTP_PORT),
@@ -589,6 +692,7 @@ fn main() -> anyhow::Result<()> {
         mesh_cross.workload_yaml(),
         mesh_l7.workload_yaml(),
         mesh_fast.workload_yaml(),
+        mesh_hook.workload_yaml(),
     ];
     let mut all = local_config.clone();
     all.push(far.workload_yaml());
@@ -634,6 +738,17 @@ fn main() -> anyhow::Result<()> {
     let peak = proc_status_kib(agent.pid(), "VmHWM")?;
     paths.extend(sidecar_result);
 
+    // Its own client pod, so the churn of the paths above left it no TIME_WAIT.
+    const HOOK_COST: &str = "kernel connect hook, untraced and traced";
+    let hook = if selected(HOOK_COST) {
+        eprintln!("bench: {HOOK_COST}");
+        hook_cost(&bench, &agent, &mesh_hook, server.addr(HTTP_PORT))
+            .inspect_err(|e| eprintln!("bench: no kernel hook figure: {e:#}"))
+            .ok()
+    } else {
+        None
+    };
+
     eprintln!("bench: enrolling {WORKLOADS_FOR_MEMORY} more workloads for the memory figure");
     let mut extra = Vec::new();
     for i in 0..WORKLOADS_FOR_MEMORY {
@@ -651,6 +766,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(0);
     let memory = Memory {
         idle_kib: memory_idle,
+        idle_workloads: local_config.len(),
         peak_under_load_kib: peak,
         with_workloads_kib,
         workloads: local_config.len() + WORKLOADS_FOR_MEMORY,
@@ -678,6 +794,7 @@ fn main() -> anyhow::Result<()> {
         cli.quick,
         paths,
         memory,
+        hook,
         started.elapsed(),
     );
     let written = results.write(&cli.out, cli.only.is_empty())?;

@@ -10,7 +10,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{Memory, PathResult, Plan};
+use crate::{HookCost, Memory, PathResult, Plan};
 
 /// Where and when the numbers were taken.
 #[derive(Debug, Serialize)]
@@ -40,6 +40,8 @@ pub struct Results {
     pub paths: Vec<PathResult>,
     /// Agent memory.
     pub memory: Memory,
+    /// The kernel connect hook's cost, untraced and traced.
+    pub kernel_connect_hook: Option<HookCost>,
 }
 
 fn command_output(cmd: &str, args: &[&str]) -> String {
@@ -70,6 +72,7 @@ impl Results {
         quick: bool,
         paths: Vec<PathResult>,
         memory: Memory,
+        kernel_connect_hook: Option<HookCost>,
         took: Duration,
     ) -> Self {
         Results {
@@ -94,6 +97,7 @@ impl Results {
             plan,
             paths,
             memory,
+            kernel_connect_hook,
         }
     }
 
@@ -197,13 +201,29 @@ impl Results {
         };
         let _ = writeln!(
             out,
-            "\n**Node agent memory (RSS)**: {:.1} MB idle with 3 workloads, {:.1} MB peak under load, {:.1} MB idle with {} workloads after the load ({:.1} KiB per idle workload); {per_connection}.",
+            "\n**Node agent memory (RSS)**: {:.1} MB idle with {} workloads, {:.1} MB peak under load, {:.1} MB idle with {} workloads after the load ({:.1} KiB per idle workload); {per_connection}.",
             mem.idle_kib as f64 / 1024.0,
+            mem.idle_workloads,
             mem.peak_under_load_kib as f64 / 1024.0,
             mem.with_workloads_kib as f64 / 1024.0,
             mem.workloads,
             mem.per_idle_workload_bytes as f64 / 1024.0,
         );
+        if let Some(h) = &self.kernel_connect_hook {
+            let traced = match (h.connect4_ns_traced, h.connections_per_s_traced) {
+                (Some(ns), Some(rate)) => format!(
+                    "; with the client traced by `mesh-agent debug trace`, {ns:.0} ns ({} calls, {} rows printed) and {rate:.0} new connections/s",
+                    h.connect4_runs_traced.unwrap_or(0),
+                    h.traced_rows.unwrap_or(0),
+                ),
+                _ => "; traced not measured in this run".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "\n**Kernel connect hook** (`capture_connect4`, the kernel's BPF run-time statistics, during connection churn through the mesh): {:.0} ns per connect untraced ({} calls, {:.0} new connections/s){traced}.",
+                h.connect4_ns_untraced, h.connect4_runs_untraced, h.connections_per_s_untraced,
+            );
+        }
         out
     }
 

@@ -505,6 +505,36 @@ mod tests {
         assert_eq!(t, "A     BB\nlong  x\n");
     }
 
+    /// The fenced block of `doc` that starts with `first`, without that line.
+    fn block_after<'a>(doc: &'a str, first: &str) -> Vec<&'a str> {
+        let start = doc
+            .find(first)
+            .unwrap_or_else(|| panic!("{first:?} not in the doc"));
+        doc[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.starts_with("```"))
+            .collect()
+    }
+
+    #[test]
+    fn the_debugging_pages_trace_example_is_what_trace_prints() {
+        let doc = include_str!("../../docs/debugging.md");
+        let json = block_after(doc, "$ curl -sN 'http://127.0.0.1:15000/debug/trace?");
+        let printed: String = json
+            .iter()
+            .map(|l| super::trace_line(&serde_json::from_str(l).expect("a JSON line")))
+            .collect();
+        let table = block_after(doc, "$ mesh-agent debug trace shop/web");
+        let expected: String = table.iter().map(|l| format!("{l}\n")).collect();
+        // Trailing spaces of padded cells are not kept in the page.
+        let printed: String = printed
+            .lines()
+            .map(|l| format!("{}\n", l.trim_end()))
+            .collect();
+        assert_eq!(printed, expected);
+    }
+
     #[test]
     fn trace_lines_render_as_heading_rows_and_gaps() {
         let line = |v: serde_json::Value| super::trace_line(&v);
