@@ -879,6 +879,9 @@ impl Agent {
     /// [`Agent::stop_trace`] when done.
     pub async fn start_trace(&self, target: &str) -> Result<TraceSession, String> {
         let mut state = self.state.lock().await;
+        if state.frozen || state.retired {
+            return Err("this agent is handing over to a successor: trace on the successor".into());
+        }
         let e = state
             .enrolled
             .values()
@@ -928,6 +931,11 @@ impl Agent {
             return;
         }
         state.traced.remove(&session.workload);
+        if state.frozen || state.retired {
+            // The kernel maps are the successor's now, and it enrolled every
+            // workload without the trace bit: writing them would race it.
+            return;
+        }
         // The workload may have been re-enrolled (new cgroup or addresses) or
         // left meanwhile: clear what is in the kernel now.
         let (cgroup_id, ips) = match state.enrolled.get(&session.workload) {

@@ -850,3 +850,104 @@ fn a_retired_agent_exits_at_the_drain_timeout() {
     drop(std::mem::replace(&mut mesh.near, successor));
     mesh.assert_served(&mesh.a, &mesh.s);
 }
+
+/// Starts `mesh-agent debug trace <workload>` against `agent` and waits for
+/// its two heading lines.
+fn start_trace(mesh: &Cluster, agent: &Agent, workload: &str) -> Process {
+    let mut trace = agent
+        .debug_spawn(&mesh.tools, &["trace", workload, "--seconds", "120"])
+        .unwrap();
+    let heading = trace.wait_line(Duration::from_secs(10)).unwrap();
+    assert!(heading.contains(workload), "{heading}");
+    trace.wait_line(Duration::from_secs(5)).unwrap();
+    trace
+}
+
+/// Waits (bounded) for a row with this verdict and destination; returns every row read.
+fn wait_row(trace: &Process, verdict: &str, destination: &str) -> Vec<String> {
+    let mut rows = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = |rows: &[String]| {
+        rows.iter().any(|r| {
+            let cells: Vec<&str> = r.split_whitespace().collect();
+            cells.get(2) == Some(&verdict) && cells.get(4) == Some(&destination)
+        })
+    };
+    while !found(&rows) && Instant::now() < deadline {
+        rows.extend(trace.new_lines());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(found(&rows), "no {verdict} to {destination} in {rows:?}");
+    rows
+}
+
+/// Whether the kernel's entry for `workload` has its trace bit, per `/config_dump`.
+fn kernel_traced(agent: &Agent, workload: &str) -> serde_json::Value {
+    let dump = agent.config_dump().unwrap();
+    dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["workload"] == workload)
+        .map(|w| w["kernelTraced"].clone())
+        .unwrap_or_default()
+}
+
+/// A kernel trace and agent generations: the programs a successor adopts
+/// report to the pinned ring buffer it reads; a trace left on by a killed
+/// agent is cleared by the next one (and what was written meanwhile is not
+/// shown as new); a trace ends when its agent hands over.
+#[test]
+fn kernel_traces_across_agent_generations() {
+    let mut mesh = Cluster::new(&[]);
+    let to_s = mesh.s.addr(ECHO_PORT).to_string();
+    let trace = start_trace(&mesh, &mesh.near, "shop/a");
+    mesh.assert_served(&mesh.a, &mesh.s);
+    wait_row(&trace, "captured", &to_s);
+
+    // Killed while tracing: the bit stays in the pinned entry, and the kernel
+    // reports the refusals to a buffer nobody reads.
+    mesh.kill_near();
+    assert_eq!(
+        mesh.probe(&mesh.a, &mesh.s).0,
+        "connect_error: PermissionDenied"
+    );
+    drop(trace);
+    mesh.restart_near();
+    mesh.near
+        .log_line("adoption logged", |l| l.contains("startup=Adopted"));
+    assert_eq!(kernel_traced(&mesh.near, "shop/a"), false);
+    mesh.assert_served(&mesh.a, &mesh.s);
+
+    // The adopted programs (loaded by the killed agent) report to the pinned
+    // buffer this agent reads; the refusal from before is not among the rows.
+    let trace = start_trace(&mesh, &mesh.near, "shop/a");
+    mesh.assert_served(&mesh.a, &mesh.s);
+    let rows = wait_row(&trace, "captured", &to_s);
+    assert!(
+        rows.iter().all(|r| !r.contains("agent_down_refused")),
+        "{rows:?}"
+    );
+    assert!(
+        mesh.near.log().contains("discarded kernel trace records"),
+        "{}",
+        mesh.near.log()
+    );
+
+    // An upgrade ends the trace: the old agent stops streaming as it drains,
+    // and the successor enrolled the workload without the bit.
+    let argv: Vec<&str> = mesh.args.iter().map(String::as_str).collect();
+    let successor = mesh
+        .near
+        .start_successor(&mesh.tools, &mesh.node0, &argv)
+        .unwrap();
+    let ended = trace
+        .wait(Duration::from_secs(15))
+        .expect("the trace ends with its agent's handover");
+    assert!(ended.status.success(), "{ended:?}");
+    drop(std::mem::replace(&mut mesh.near, successor));
+    assert_eq!(kernel_traced(&mesh.near, "shop/a"), false);
+    let trace = start_trace(&mesh, &mesh.near, "shop/a");
+    mesh.assert_served(&mesh.a, &mesh.s);
+    wait_row(&trace, "captured", &to_s);
+}

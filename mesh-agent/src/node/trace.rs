@@ -11,7 +11,8 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use aya::Ebpf;
 use aya_log::EbpfLogger;
@@ -124,8 +125,14 @@ pub fn parse(record: &str) -> Result<KernelVerdict, ParseError> {
 }
 
 /// Receives aya-log's records and passes each parsed verdict to the watchers.
-struct VerdictSink {
+struct VerdictSink(Arc<SinkState>);
+
+/// What the sink shares with [`KernelTrace`].
+struct SinkState {
     watchers: broadcast::Sender<KernelVerdict>,
+    /// Set while the reader empties what was written before it started.
+    discarding: AtomicBool,
+    discarded: AtomicU64,
 }
 
 impl log::Log for VerdictSink {
@@ -134,9 +141,14 @@ impl log::Log for VerdictSink {
     }
 
     fn log(&self, record: &log::Record) {
+        let sink = &self.0;
+        if sink.discarding.load(Ordering::Relaxed) {
+            sink.discarded.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         match parse(&record.args().to_string()) {
             // No watcher left is not an error: the flags are being cleared.
-            Ok(v) => drop(self.watchers.send(v)),
+            Ok(v) => drop(sink.watchers.send(v)),
             Err(e) => tracing::warn!(error = %e, "a kernel trace record was not understood"),
         }
     }
@@ -146,7 +158,7 @@ impl log::Log for VerdictSink {
 
 /// The kernel trace: the ring buffer's reader and the watchers' channel.
 pub struct KernelTrace {
-    watchers: broadcast::Sender<KernelVerdict>,
+    sink: Arc<SinkState>,
     /// Taken by the reader task when the first trace starts.
     reader: Mutex<Option<EbpfLogger<VerdictSink>>>,
 }
@@ -156,29 +168,43 @@ impl KernelTrace {
     /// so programs adopted from a predecessor write to the same one).
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, aya_log::Error> {
         let (watchers, _) = broadcast::channel(WATCHER_BUFFER);
-        let logger = EbpfLogger::init_with_logger(
-            ebpf,
-            VerdictSink {
-                watchers: watchers.clone(),
-            },
-        )?;
-        Ok(Self {
+        let sink = Arc::new(SinkState {
             watchers,
+            discarding: AtomicBool::new(false),
+            discarded: AtomicU64::new(0),
+        });
+        let logger = EbpfLogger::init_with_logger(ebpf, VerdictSink(sink.clone()))?;
+        Ok(Self {
+            sink,
             reader: Mutex::new(Some(logger)),
         })
     }
 
     /// A new watcher's receiver: every verdict from now on, or how many it missed.
     pub fn subscribe(&self) -> broadcast::Receiver<KernelVerdict> {
-        self.watchers.subscribe()
+        self.sink.watchers.subscribe()
     }
 
     /// Starts reading the ring buffer, once (later calls do nothing), until
     /// `stop` fires. Must run inside the tokio runtime.
     pub fn start_reader(&self, stop: CancellationToken) -> std::io::Result<()> {
-        let Some(logger) = self.reader.lock().expect("kernel trace lock").take() else {
+        let Some(mut logger) = self.reader.lock().expect("kernel trace lock").take() else {
             return Ok(());
         };
+        // Records already in the pinned buffer were written for watchers of an
+        // agent that is gone (a trace cut short by a crash, or decisions made
+        // while no agent ran): shown now they would pass for new ones.
+        let sink = &self.sink;
+        sink.discarding.store(true, Ordering::Relaxed);
+        let flushed = std::panic::catch_unwind(AssertUnwindSafe(|| logger.flush()));
+        sink.discarding.store(false, Ordering::Relaxed);
+        let stale = sink.discarded.load(Ordering::Relaxed);
+        if stale > 0 || flushed.is_err() {
+            tracing::info!(
+                stale,
+                "discarded kernel trace records written before this agent read them"
+            );
+        }
         // SAFETY: the logger owns its ring buffer's map fd, which stays open
         // and the same until the logger (moved into the AsyncFd) is dropped.
         let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
