@@ -268,6 +268,11 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabels {
     direction: &'static str,
     reason: &'static str,
@@ -340,6 +345,7 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     capture_decisions: Family<DecisionLabels, Counter>,
+    kernel_trace_records: Family<OutcomeLabels, Counter>,
     cert_expiry: Family<IdentityLabels, Gauge>,
     cert_failures: Family<IdentityLabels, Counter>,
     tunnel_refusals: Family<RefusalLabels, Counter>,
@@ -368,6 +374,7 @@ pub struct Metrics {
     cni_requests: Family<CniLabels, Counter>,
     /// Last kernel counter values, so Prometheus counters advance by the delta.
     last_decisions: Mutex<[u64; mesh_common::stat::COUNT as usize]>,
+    last_trace_records: Mutex<[u64; 3]>,
     /// The cluster this agent's workloads are in (`source_/destination_cluster`).
     cluster_id: String,
 }
@@ -428,6 +435,8 @@ impl Metrics {
             cni_requests: Family::default(),
             watch_errors: Family::default(),
             last_decisions: Mutex::new([0; mesh_common::stat::COUNT as usize]),
+            last_trace_records: Mutex::new([0; 3]),
+            kernel_trace_records: Family::default(),
             cluster_id: cluster_id.to_owned(),
             registry: Registry::default(),
         };
@@ -500,6 +509,11 @@ impl Metrics {
             "nodemesh_capture_decisions",
             "Decisions of the connect hooks for enrolled workloads",
             m.capture_decisions.clone(),
+        );
+        registry.register(
+            "nodemesh_kernel_trace_records",
+            "aya-log records of traced workloads read from the kernel (debug trace), by outcome",
+            m.kernel_trace_records.clone(),
         );
         registry.register(
             "nodemesh_certificate_expiry_timestamp_seconds",
@@ -807,6 +821,14 @@ impl Metrics {
                 .get_or_create(&DecisionLabels { decision: name })
                 .inc_by(delta);
             last[i] = now[i];
+        }
+        let records = capture.trace.records();
+        let mut last = self.last_trace_records.lock().expect("trace records lock");
+        for (i, outcome) in crate::node::trace::RECORD_OUTCOMES.iter().enumerate() {
+            self.kernel_trace_records
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(records[i].saturating_sub(last[i]));
+            last[i] = records[i];
         }
         occupancy
     }

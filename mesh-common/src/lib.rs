@@ -172,8 +172,11 @@ pub mod stat {
     pub const INBOUND_AGENT_DOWN_DIRECT: u32 = 8;
     /// Received segments a joined socket could not hand to its peer, left to the agent to relay.
     pub const SPLICE_MISSED: u32 = 9;
+    /// Verdicts on traced workloads handed to aya-log (`mesh-agent debug
+    /// trace`); more than the agent read means the ring buffer was full.
+    pub const TRACED: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     /// Metric label for each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "captured",
@@ -186,6 +189,7 @@ pub mod stat {
         "inbound_agent_down_refused",
         "inbound_agent_down_direct",
         "splice_missed",
+        "traced",
     ];
 }
 

@@ -258,6 +258,7 @@ fn trace_inbound(ctx: &SkLookupContext, meshed: u8, code: u8, c: &Inbound) {
     if meshed & MESHED_ADDR_TRACE == 0 {
         return;
     }
+    count(stat::TRACED);
     let remote = if c.v4 {
         v4_mapped(c.remote4.to_ne_bytes())
     } else {
@@ -291,6 +292,7 @@ fn trace_connect(
     if workload.flags & WORKLOAD_FLAG_TRACE == 0 {
         return;
     }
+    count(stat::TRACED);
     info!(
         ctx,
         "connect verdict={} workload={} dst={:i} port={}", code, workload.workload_id, *addr, port

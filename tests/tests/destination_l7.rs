@@ -1156,6 +1156,24 @@ fn debug_trace_shows_the_kernels_verdicts_for_one_workload() {
         expected.len(),
         "one verdict per connect: {rows:?}"
     );
+    // The kernel counted exactly the records it wrote, and the agent read them all.
+    let records = |agent: &Agent| {
+        (
+            agent
+                .metric(
+                    "nodemesh_capture_decisions_total",
+                    &[("decision", "traced")],
+                )
+                .unwrap(),
+            agent
+                .metric(
+                    "nodemesh_kernel_trace_records_total",
+                    &[("outcome", "read")],
+                )
+                .unwrap(),
+        )
+    };
+    assert_eq!(records(&mesh.near), (4.0, 4.0));
 
     // api: only the plaintext that arrived outside the tunnel is steered;
     // both clients' tunnelled connections are not sk_lookup's to decide.
@@ -1174,6 +1192,7 @@ fn debug_trace_shows_the_kernels_verdicts_for_one_workload() {
         ]],
         "exactly web's plaintext is steered"
     );
+    assert_eq!(records(&mesh.far), (1.0, 1.0));
 
     // The watcher going away switches the kernel's reports off.
     drop(near);

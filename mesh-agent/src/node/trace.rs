@@ -23,6 +23,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+/// What became of a record read from the ring buffer: passed to the
+/// watchers, not understood, or discarded as written before this agent read.
+pub const RECORD_OUTCOMES: [&str; 3] = ["read", "malformed", "stale"];
+
 /// Verdicts buffered per watcher before the slowest one is told it missed some.
 const WATCHER_BUFFER: usize = 4096;
 
@@ -133,6 +137,8 @@ struct SinkState {
     /// Set while the reader empties what was written before it started.
     discarding: AtomicBool,
     discarded: AtomicU64,
+    read: AtomicU64,
+    malformed: AtomicU64,
 }
 
 impl log::Log for VerdictSink {
@@ -147,9 +153,15 @@ impl log::Log for VerdictSink {
             return;
         }
         match parse(&record.args().to_string()) {
-            // No watcher left is not an error: the flags are being cleared.
-            Ok(v) => drop(sink.watchers.send(v)),
-            Err(e) => tracing::warn!(error = %e, "a kernel trace record was not understood"),
+            Ok(v) => {
+                sink.read.fetch_add(1, Ordering::Relaxed);
+                // No watcher left is not an error: the bits are being cleared.
+                drop(sink.watchers.send(v));
+            }
+            Err(e) => {
+                sink.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "a kernel trace record was not understood");
+            }
         }
     }
 
@@ -172,12 +184,26 @@ impl KernelTrace {
             watchers,
             discarding: AtomicBool::new(false),
             discarded: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
         });
         let logger = EbpfLogger::init_with_logger(ebpf, VerdictSink(sink.clone()))?;
         Ok(Self {
             sink,
             reader: Mutex::new(Some(logger)),
         })
+    }
+
+    /// Records taken from the ring buffer so far, by what became of them, in
+    /// the order of [`RECORD_OUTCOMES`]: compared with the kernel's `traced`
+    /// count, what the ring buffer could not hold.
+    pub fn records(&self) -> [u64; 3] {
+        let s = &self.sink;
+        [
+            s.read.load(Ordering::Relaxed),
+            s.malformed.load(Ordering::Relaxed),
+            s.discarded.load(Ordering::Relaxed),
+        ]
     }
 
     /// A new watcher's receiver: every verdict from now on, or how many it missed.
