@@ -796,6 +796,8 @@ mod tests {
             .split("```\n$ ")
             .skip(1)
             .map(|b| b.split("```").next().unwrap())
+            // The page's `debug trace` examples are checked in `debug.rs`.
+            .filter(|b| b.starts_with("mesh-agent debug explain"))
             .collect();
         for (i, block) in blocks.iter().enumerate() {
             // The page's last block is explained with its STRICT PeerAuthentication.
