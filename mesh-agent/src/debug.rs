@@ -46,8 +46,12 @@ pub enum View {
     Trace,
 }
 
-/// GETs `path` from the admin endpoint.
-pub async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+/// Sends `GET path` to the admin endpoint; the body is read by the caller,
+/// whole or as it streams.
+async fn get(
+    admin: SocketAddr,
+    path: &str,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
     let stream = tokio::net::TcpStream::connect(admin)
         .await
         .with_context(|| {
@@ -58,7 +62,12 @@ pub async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     let req = Request::get(path)
         .header("host", admin.to_string())
         .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
+    Ok(sender.send_request(req).await?)
+}
+
+/// GETs `path` from the admin endpoint.
+pub async fn fetch(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let resp = get(admin, path).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     let text = String::from_utf8_lossy(&body).into_owned();
@@ -325,17 +334,7 @@ pub async fn stream_trace(
         query.append_pair("seconds", &n.to_string());
     }
     let path = format!("/debug/trace?{}", query.finish());
-    let stream = tokio::net::TcpStream::connect(admin)
-        .await
-        .with_context(|| {
-            format!("connecting to the agent's admin endpoint at {admin} (is mesh-agent running?)")
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = Request::get(&path)
-        .header("host", admin.to_string())
-        .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
+    let resp = get(admin, &path).await?;
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {

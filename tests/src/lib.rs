@@ -1024,6 +1024,18 @@ impl Agent {
         Process::spawn(&mut cmd, "mesh-agent debug")
     }
 
+    /// Whether the kernel reports `workload`'s verdicts now (`kernelTraced`
+    /// in `/config_dump`, read from its kernel entry); `None` when not enrolled.
+    pub fn kernel_traced(&self, workload: &str) -> anyhow::Result<Option<bool>> {
+        let dump = self.config_dump()?;
+        Ok(dump["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["workload"] == workload)
+            .and_then(|w| w["kernelTraced"].as_bool()))
+    }
+
     /// `/metrics`.
     pub fn metrics(&self) -> anyhow::Result<String> {
         self.get("/metrics")

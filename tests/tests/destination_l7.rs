@@ -1068,18 +1068,9 @@ fn debug_trace_shows_the_kernels_verdicts_for_one_workload() {
         .unwrap();
     let heading = near.wait_line(Duration::from_secs(10)).unwrap();
     // The kernel's own entries say who is traced.
-    let kernel_traced = |agent: &Agent, workload: &str| {
-        let dump = agent.config_dump().unwrap();
-        dump["workloads"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|w| w["workload"] == workload)
-            .map(|w| w["kernelTraced"].clone())
-            .unwrap_or(Value::Null)
-    };
-    assert_eq!(kernel_traced(&mesh.near, "shop/web"), true);
-    assert_eq!(kernel_traced(&mesh.near, "shop/other"), false);
+    let kernel_traced = |agent: &Agent, workload: &str| agent.kernel_traced(workload).unwrap();
+    assert_eq!(kernel_traced(&mesh.near, "shop/web"), Some(true));
+    assert_eq!(kernel_traced(&mesh.near, "shop/other"), Some(false));
     assert!(
         heading.starts_with("tracing the kernel's verdicts for shop/web")
             && heading.contains(&mesh.web.ip.to_string()),
@@ -1200,8 +1191,8 @@ fn debug_trace_shows_the_kernels_verdicts_for_one_workload() {
         Ok(mesh.near.log().contains("kernel verdict trace stopped"))
     })
     .unwrap();
-    assert_eq!(kernel_traced(&mesh.near, "shop/web"), false);
-    assert_eq!(kernel_traced(&mesh.far, "backend/api"), true);
+    assert_eq!(kernel_traced(&mesh.near, "shop/web"), Some(false));
+    assert_eq!(kernel_traced(&mesh.far, "backend/api"), Some(true));
 
     // What cannot be traced is a clear error.
     let err = nodemesh_testkit::admin_get(mesh.near.admin, "/debug/trace?workload=shop%2Fnobody")

@@ -881,18 +881,6 @@ fn wait_row(trace: &Process, verdict: &str, destination: &str) -> Vec<String> {
     rows
 }
 
-/// Whether the kernel's entry for `workload` has its trace bit, per `/config_dump`.
-fn kernel_traced(agent: &Agent, workload: &str) -> serde_json::Value {
-    let dump = agent.config_dump().unwrap();
-    dump["workloads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["workload"] == workload)
-        .map(|w| w["kernelTraced"].clone())
-        .unwrap_or_default()
-}
-
 /// A kernel trace and agent generations: the programs a successor adopts
 /// report to the pinned ring buffer it reads; a trace left on by a killed
 /// agent is cleared by the next one (and what was written meanwhile is not
@@ -916,7 +904,7 @@ fn kernel_traces_across_agent_generations() {
     mesh.restart_near();
     mesh.near
         .log_line("adoption logged", |l| l.contains("startup=Adopted"));
-    assert_eq!(kernel_traced(&mesh.near, "shop/a"), false);
+    assert_eq!(mesh.near.kernel_traced("shop/a").unwrap(), Some(false));
     mesh.assert_served(&mesh.a, &mesh.s);
 
     // The adopted programs (loaded by the killed agent) report to the pinned
@@ -946,7 +934,7 @@ fn kernel_traces_across_agent_generations() {
         .expect("the trace ends with its agent's handover");
     assert!(ended.status.success(), "{ended:?}");
     drop(std::mem::replace(&mut mesh.near, successor));
-    assert_eq!(kernel_traced(&mesh.near, "shop/a"), false);
+    assert_eq!(mesh.near.kernel_traced("shop/a").unwrap(), Some(false));
     let trace = start_trace(&mesh, &mesh.near, "shop/a");
     mesh.assert_served(&mesh.a, &mesh.s);
     wait_row(&trace, "captured", &to_s);
