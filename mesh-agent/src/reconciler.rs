@@ -882,14 +882,12 @@ impl Agent {
         if state.frozen || state.retired {
             return Err("this agent is handing over to a successor: trace on the successor".into());
         }
+        let ip = target.parse::<IpAddr>().ok();
         let e = state
             .enrolled
             .values()
             .find(|e| {
-                e.workload.key() == target
-                    || target
-                        .parse::<IpAddr>()
-                        .is_ok_and(|ip| e.workload.ips.contains(&ip))
+                e.workload.key() == target || ip.is_some_and(|ip| e.workload.ips.contains(&ip))
             })
             .ok_or_else(|| {
                 format!("no workload {target:?} is enrolled on this node (give namespace/name or a pod IP)")

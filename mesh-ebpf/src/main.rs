@@ -191,16 +191,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     let addr = if family == AF_INET {
         v4_mapped(ip4.to_ne_bytes())
     } else {
-        let (a, b, c, d) = (
-            ip6[0].to_ne_bytes(),
-            ip6[1].to_ne_bytes(),
-            ip6[2].to_ne_bytes(),
-            ip6[3].to_ne_bytes(),
-        );
-        [
-            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
-            d[2], d[3],
-        ]
+        ip6_bytes(ip6)
     };
     let key = InboundKey { addr };
     let inbound = Inbound {
@@ -233,6 +224,21 @@ fn steer(ctx: &SkLookupContext) -> u32 {
     }
 }
 
+/// An IPv6 address as the kernel's four network-order words give it, as bytes.
+#[inline(always)]
+fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        words[0].to_ne_bytes(),
+        words[1].to_ne_bytes(),
+        words[2].to_ne_bytes(),
+        words[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
 /// An inbound connection as `sk_lookup` saw it, for its trace record.
 struct Inbound {
     /// The pod address it is for (IPv4-mapped for IPv4).
@@ -262,16 +268,7 @@ fn trace_inbound(ctx: &SkLookupContext, meshed: u8, code: u8, c: &Inbound) {
     let remote = if c.v4 {
         v4_mapped(c.remote4.to_ne_bytes())
     } else {
-        let (a, b, d, e) = (
-            c.remote6[0].to_ne_bytes(),
-            c.remote6[1].to_ne_bytes(),
-            c.remote6[2].to_ne_bytes(),
-            c.remote6[3].to_ne_bytes(),
-        );
-        [
-            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], d[0], d[1], d[2], d[3], e[0], e[1],
-            e[2], e[3],
-        ]
+        ip6_bytes(c.remote6)
     };
     info!(
         ctx,
@@ -480,11 +477,7 @@ fn capture(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
 
     let (addr, family) = if v6 {
-        let words = unsafe { (*sa).user_ip6 };
-        let mut addr = [0u8; 16];
-        for (i, word) in words.iter().enumerate() {
-            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-        }
+        let addr = ip6_bytes(unsafe { (*sa).user_ip6 });
         let family = if is_v4_mapped(&addr) {
             FAMILY_V4
         } else {

@@ -671,15 +671,10 @@ impl Capture {
         listener: &impl std::os::fd::AsRawFd,
         traced: bool,
     ) -> Result<(), CaptureError> {
-        let value = if traced {
-            MESHED_ADDR | MESHED_ADDR_TRACE
-        } else {
-            MESHED_ADDR
-        };
         self.meshed_addrs
             .lock()
             .expect("meshed addrs lock")
-            .insert(inbound_key(ip), value, 0)
+            .insert(inbound_key(ip), meshed_value(traced), 0)
             .map_err(|source| CaptureError::Map {
                 name: "MESHED_ADDRS",
                 source,
@@ -721,13 +716,8 @@ impl Capture {
                 let key = inbound_key(*ip);
                 // Only addresses still meshed: a trace never re-creates an entry.
                 if meshed.get(&key, 0).is_ok() {
-                    let value = if on {
-                        MESHED_ADDR | MESHED_ADDR_TRACE
-                    } else {
-                        MESHED_ADDR
-                    };
                     meshed
-                        .insert(key, value, 0)
+                        .insert(key, meshed_value(on), 0)
                         .map_err(map_err("MESHED_ADDRS"))?;
                 }
             }
@@ -918,6 +908,15 @@ impl Capture {
     /// The attached programs.
     pub fn programs(&self) -> &[ProgramSummary] {
         &self.programs
+    }
+}
+
+/// A meshed address's `MESHED_ADDRS` value, with the trace bit when `traced`.
+fn meshed_value(traced: bool) -> u8 {
+    if traced {
+        MESHED_ADDR | MESHED_ADDR_TRACE
+    } else {
+        MESHED_ADDR
     }
 }
 
