@@ -128,7 +128,7 @@ fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup(&root),
         Cmd::Image { tag } => image(&root, &tag),
-        Cmd::Build => build(&root).map(|_| ()),
+        Cmd::Build => build(&root, Scope::Binaries).map(|_| ()),
         Cmd::Test { args } => test(&root, &args),
         Cmd::Demo => demo(&root),
         Cmd::Bench {
@@ -246,7 +246,20 @@ struct Built {
     release_dir: PathBuf,
 }
 
-fn build(root: &Path) -> anyhow::Result<Built> {
+/// Which cargo targets `build` compiles.
+#[derive(Clone, Copy)]
+enum Scope {
+    /// The programs only: what `build`, `bench`, `demo` and friends run.
+    Binaries,
+    /// Everything `cargo test --workspace --all-targets` runs, compiled once.
+    /// Cargo turns on dev-dependencies' features (tokio's `test-util`, say)
+    /// only when test targets are in the build, so building the binaries
+    /// first and the tests after compiles every crate above tokio twice: twice
+    /// the time and the disk (CI once ran out of disk doing so).
+    Tests,
+}
+
+fn build(root: &Path, scope: Scope) -> anyhow::Result<Built> {
     setup(root)?;
     let ebpf_dir = root.join("mesh-ebpf");
     let mut path = std::env::var_os("PATH").unwrap_or_default();
@@ -266,20 +279,21 @@ fn build(root: &Path) -> anyhow::Result<Built> {
             .env_remove("CARGO_TARGET_DIR"),
     )?;
     let ebpf_object = ebpf_dir.join("target/bpfel-unknown-none/release/mesh-ebpf");
-    status(
-        cargo()
-            .current_dir(root)
-            .args(["build", "--release", "--bins"])
-            .args([
-                "-p",
-                "mesh-agent",
-                "-p",
-                "nodemesh-tests",
-                "-p",
-                "nodemesh-bench",
-            ])
-            .env("NODEMESH_EBPF_OBJECT", &ebpf_object),
-    )?;
+    let mut user_space = cargo();
+    user_space.current_dir(root).args(["build", "--release"]);
+    match scope {
+        Scope::Binaries => user_space.args([
+            "--bins",
+            "-p",
+            "mesh-agent",
+            "-p",
+            "nodemesh-tests",
+            "-p",
+            "nodemesh-bench",
+        ]),
+        Scope::Tests => user_space.args(["--workspace", "--all-targets"]),
+    };
+    status(user_space.env("NODEMESH_EBPF_OBJECT", &ebpf_object))?;
     let release_dir = root.join("target/release");
     Ok(Built {
         ebpf_object,
@@ -289,7 +303,7 @@ fn build(root: &Path) -> anyhow::Result<Built> {
 }
 
 fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let built = build(root)?;
+    let built = build(root, Scope::Tests)?;
     // --all-targets: unit, integration and binary tests (no doctests: there are none,
     // and an empty doctest run would be the last word of the log).
     let mut child = cargo()
@@ -347,7 +361,7 @@ const IMAGE_PACKAGES: &[&str] = &["buildah", "podman", "runc", "binutils"];
 const STORAGE: [&str; 2] = ["--storage-driver", "vfs"];
 
 fn image(root: &Path, tag: &str) -> anyhow::Result<()> {
-    let built = build(root)?;
+    let built = build(root, Scope::Binaries)?;
     apt_install(IMAGE_PACKAGES)?;
     let rootfs = root.join("target/image/rootfs");
     if rootfs.exists() {
@@ -536,7 +550,7 @@ fn build_dist_agent(root: &Path, ebpf_object: &Path) -> anyhow::Result<PathBuf> 
 }
 
 fn bench(root: &Path, quick: bool, only: &[String], profile: Option<&Path>) -> anyhow::Result<()> {
-    let built = build(root)?;
+    let built = build(root, Scope::Binaries)?;
     let agent = build_dist_agent(root, &built.ebpf_object)?;
     let mut cmd = Command::new(built.release_dir.join("nodemesh-bench"));
     if quick {
@@ -557,7 +571,7 @@ fn bench(root: &Path, quick: bool, only: &[String], profile: Option<&Path>) -> a
 }
 
 fn scale(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let built = build(root)?;
+    let built = build(root, Scope::Binaries)?;
     status(
         Command::new(built.release_dir.join("kube-scale"))
             .args(args)
@@ -568,7 +582,7 @@ fn scale(root: &Path, args: &[String]) -> anyhow::Result<()> {
 }
 
 fn soak(root: &Path, minutes: f64, args: &[String]) -> anyhow::Result<()> {
-    let built = build(root)?;
+    let built = build(root, Scope::Binaries)?;
     status(
         Command::new(built.release_dir.join("nodemesh-soak"))
             .arg("--minutes")
@@ -581,7 +595,7 @@ fn soak(root: &Path, minutes: f64, args: &[String]) -> anyhow::Result<()> {
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {
-    let built = build(root)?;
+    let built = build(root, Scope::Binaries)?;
     status(
         Command::new(built.release_dir.join("nodemesh-demo"))
             .env("NODEMESH_AGENT_BIN", &built.agent)
