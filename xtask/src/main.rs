@@ -259,6 +259,10 @@ enum Scope {
     Tests,
 }
 
+/// The targets `cargo xtask test` builds and then runs: one list for both
+/// steps, so the test run never finds something the build step left out.
+const TEST_TARGETS: [&str; 2] = ["--workspace", "--all-targets"];
+
 fn build(root: &Path, scope: Scope) -> anyhow::Result<Built> {
     setup(root)?;
     let ebpf_dir = root.join("mesh-ebpf");
@@ -291,7 +295,7 @@ fn build(root: &Path, scope: Scope) -> anyhow::Result<Built> {
             "-p",
             "nodemesh-bench",
         ]),
-        Scope::Tests => user_space.args(["--workspace", "--all-targets"]),
+        Scope::Tests => user_space.args(TEST_TARGETS),
     };
     status(user_space.env("NODEMESH_EBPF_OBJECT", &ebpf_object))?;
     let release_dir = root.join("target/release");
@@ -308,7 +312,9 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     // and an empty doctest run would be the last word of the log).
     let mut child = cargo()
         .current_dir(root)
-        .args(["test", "--release", "--workspace", "--all-targets", "--"])
+        .args(["test", "--release"])
+        .args(TEST_TARGETS)
+        .arg("--")
         .args(args)
         .env("NODEMESH_EBPF_OBJECT", &built.ebpf_object)
         .env("NODEMESH_AGENT_BIN", &built.agent)
